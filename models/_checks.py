@@ -1,0 +1,55 @@
+"""Argument checks shared by every layer of lvmkit.
+
+They live in the lowest layer (``lvmkit.models``) so that guides, inference and the CLI can use the
+same messages without importing upwards. Each check raises ``ValueError``/``TypeError`` whose text
+names the argument, what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from typing import Any
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise with a "did you mean" hint."""
+    options = list(choices)
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, one of {options}; got {type(value).__name__}")
+    if value not in options:
+        close = difflib.get_close_matches(value, options, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown {name} {value!r}: expected one of {options}.{hint}")
+    return value
+
+
+def check_int(name: str, value: Any, *, minimum: int = 1) -> int:
+    """Return ``value`` if it is an int ``>= minimum`` (bools are refused)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {minimum}; got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {value}")
+    return value
+
+
+def check_float(name: str, value: Any, *, positive: bool = True) -> float:
+    """Return ``value`` as a float if it is a finite real number (and > 0 when ``positive``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number; got {type(value).__name__} {value!r}")
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite; got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0; got {value}")
+    return value
+
+
+def check_sizes(name: str, value: Any) -> tuple[int, ...]:
+    """Return ``value`` as a tuple of positive ints (layer widths)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be a sequence of positive ints; got {value!r}")
+    sizes = tuple(value)
+    for size in sizes:
+        check_int(f"each entry of {name}", size)
+    return sizes
