@@ -1,0 +1,80 @@
+"""Where the parameters of a model/guide pair live during ``fit`` and ``evaluate``.
+
+Pyro registers every parameter a model touches in one global param store, so two models whose
+parameters share a name (two ``VAE``s, say) would see each other's tensors. lvmkit runs each call
+in a private param store:
+
+- when model and guide are both ``nn.Module``s (PyroModules included), the private store starts
+  empty and is dropped afterwards: the parameters live in the modules only;
+- when either is a plain function (``pyro.module`` / ``pyro.param`` statements), the private store
+  starts as a copy of the global one, as Pyro users expect, and ``fit`` writes the trained entries
+  back to the global store when it ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from torch import nn
+
+
+def is_module_pair(model: Any, guide: Any) -> bool:
+    return isinstance(model, nn.Module) and isinstance(guide, nn.Module)
+
+
+@contextmanager
+def param_scope(model: Any, guide: Any, *, publish: bool) -> Iterator[None]:
+    """Run the block in a private param store (see the module docstring)."""
+    store = pyro.get_param_store()
+    modules_only = is_module_pair(model, guide)
+    start: Any = {"params": {}, "constraints": {}} if modules_only else store.get_state()
+    inner: Any = None
+    with store.scope(state=start):
+        try:
+            yield
+        finally:
+            inner = store.get_state()
+    if publish and not modules_only and inner is not None:
+        store.set_state(inner)
+
+
+def collect_params(
+    step: Callable[[], Any], model: Any, guide: Any, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Every trainable tensor: module parameters, then the ``pyro.param`` sites ``step()`` touches.
+
+    Running one step also creates parameters that are initialised lazily, and it runs with Pyro's
+    validation on, so model errors surface here with Pyro's own messages.
+    """
+    params: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for prefix, obj in (("model", model), ("guide", guide)):
+        if isinstance(obj, nn.Module):
+            for name, param in obj.named_parameters(prefix=prefix):
+                if param.requires_grad and id(param) not in seen:
+                    params[name] = param
+                    seen.add(id(param))
+    with poutine.trace(param_only=True) as capture, pyro.validation_enabled(True):
+        step()
+    for name, site in capture.trace.nodes.items():
+        value: Any = site["value"]
+        unconstrained = value.unconstrained() if hasattr(value, "unconstrained") else value
+        if not unconstrained.requires_grad or id(unconstrained) in seen:
+            continue
+        if unconstrained.device != device:
+            # Parameters of plain-function pairs (pyro.module / pyro.param) are moved in place,
+            # so the networks that own them compute on the device too.
+            unconstrained.data = unconstrained.data.to(device)
+        params[name] = unconstrained
+        seen.add(id(unconstrained))
+    if not params:
+        raise ValueError(
+            "model and guide have no trainable parameters: "
+            "use PyroModules, pyro.module or pyro.param"
+        )
+    return params

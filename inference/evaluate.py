@@ -1,0 +1,339 @@
+"""Evaluation from one primitive: per-data-point importance log-weights.
+
+``log_weights(model, guide, data, K)`` returns ``log p(x_n, z_nk) − log q(z_nk | x_n)`` for
+``z_nk ~ q(z | x_n)``, shape ``(K, N)``, vectorised over the K samples with a particle plate and
+chunked so that one forward pass never sees more than ``max_pairs`` (sample, data point) pairs.
+Everything else is a reduction over its first axis:
+
+- ELBO: the mean over k (a K-sample estimate of the bound);
+- importance-sampled log-likelihood (the IWAE bound): logsumexp over k − log K, which rises to
+  log p(x) as K grows (K = 5000 is the standard for published tables);
+- Pareto k̂ of the importance weights (ArviZ's PSIS): above 0.7 the estimate is not to be trusted;
+- effective sample size of the normalized weights, 1 / Σ w̃².
+
+Weights use the distributions' unscaled log-densities (masks are honoured, ``poutine.scale`` is
+not), so KL annealing or subsampling scale factors never leak into reported likelihoods.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.distributions.util import scale_and_mask
+from pyro.poutine.util import site_is_subsample
+
+from lvmkit.inference._data import (
+    Batch,
+    as_batch,
+    check_with_model,
+    num_points,
+    resolve_device,
+    take,
+)
+from lvmkit.inference._params import param_scope
+from lvmkit.models._checks import check_int
+
+DATA_PLATE = "data"
+DEFAULT_MAX_PAIRS = 4096  # (sample, point) pairs per pass: ≈ 13 MB per 784-wide tensor;
+# measured fastest on a 2-core CPU (cache-sized), 2× the throughput of 65,536
+PARETO_K_THRESHOLD = 0.7  # Vehtari et al. (2024): above it, importance sampling is unreliable
+_SCORE_BATCH = 1 << 20  # log-weights reduced at once (8 MB in float64)
+_MIN_SAMPLES_FOR_PSIS = 20  # PSIS fits a Pareto tail to the largest ~20 % of weights
+
+
+@dataclass(frozen=True)
+class EvaluationSummary:
+    """Means over data points of an :func:`evaluate` table; log-densities in nats per point."""
+
+    num_points: int  # data points evaluated
+    num_samples: int  # importance samples per point (K)
+    elbo: float  # mean ELBO
+    log_likelihood: float  # mean importance-sampled log p(x)
+    log_likelihood_se: float  # standard error of that mean over data points
+    gap: float  # log_likelihood − elbo: the posterior gap the guide leaves
+    pareto_k_mean: float  # mean k̂ (NaN when K is too small for PSIS)
+    frac_pareto_k_above_0_7: float  # fraction of points whose estimate is unreliable
+    ess_mean: float  # mean effective sample size of the normalized weights
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([asdict(self)])
+
+
+def log_weights(
+    model: Callable[..., Any],
+    guide: Callable[..., Any],
+    data: Any,
+    num_samples: int = 1,
+    *,
+    max_pairs: int = DEFAULT_MAX_PAIRS,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Importance log-weights ``log p(x, z_k) − log q(z_k | x)``, shape ``(num_samples, N)``.
+
+    ``model`` and ``guide`` must put every latent and observed site under a plate named
+    ``"data"`` over the data points. For large ``num_samples × N`` prefer :func:`evaluate`, which
+    reduces each chunk instead of holding all weights.
+    """
+    batch = as_batch(data)
+    chunks = [
+        lw for _, lw in _iter_log_weights(model, guide, batch, num_samples, max_pairs, device)
+    ]
+    return torch.cat(chunks, dim=1)
+
+
+def evaluate(
+    model: Callable[..., Any],
+    guide: Callable[..., Any],
+    data: Any,
+    num_samples: int = 1000,
+    *,
+    max_pairs: int = DEFAULT_MAX_PAIRS,
+    seed: int | None = 0,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Score each data point: ELBO, importance-sampled log-likelihood, Pareto k̂ and ESS.
+
+    Returns a DataFrame with one row per data point and columns ``elbo``, ``log_likelihood``,
+    ``pareto_k`` and ``ess`` (nats; k̂ is NaN for ``num_samples < 20``). :func:`summarize` turns
+    it into an :class:`EvaluationSummary`. Memory is bounded by ``max_pairs`` whatever K and N are.
+    ``seed`` fixes the samples without disturbing the caller's random state (``None``: use it).
+
+    Example::
+
+        >>> import torch, lvmkit
+        >>> cfg = lvmkit.VAEConfig(data_dim=4, latent_dim=2, hidden_dims=(8,))
+        >>> model, guide = lvmkit.build_vae(cfg)
+        >>> scores = lvmkit.evaluate(model, guide, torch.bernoulli(torch.full((5, 4), 0.5)), 100)
+        >>> list(scores.columns)
+        ['elbo', 'log_likelihood', 'pareto_k', 'ess']
+    """
+    check_int("num_samples", num_samples)
+    batch = as_batch(data)
+    check_with_model(model, batch)
+    total = num_points(batch)
+    rows: list[np.ndarray] = []
+    with torch.random.fork_rng(devices=_cuda_devices()):
+        if seed is not None:
+            pyro.set_rng_seed(check_int("seed", seed, minimum=0))
+        chunks = _iter_log_weights(model, guide, batch, num_samples, max_pairs, device)
+        pending: list[torch.Tensor] = []  # scored together: ArviZ's psislw costs ~10 ms a call
+        with _progress(progress, total, "evaluate") as bar:
+            for stop, lw in chunks:
+                pending.append(lw)
+                if sum(p.numel() for p in pending) >= _SCORE_BATCH or stop == total:
+                    rows.append(_score_chunk(torch.cat(pending, dim=1)))
+                    pending.clear()
+                bar.update(stop - bar.n)
+    scores = pd.DataFrame(
+        np.concatenate(rows), columns=["elbo", "log_likelihood", "pareto_k", "ess"]
+    )
+    scores.attrs["num_samples"] = num_samples
+    return scores
+
+
+def summarize(scores: pd.DataFrame) -> EvaluationSummary:
+    """Reduce an :func:`evaluate` table to means over data points."""
+    needed = {"elbo", "log_likelihood", "pareto_k", "ess"}
+    if not isinstance(scores, pd.DataFrame) or not needed <= set(scores.columns):
+        raise ValueError(
+            f"scores must be a DataFrame from lvmkit.evaluate with columns {sorted(needed)}"
+        )
+    if len(scores) == 0:
+        raise ValueError("scores is empty: expected at least one evaluated data point")
+    k = scores["pareto_k"]
+    ll = scores["log_likelihood"]
+    return EvaluationSummary(
+        num_points=len(scores),
+        num_samples=int(scores.attrs.get("num_samples", -1)),
+        elbo=float(scores["elbo"].mean()),
+        log_likelihood=float(ll.mean()),
+        log_likelihood_se=float(ll.std(ddof=1) / math.sqrt(len(ll)))
+        if len(ll) > 1
+        else float("nan"),
+        gap=float((ll - scores["elbo"]).mean()),
+        pareto_k_mean=float(k.mean()) if k.notna().all() else float("nan"),
+        frac_pareto_k_above_0_7=float((k > PARETO_K_THRESHOLD).mean())
+        if k.notna().all()
+        else float("nan"),
+        ess_mean=float(scores["ess"].mean()),
+    )
+
+
+def mean_elbo(model, guide, batch: Batch, *, max_pairs: int = DEFAULT_MAX_PAIRS) -> torch.Tensor:
+    """One-sample ELBO averaged over ``batch``, as a device scalar (used by ``fit`` per epoch)."""
+    sums = [lw.sum() for _, lw in _iter_log_weights(model, guide, batch, 1, max_pairs, None)]
+    return torch.stack(sums).sum() / num_points(batch)
+
+
+# -- the primitive ---------------------------------------------------------------------------
+
+
+def _iter_log_weights(
+    model, guide, batch: Batch, num_samples: int, max_pairs: int, device
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield ``(stop, log_weights of points [start, stop))`` chunk by chunk, each ``(K, n)``."""
+    check_int("num_samples", num_samples)
+    check_int("max_pairs", max_pairs)
+    dev = _eval_device(model, guide, device)
+    total = num_points(batch)
+    points = max(1, min(total, max_pairs // num_samples))  # data points per chunk
+    samples = max(1, min(num_samples, max_pairs // points))  # samples per forward pass
+    with torch.no_grad(), param_scope(model, guide, publish=False):
+        with pyro.validation_enabled(True):  # one checked pass, then Pyro's checks stay off
+            particle_dim = -(_max_plate_nesting(model, guide, take(batch, slice(0, 1)), dev) + 1)
+        for start in range(0, total, points):
+            stop = min(total, start + points)
+            chunk = {key: t.to(dev) for key, t in take(batch, slice(start, stop)).items()}
+            with pyro.validation_enabled(False):
+                parts = [
+                    _log_weights_pass(
+                        model, guide, chunk, min(samples, num_samples - k0), particle_dim
+                    )
+                    for k0 in range(0, num_samples, samples)
+                ]
+            yield stop, torch.cat(parts, dim=0)
+
+
+def _log_weights_pass(model, guide, chunk: Batch, k: int, particle_dim: int) -> torch.Tensor:
+    with pyro.plate("_lvmkit_particles", k, dim=particle_dim):
+        guide_trace = poutine.trace(guide).get_trace(**chunk)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(**chunk)
+    n = num_points(chunk)
+    latents = {name for name, s in guide_trace.nodes.items() if _is_sample(s)}
+    lw = torch.zeros(k, n, device=next(iter(chunk.values())).device)
+    for name, site in model_trace.nodes.items():
+        # Model latents the guide does not propose are drawn from their prior: they cancel.
+        if _is_sample(site) and (site["is_observed"] or name in latents):
+            lw = lw + _per_point_log_prob(name, site, particle_dim, k, n)
+    for name in latents:
+        if name in model_trace.nodes:  # auxiliary guide sites are not part of the weight
+            lw = lw - _per_point_log_prob(name, guide_trace.nodes[name], particle_dim, k, n)
+    return lw
+
+
+def _is_sample(site: Any) -> bool:
+    return site["type"] == "sample" and not site_is_subsample(site)  # plates record sites too
+
+
+def _per_point_log_prob(name: str, site: dict, particle_dim: int, k: int, n: int) -> torch.Tensor:
+    """The site's unscaled log-density summed to shape ``(k, n)``: particles × data points."""
+    frames = [f for f in site["cond_indep_stack"] if f.name == DATA_PLATE]
+    assert frames, f"site {name} left the data plate after the probe"
+    log_prob = scale_and_mask(site["fn"].log_prob(site["value"]), mask=site["mask"])
+    ndim = -particle_dim
+    log_prob = log_prob.reshape((1,) * (ndim - log_prob.dim()) + tuple(log_prob.shape))
+    data_axis = ndim + frames[0].dim
+    other = [axis for axis in range(1, ndim) if axis != data_axis]
+    if other:
+        log_prob = log_prob.sum(dim=other, keepdim=True)
+    return log_prob.reshape(log_prob.shape[0], log_prob.shape[data_axis]).expand(k, n)
+
+
+def _max_plate_nesting(model, guide, probe: Batch, dev: torch.device) -> int:
+    """Run the pair once on one point: check its plates and return how deep they nest."""
+    probe = {key: t.to(dev) for key, t in probe.items()}
+    guide_trace = poutine.trace(guide).get_trace(**probe)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(**probe)
+    latents = {name for name, site in guide_trace.nodes.items() if _is_sample(site)}
+    scored = {
+        name: [frame.name for frame in site["cond_indep_stack"]]
+        for name, site in model_trace.nodes.items()
+        if _is_sample(site) and (site["is_observed"] or name in latents)
+    }
+    if not any(DATA_PLATE in plates for plates in scored.values()):
+        raise ValueError(
+            f'the model has no plate named "{DATA_PLATE}": wrap its per-data-point sites in '
+            f'`with pyro.plate("{DATA_PLATE}", N):` so that evaluation can score each point'
+        )
+    for name, plates in scored.items():
+        if DATA_PLATE not in plates:
+            raise ValueError(
+                f'site "{name}" is outside the data plate: per-point importance weights need every '
+                f'latent and observed site inside pyro.plate("{DATA_PLATE}", N); its plates are '
+                f"{plates}"
+            )
+    dims = [
+        -frame.dim
+        for trace in (guide_trace, model_trace)
+        for site in trace.nodes.values()
+        if _is_sample(site)
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized
+    ]
+    return max(dims, default=0)
+
+
+def _score_chunk(lw: torch.Tensor) -> np.ndarray:
+    """Reduce ``(K, n)`` log-weights to rows ``(elbo, log_likelihood, pareto_k, ess)``."""
+    k = lw.shape[0]
+    lw64 = lw.double()
+    lse = torch.logsumexp(lw64, dim=0)
+    normalized = torch.exp(lw64 - lse)
+    ess = 1.0 / (normalized**2).sum(dim=0)
+    columns = [lw64.mean(dim=0), lse - math.log(k), torch.full_like(lse, math.nan), ess]
+    out = torch.stack(columns, dim=1).cpu().numpy()
+    if k >= _MIN_SAMPLES_FOR_PSIS:
+        out[:, 2] = _pareto_k(lw64.T.cpu().numpy())  # ArviZ wants samples last: (n, K)
+    return out
+
+
+def _pareto_k(log_weights: np.ndarray) -> np.ndarray:
+    az = _import_arviz()
+    with warnings.catch_warnings():
+        # psislw warns when a tail is too short or constant; k̂ is still what we report.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _, k_hat = az.psislw(log_weights)
+    return np.asarray(k_hat, dtype=np.float64)
+
+
+def _import_arviz():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"\s*ArviZ is undergoing", category=FutureWarning)
+        import arviz
+
+    return arviz
+
+
+def _eval_device(model, guide, device) -> torch.device:
+    if device is not None:
+        return resolve_device(device)
+    for obj in (model, guide):
+        if isinstance(obj, torch.nn.Module):
+            for param in obj.parameters():
+                return param.device
+    return torch.device("cpu")
+
+
+def _cuda_devices() -> list[int]:
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+class _NullBar:
+    n = 0
+
+    def update(self, count: int) -> None:
+        self.n += count
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def _progress(enabled: bool, total: int, desc: str):
+    if not enabled:
+        return _NullBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="pt")

@@ -1,0 +1,355 @@
+"""The one training loop: SVI on any Pyro model/guide pair.
+
+Data sit on the device; each epoch draws a permutation and takes minibatches by index (no
+DataLoader). The loss is an objective's ``nn.Module`` and a torch optimizer drives it. Per-step
+losses accumulate on the device and are read once per epoch, so the loop never waits for the
+device. Pyro's validation runs on the first step (to catch model errors with Pyro's messages) and
+afterwards only when asked. After each epoch the history and a checkpoint are written atomically
+to the run directory, if one is given; ``resume=True`` continues from it and ends with the same
+parameters as an uninterrupted run with the same seed.
+"""
+
+from __future__ import annotations
+
+import platform
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyro
+import pyro.infer
+import torch
+from torch import nn
+
+from lvmkit.inference import __version__
+from lvmkit.inference._data import (
+    Batch,
+    as_batch,
+    check_with_model,
+    num_points,
+    resolve_device,
+    take,
+    to_device,
+)
+from lvmkit.inference._params import collect_params, param_scope
+from lvmkit.inference.checkpoint import (
+    atomic_write_text,
+    load_checkpoint,
+    save_checkpoint,
+    write_json,
+)
+from lvmkit.inference.evaluate import mean_elbo
+from lvmkit.inference.objectives import make_objective
+from lvmkit.models._checks import check_float, check_int
+
+CHECKPOINT_FILE = "checkpoint.pt"
+HISTORY_FILE = "history.csv"
+CONFIG_FILE = "config.json"
+_RESUMABLE = ("objective", "num_particles", "batch_size", "lr", "seed", "num_points")
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What :func:`fit` returns.
+
+    ``model`` and ``guide`` are the objects passed in, trained in place and on ``device``;
+    ``params`` maps a name to every trained tensor (module parameters under ``model.``/``guide.``,
+    ``pyro.param`` sites under their own names); ``history`` has one row per epoch with columns
+    ``epoch``, ``train_loss`` (negative ELBO per data point), ``val_elbo`` (when validation data
+    were given), ``seconds`` and ``examples_per_s``.
+    """
+
+    model: Callable[..., Any]
+    guide: Callable[..., Any]
+    history: pd.DataFrame
+    params: dict[str, torch.Tensor]
+    device: torch.device
+    run_dir: Path | None
+
+
+def fit(
+    model: Callable[..., Any],
+    guide: Callable[..., Any],
+    data: Any,
+    *,
+    epochs: int = 10,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    objective: str | pyro.infer.ELBO = "elbo",
+    num_particles: int = 1,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    validation_data: Any = None,
+    transform: Callable[[Any], Any] | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    metadata: dict[str, Any] | None = None,
+    validate: bool = False,
+    progress: bool = True,
+) -> FitResult:
+    """Train ``model``/``guide`` by stochastic variational inference with Adam.
+
+    Args:
+        model, guide: a Pyro model and guide with the same signature; PyroModules (parameters in
+            the module) or plain functions that register networks with ``pyro.module``.
+        data: a tensor passed as ``x``, or a dict of equal-length tensors passed as keywords.
+        epochs: total epochs; with ``resume=True`` training continues up to this number.
+        batch_size, lr: minibatch size and Adam's learning rate.
+        objective: ``"elbo"`` (Trace_ELBO), ``"mean_field"`` (analytic KL) or a Pyro ELBO.
+        num_particles: samples of z per data point in the objective (vectorised).
+        seed: seeds Pyro, torch, numpy and ``random``; with the same seed and device, the same
+            numbers come out.
+        device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``. Modules and data are moved.
+        validation_data: like ``data``; its one-sample ELBO per point is logged each epoch.
+        transform: applied to each minibatch on the device before the model sees it, e.g.
+            :func:`lvmkit.data.binarize` for dynamic binarization; gets and returns what ``data``
+            is (a tensor or a dict).
+        run_dir: folder for ``config.json``, ``history.csv`` and ``checkpoint.pt`` (every epoch).
+        resume: continue the run in ``run_dir`` from its checkpoint.
+        metadata: JSON-serialisable facts stored in ``config.json`` (e.g. the model config).
+        validate: keep Pyro's validation on after the first step (slower).
+        progress: show a tqdm progress bar.
+
+    Example::
+
+        >>> import torch, lvmkit
+        >>> config = lvmkit.VAEConfig(data_dim=4, latent_dim=2, hidden_dims=(8,))
+        >>> model, guide = lvmkit.build_vae(config)
+        >>> x = torch.bernoulli(torch.full((64, 4), 0.3))
+        >>> result = lvmkit.fit(model, guide, x, epochs=2, device="cpu", progress=False)
+        >>> list(result.history.epoch)
+        [1, 2]
+    """
+    check_int("epochs", epochs)
+    check_int("batch_size", batch_size)
+    check_float("lr", lr)
+    check_int("seed", seed, minimum=0)
+    _check_callable("model", model)
+    _check_callable("guide", guide)
+    if transform is not None and not callable(transform):
+        raise TypeError(f"transform must be callable or None; got {type(transform).__name__}")
+    dev = resolve_device(device)
+    elbo = make_objective(objective, num_particles=num_particles)
+    settings = {
+        "objective": objective if isinstance(objective, str) else type(objective).__name__,
+        "num_particles": num_particles,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+    }
+    tensor_data = isinstance(data, (torch.Tensor, np.ndarray))
+    train = as_batch(data, name="data")
+    val = as_batch(validation_data, name="validation_data") if validation_data is not None else None
+    settings["num_points"] = num_points(train)
+    check_with_model(model, train)
+    if val is not None:
+        check_with_model(model, val)
+    run = _RunDir(run_dir, resume=resume) if run_dir is not None else None
+    if resume and run is None:
+        raise ValueError("resume=True needs run_dir: the folder holding checkpoint.pt")
+
+    for obj in (model, guide):
+        if isinstance(obj, nn.Module):
+            obj.to(dev)
+    train, val = to_device(train, dev), (to_device(val, dev) if val is not None else None)
+    pyro.set_rng_seed(seed)
+    loss_fn = elbo(model, guide)
+
+    def step_loss(batch: Batch) -> torch.Tensor:
+        if transform is None:
+            return loss_fn(**batch)
+        out = transform(batch["x"] if tensor_data else batch)
+        return loss_fn(**({"x": out} if tensor_data else out))
+
+    with param_scope(model, guide, publish=True):
+        first = take(train, slice(0, batch_size))
+        params = collect_params(lambda: step_loss(first), model, guide, dev)
+        optimizer = torch.optim.Adam(params.values(), lr=lr)
+        rows: list[dict[str, float]] = []
+        start = 0
+        if run is not None and resume:
+            rows, start = run.restore(params, optimizer, settings, dev)
+        elif run is not None:
+            run.start(settings, metadata)
+        total = num_points(train)
+        steps_per_epoch = -(-total // batch_size)
+        bar = _progress_bar(progress, (epochs - start) * steps_per_epoch)
+        first_step = True
+        for epoch in range(start + 1, epochs + 1):
+            order = _epoch_permutation(seed, epoch, total).to(dev)
+            running = torch.zeros((), device=dev)
+            tic = time.perf_counter()
+            for step in range(steps_per_epoch):
+                batch = take(train, order[step * batch_size : (step + 1) * batch_size])
+                with pyro.validation_enabled(validate or first_step):
+                    loss = step_loss(batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                running += loss.detach()
+                first_step = False
+                bar.update(1)
+            train_loss = running.item() / total  # the one host sync of the epoch
+            seconds = time.perf_counter() - tic
+            if not np.isfinite(train_loss):
+                raise FloatingPointError(
+                    f"the training loss became {train_loss} in epoch {epoch}; lower lr (now {lr}) "
+                    "or check the model for log(0) / division by zero. The last checkpoint holds "
+                    "the previous epoch."
+                )
+            row = {"epoch": epoch, "train_loss": train_loss}
+            if val is not None:
+                row["val_elbo"] = float(mean_elbo(model, guide, val))
+            row.update(seconds=seconds, examples_per_s=total / seconds)
+            rows.append(row)
+            bar.set_postfix(
+                {k: f"{v:.2f}" for k, v in row.items() if k in ("train_loss", "val_elbo")}
+            )
+            if run is not None:
+                run.save(epoch, rows, params, optimizer, dev)
+        bar.close()
+    history = pd.DataFrame(rows, columns=_history_columns(val is not None))
+    return FitResult(model, guide, history, dict(params), dev, run.path if run else None)
+
+
+def _check_callable(name: str, obj: Any) -> None:
+    if not callable(obj):
+        raise TypeError(f"{name} must be a Pyro {name} (a callable); got {type(obj).__name__}")
+
+
+def _epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The data order of one epoch: a function of (seed, epoch) only, so resume replays it."""
+    state = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+    return torch.randperm(n, generator=torch.Generator().manual_seed(state))
+
+
+def _history_columns(with_val: bool) -> list[str]:
+    cols = ["epoch", "train_loss", "val_elbo", "seconds", "examples_per_s"]
+    return cols if with_val else [c for c in cols if c != "val_elbo"]
+
+
+def _progress_bar(enabled: bool, total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, unit="step", desc="fit", dynamic_ncols=True)
+
+
+def _rng_state(dev: torch.device) -> dict[str, Any]:
+    np_state: Any = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
+        },
+        "python": list(random.getstate()[1]),
+    }
+    if dev.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(dev)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], dev: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["gauss"],
+        )
+    )
+    random.setstate((3, tuple(state["python"]), None))
+    if dev.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], dev)
+
+
+class _RunDir:
+    """The files ``fit`` keeps in a run directory."""
+
+    def __init__(self, path: str | Path, *, resume: bool) -> None:
+        self.path = Path(path)
+        self.settings: dict[str, Any] = {}
+        self.checkpoint = self.path / CHECKPOINT_FILE
+        if resume and not self.checkpoint.is_file():
+            raise FileNotFoundError(f"resume=True but {self.checkpoint} does not exist")
+        if not resume and self.checkpoint.exists():
+            raise FileExistsError(
+                f"{self.path} already holds a run ({CHECKPOINT_FILE}); pass resume=True to "
+                "continue it, or choose another run_dir (nothing was overwritten)"
+            )
+
+    def start(self, settings: dict[str, Any], metadata: dict[str, Any] | None) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.settings = settings
+        config = {
+            "lvmkit_version": __version__,
+            "fit": settings,
+            "metadata": metadata or {},
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "pyro": pyro.__version__,
+        }
+        try:
+            write_json(self.path / CONFIG_FILE, config)
+        except TypeError as err:
+            raise TypeError(f"metadata must be JSON-serialisable: {err}") from err
+
+    def restore(self, params, optimizer, settings, dev) -> tuple[list[dict[str, float]], int]:
+        state = load_checkpoint(self.checkpoint)
+        saved = state["settings"]
+        changed = {
+            k: (saved.get(k), settings[k]) for k in _RESUMABLE if saved.get(k) != settings[k]
+        }
+        if changed:
+            diff = ", ".join(f"{k}: run has {a!r}, now {b!r}" for k, (a, b) in changed.items())
+            raise ValueError(f"cannot resume {self.path} with different settings ({diff})")
+        self.settings = saved
+        names, shapes = (
+            list(state["params"]),
+            {k: tuple(v.shape) for k, v in state["params"].items()},
+        )
+        expected = {k: tuple(v.shape) for k, v in params.items()}
+        if shapes != expected:
+            raise ValueError(
+                f"checkpoint {self.checkpoint} belongs to another model: its parameters are "
+                f"{_describe(shapes)}, this model/guide has {_describe(expected)}"
+            )
+        with torch.no_grad():
+            for name in names:
+                params[name].copy_(state["params"][name])
+        optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"], dev)
+        return [dict(row) for row in state["history"]], int(state["epoch"])
+
+    def save(self, epoch, rows, params, optimizer, dev) -> None:
+        save_checkpoint(
+            self.checkpoint,
+            {
+                "epoch": epoch,
+                "settings": self.settings,
+                "params": {k: v.detach().cpu() for k, v in params.items()},
+                "optimizer": optimizer.state_dict(),
+                "rng": _rng_state(dev),
+                "history": rows,
+            },
+        )
+        columns = _history_columns("val_elbo" in rows[0])
+        atomic_write_text(
+            self.path / HISTORY_FILE, pd.DataFrame(rows, columns=columns).to_csv(index=False)
+        )
+
+
+def _describe(shapes: dict[str, tuple[int, ...]]) -> str:
+    items = list(shapes.items())
+    text = ", ".join(f"{k} {list(v)}" for k, v in items[:4])
+    return f"{len(items)} tensors ({text}{', …' if len(items) > 4 else ''})"
