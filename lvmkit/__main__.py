@@ -1,0 +1,5 @@
+import sys
+
+from lvmkit.cli import main
+
+sys.exit(main())

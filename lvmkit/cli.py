@@ -1,0 +1,169 @@
+"""The ``lvmkit`` command: ``train``, ``evaluate`` and ``sample``.
+
+Bad arguments end with ``lvmkit: error: …`` on stderr and exit status 2, as argparse does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from lvmkit import runs
+
+
+def _parser() -> argparse.ArgumentParser:
+    defaults = runs.TrainSpec()
+    parser = argparse.ArgumentParser(prog="lvmkit", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a model on MNIST, evaluate it, print results")
+    train.add_argument("--family", default=defaults.family, help=f"one of {runs.FAMILIES}")
+    train.add_argument(
+        "--likelihood",
+        default=defaults.likelihood,
+        help="bernoulli | gaussian | gaussian_fixed (default: %(default)s)",
+    )
+    train.add_argument("--latent-dim", type=int, default=defaults.latent_dim)
+    train.add_argument(
+        "--hidden-dims",
+        type=int,
+        nargs="+",
+        default=list(defaults.hidden_dims),
+        help="decoder widths from z to x; the encoder mirrors them",
+    )
+    train.add_argument("--activation", default=defaults.activation)
+    train.add_argument(
+        "--binarization",
+        default=defaults.binarization,
+        help="dynamic | static | none (default: %(default)s)",
+    )
+    train.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"total epochs (default: {defaults.epochs}; with --resume: the run's)",
+    )
+    train.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    train.add_argument("--lr", type=float, default=defaults.lr)
+    train.add_argument("--objective", default=defaults.objective, help="elbo | mean_field")
+    train.add_argument("--device", default=defaults.device, help="auto | cpu | cuda")
+    train.add_argument("--seed", type=int, default=defaults.seed)
+    train.add_argument(
+        "--eval-samples",
+        type=int,
+        default=defaults.eval_samples,
+        help="importance samples K per test image (default: %(default)s)",
+    )
+    train.add_argument(
+        "--eval-points",
+        type=int,
+        default=None,
+        help="evaluate on the first N test images (default: all 10,000)",
+    )
+    train.add_argument(
+        "--train-points",
+        type=int,
+        default=None,
+        help="train on the first N training images (default: all 50,000)",
+    )
+    train.add_argument("--valid-points", type=int, default=defaults.valid_points)
+    train.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="run directory (default: runs/<family>-<likelihood>-<time>)",
+    )
+    train.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR (other options come from its config)",
+    )
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    ev = commands.add_parser("evaluate", help="evaluate a run's checkpoint on the MNIST test set")
+    ev.add_argument("run_dir", type=Path)
+    ev.add_argument(
+        "--num-samples",
+        type=int,
+        default=None,
+        help="importance samples K per image (default: the run's)",
+    )
+    ev.add_argument(
+        "--points", type=int, default=None, help="first N test images (default: the run's)"
+    )
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--quiet", action="store_true")
+
+    sample = commands.add_parser("sample", help="draw images from a run's model into a PNG grid")
+    sample.add_argument("run_dir", type=Path)
+    sample.add_argument("-n", type=int, default=64, help="number of images (default: %(default)s)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument(
+        "--out", type=Path, default=None, help="PNG path (default: RUN_DIR/figures/samples.png)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            return _train(args)
+        if args.command == "evaluate":
+            results = runs.evaluate_run(
+                args.run_dir,
+                num_samples=args.num_samples,
+                points=args.points,
+                device=args.device,
+                progress=not args.quiet,
+            )
+            print(runs.format_results(results))
+            return 0
+        path = runs.sample_run(args.run_dir, n=args.n, seed=args.seed, out=args.out)
+        print(path)
+        return 0
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError) as err:
+        parser.exit(2, f"lvmkit: error: {err}\n")
+    return 0  # unreachable: parser.exit raises SystemExit
+
+
+def _train(args: argparse.Namespace) -> int:
+    if args.resume is not None:
+        result = runs.resume_run(args.resume, epochs=args.epochs, progress=not args.quiet)
+    else:
+        spec = runs.TrainSpec(
+            family=args.family,
+            likelihood=args.likelihood,
+            latent_dim=args.latent_dim,
+            hidden_dims=tuple(args.hidden_dims),
+            activation=args.activation,
+            binarization=args.binarization,
+            epochs=args.epochs if args.epochs is not None else runs.TrainSpec.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            objective=args.objective,
+            device=args.device,
+            seed=args.seed,
+            eval_samples=args.eval_samples,
+            eval_points=args.eval_points,
+            train_points=args.train_points,
+            valid_points=args.valid_points,
+        )
+        out = (
+            args.out
+            or Path("runs") / f"{spec.family}-{spec.likelihood}-{time.strftime('%Y%m%d-%H%M%S')}"
+        )
+        result = runs.train_run(spec, out, progress=not args.quiet)
+    print(runs.format_results(result.results))
+    print(f"\nrun directory: {result.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""Run directories: train a built-in model on MNIST, evaluate it, and keep everything on disk.
+
+A run directory holds ``config.json`` (the :class:`TrainSpec` and fit settings), ``history.csv``
+and ``checkpoint.pt`` (written by :func:`lvmkit.fit` after every epoch), ``results.csv`` (the test
+evaluation beside published references) and ``figures/`` (ELBO curve, samples, reconstructions).
+The CLI is a thin layer over the functions here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyro
+import torch
+
+from lvmkit import _figures
+from lvmkit.data import MNIST_IMAGE_SHAPE, Dataset, binarize, load_mnist
+from lvmkit.guides import GaussianEncoder, GaussianEncoderConfig
+from lvmkit.inference import evaluate, fit, summarize
+from lvmkit.inference._data import resolve_device
+from lvmkit.inference.checkpoint import atomic_write_text, load_checkpoint, read_json
+from lvmkit.inference.train import CHECKPOINT_FILE, CONFIG_FILE
+from lvmkit.models import LIKELIHOODS, VAE, VAEConfig
+from lvmkit.models._checks import check_choice, check_float, check_int, check_sizes
+from lvmkit.models._mlp import ACTIVATIONS
+
+FAMILIES = ("vae",)
+TRAIN_BINARIZATIONS = ("dynamic", "static", "none")
+RESULTS_FILE = "results.csv"
+
+# Published test NLLs of one-stochastic-layer VAEs on binarized MNIST, for the results table.
+REFERENCES = pd.DataFrame(
+    [
+        {
+            "source": "Burda et al. 2016 (IWAE), Table 1",
+            "model": "VAE k=1, 784-200-200-50 tanh",
+            "binarization": "dynamic",
+            "epochs": 3280,
+            "eval_samples": 5000,
+            "test_elbo": float("nan"),
+            "test_log_likelihood": -86.76,
+        },
+        {
+            "source": "pythae benchmark (Chadebec et al. 2022)",
+            "model": "VAE, MLP",
+            "binarization": "static",
+            "epochs": float("nan"),
+            "eval_samples": 200,
+            "test_elbo": float("nan"),
+            "test_log_likelihood": -89.78,
+        },
+    ]
+)
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Everything that defines a training run of a built-in model on MNIST."""
+
+    family: str = "vae"  # one of FAMILIES
+    likelihood: str = "bernoulli"  # one of lvmkit.models.LIKELIHOODS
+    latent_dim: int = 20  # the PyTorch VAE example's 784-400-20 network
+    hidden_dims: tuple[int, ...] = (400,)
+    activation: str = "relu"
+    binarization: str = "dynamic"  # fresh Bernoulli draw per epoch: the NLL-table protocol
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    objective: str = "elbo"
+    device: str = "auto"
+    seed: int = 0
+    eval_samples: int = 5000  # the standard K for published IS log-likelihoods
+    eval_points: int | None = None  # None: the whole 10,000-image test set
+    train_points: int | None = None  # None: the whole 50,000-image training split
+    valid_points: int | None = 2000  # held-out ELBO per epoch on the first images of "valid"
+
+    def __post_init__(self) -> None:
+        check_choice("family", self.family, FAMILIES)
+        check_choice("likelihood", self.likelihood, LIKELIHOODS)
+        check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice("binarization", self.binarization, TRAIN_BINARIZATIONS)
+        object.__setattr__(self, "hidden_dims", check_sizes("hidden_dims", self.hidden_dims))
+        for name in ("latent_dim", "epochs", "batch_size", "eval_samples"):
+            check_int(name, getattr(self, name))
+        for name in ("eval_points", "train_points", "valid_points"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name))
+        check_float("lr", self.lr)
+        check_int("seed", self.seed, minimum=0)
+        if self.likelihood == "bernoulli" and self.binarization == "none":
+            raise ValueError(
+                "likelihood='bernoulli' needs binary data: binarization='dynamic' or 'static'; "
+                "got binarization='none' (use likelihood='gaussian' for grey levels)"
+            )
+        if self.likelihood != "bernoulli" and self.binarization == "dynamic":
+            raise ValueError(
+                f"likelihood={self.likelihood!r} models grey levels: use binarization='none' "
+                "(or 'static'); got 'dynamic'"
+            )
+
+    @property
+    def eval_binarization(self) -> str:
+        """Held-out data are binarized once (seeded) unless the run uses grey levels."""
+        return "none" if self.binarization == "none" else "static"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """A finished run: where it lives, its per-epoch history and its results table."""
+
+    run_dir: Path
+    history: pd.DataFrame
+    results: pd.DataFrame
+
+
+def build_vae(config: VAEConfig) -> tuple[VAE, GaussianEncoder]:
+    """A :class:`VAE` and the :class:`GaussianEncoder` that mirrors its decoder."""
+    guide_config = GaussianEncoderConfig(
+        data_dim=config.data_dim,
+        latent_dim=config.latent_dim,
+        hidden_dims=tuple(reversed(config.hidden_dims)),
+        activation=config.activation,
+    )
+    return VAE(config), GaussianEncoder(guide_config)
+
+
+def model_config(spec: TrainSpec, data_dim: int) -> VAEConfig:
+    return VAEConfig(
+        data_dim=data_dim,
+        latent_dim=spec.latent_dim,
+        hidden_dims=spec.hidden_dims,
+        activation=spec.activation,
+        likelihood=spec.likelihood,
+    )
+
+
+def train_run(spec: TrainSpec, run_dir: str | Path, *, progress: bool = True) -> RunResult:
+    """Train ``spec`` into a new ``run_dir``; evaluate on the test set; write results, figures."""
+    run_dir = Path(run_dir)
+    if (run_dir / CHECKPOINT_FILE).exists():
+        raise FileExistsError(
+            f"{run_dir} already holds a run; use `lvmkit train --resume {run_dir}` or another --out"
+        )
+    train, valid = _train_data(spec)
+    model, guide = build_vae(model_config(spec, train.x.shape[1]))
+    metadata = {"spec": dataclasses.asdict(spec), "image_shape": list(train.image_shape)}
+    result = fit(
+        model,
+        guide,
+        train.x,
+        **_fit_kwargs(spec),
+        validation_data=valid.x,
+        transform=binarize if spec.binarization == "dynamic" else None,
+        run_dir=run_dir,
+        metadata=metadata,
+        progress=progress,
+    )
+    return _finish(spec, run_dir, model, guide, result.history, progress=progress)
+
+
+def resume_run(
+    run_dir: str | Path, *, epochs: int | None = None, progress: bool = True
+) -> RunResult:
+    """Continue the run in ``run_dir`` (to ``epochs`` in all, default: its own), then evaluate."""
+    run_dir = Path(run_dir)
+    spec = read_spec(run_dir)
+    if epochs is not None:
+        spec = dataclasses.replace(spec, epochs=check_int("epochs", epochs))
+    train, valid = _train_data(spec)
+    model, guide = build_vae(model_config(spec, train.x.shape[1]))
+    result = fit(
+        model,
+        guide,
+        train.x,
+        **_fit_kwargs(spec),
+        validation_data=valid.x,
+        transform=binarize if spec.binarization == "dynamic" else None,
+        run_dir=run_dir,
+        resume=True,
+        progress=progress,
+    )
+    return _finish(spec, run_dir, model, guide, result.history, progress=progress)
+
+
+def read_spec(run_dir: str | Path) -> TrainSpec:
+    """The :class:`TrainSpec` stored in a run directory's ``config.json``."""
+    config = read_json(Path(run_dir) / CONFIG_FILE)
+    try:
+        fields = dict(config["metadata"]["spec"])
+        fields["hidden_dims"] = tuple(fields["hidden_dims"])
+        return TrainSpec(**fields)
+    except (KeyError, TypeError) as err:
+        raise ValueError(
+            f"{run_dir} was not written by `lvmkit train` (config.json: {err})"
+        ) from err
+
+
+def load_run(run_dir: str | Path, *, device: str = "cpu") -> tuple[VAE, GaussianEncoder, TrainSpec]:
+    """Rebuild a run's model and guide with the parameters of its last checkpoint."""
+    run_dir = Path(run_dir)
+    spec = read_spec(run_dir)
+    state = load_checkpoint(run_dir / CHECKPOINT_FILE)
+    data_dim = math.prod(read_json(run_dir / CONFIG_FILE)["metadata"]["image_shape"])
+    model, guide = build_vae(model_config(spec, data_dim))
+    for prefix, module in (("model", model), ("guide", guide)):
+        own = {
+            k[len(prefix) + 1 :]: v
+            for k, v in state["params"].items()
+            if k.startswith(prefix + ".")
+        }
+        module.load_state_dict({**module.state_dict(), **own})
+    return model.to(device), guide.to(device), spec
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    num_samples: int | None = None,
+    points: int | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Evaluate a run's last checkpoint on the test set; write and return ``results.csv``."""
+    model, guide, spec = load_run(run_dir, device="cpu")
+    spec = dataclasses.replace(
+        spec,
+        eval_samples=spec.eval_samples if num_samples is None else num_samples,
+        eval_points=spec.eval_points if points is None else points,
+        device=device,
+    )
+    dev = resolve_device(device)
+    history = pd.read_csv(Path(run_dir) / "history.csv")
+    return _evaluate_and_write(spec, Path(run_dir), model.to(dev), guide.to(dev), history, progress)
+
+
+def sample_run(
+    run_dir: str | Path, *, n: int = 64, seed: int = 0, out: str | Path | None = None
+) -> Path:
+    """Draw ``n`` images from a run's model (decoder means of z ~ p(z)) into a PNG grid."""
+    check_int("n", n)
+    model, _, _ = load_run(run_dir)
+    path = Path(out) if out is not None else Path(run_dir) / "figures" / "samples.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _figures.image_grid(
+        _sample_means(model, n, seed),
+        MNIST_IMAGE_SHAPE,
+        path,
+        title=f"{n} samples, E[x | z], z ~ p(z)",
+    )
+
+
+# -- internals -------------------------------------------------------------------------------
+
+
+def _fit_kwargs(spec: TrainSpec) -> dict[str, Any]:
+    return {
+        "epochs": spec.epochs,
+        "batch_size": spec.batch_size,
+        "lr": spec.lr,
+        "objective": spec.objective,
+        "seed": spec.seed,
+        "device": spec.device,
+    }
+
+
+def _train_data(spec: TrainSpec) -> tuple[Dataset, Dataset]:
+    train_bin = "static" if spec.binarization == "static" else "none"
+    train = load_mnist("train", binarization=train_bin, seed=spec.seed, limit=spec.train_points)
+    valid = load_mnist(
+        "valid", binarization=spec.eval_binarization, seed=spec.seed, limit=spec.valid_points
+    )
+    return train, valid
+
+
+def _finish(spec, run_dir: Path, model, guide, history, *, progress: bool) -> RunResult:
+    results = _evaluate_and_write(spec, run_dir, model, guide, history, progress)
+    figures = run_dir / "figures"
+    figures.mkdir(exist_ok=True)
+    _figures.elbo_curve(history, figures / "elbo.png")
+    test = load_mnist("test", binarization=spec.eval_binarization, seed=spec.seed, limit=16)
+    _figures.image_grid(
+        torch.cat([test.x, _reconstruction_means(model, guide, test.x)]),
+        test.image_shape,
+        figures / "reconstructions.png",
+        title="top: test images; bottom: E[x | z] at z = E[z | x] under q",
+    )
+    _figures.image_grid(
+        _sample_means(model, 64, spec.seed),
+        test.image_shape,
+        figures / "samples.png",
+        title="64 samples, E[x | z], z ~ p(z)",
+    )
+    return RunResult(run_dir, history, results)
+
+
+def _evaluate_and_write(spec: TrainSpec, run_dir: Path, model, guide, history, progress):
+    test = load_mnist(
+        "test", binarization=spec.eval_binarization, seed=spec.seed, limit=spec.eval_points
+    )
+    scores = evaluate(model, guide, test.x, spec.eval_samples, seed=spec.seed, progress=progress)
+    summary = summarize(scores)
+    ours = {
+        "source": f"lvmkit (this run: {run_dir.name})",
+        "model": f"VAE, 784-{'-'.join(map(str, spec.hidden_dims))}-{spec.latent_dim} "
+        f"{spec.activation}, {spec.likelihood}",
+        "binarization": spec.binarization,
+        "epochs": int(history["epoch"].max()),
+        "eval_samples": spec.eval_samples,
+        "test_elbo": summary.elbo,
+        "test_log_likelihood": summary.log_likelihood,
+        "log_likelihood_se": summary.log_likelihood_se,
+        "eval_points": summary.num_points,
+        "frac_pareto_k_above_0_7": summary.frac_pareto_k_above_0_7,
+    }
+    rows = [ours]
+    if spec.likelihood == "bernoulli":  # published NLLs are for binary MNIST only
+        rows += REFERENCES.to_dict("records")
+    results = pd.DataFrame(rows)
+    atomic_write_text(run_dir / RESULTS_FILE, results.to_csv(index=False))
+    return results
+
+
+def _reconstruction_means(model: VAE, guide: GaussianEncoder, x: torch.Tensor) -> torch.Tensor:
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        loc, _ = guide.encode(x.to(device))
+        return model.likelihood(loc).mean
+
+
+def _sample_means(model: VAE, n: int, seed: int) -> torch.Tensor:
+    device = next(model.parameters()).device
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        pyro.set_rng_seed(seed)
+        z = torch.randn(n, model.config.latent_dim, device=device)
+        return model.likelihood(z).mean
+
+
+def format_results(results: pd.DataFrame) -> str:
+    """The results table as aligned text for a terminal."""
+    shown = results.drop(columns=[c for c in ("log_likelihood_se",) if c in results])
+    for column in ("epochs", "eval_samples", "eval_points"):  # counts: no decimals, "—" if absent
+        if column in shown:
+            shown[column] = shown[column].map(lambda v: "—" if pd.isna(v) else str(int(v)))
+    with pd.option_context("display.max_colwidth", 48, "display.width", 200):
+        return shown.to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="—")
