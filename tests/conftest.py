@@ -1,0 +1,41 @@
+"""Shared fixtures: every test starts seeded, with Pyro validation on and an empty param store."""
+
+from __future__ import annotations
+
+import os
+
+import pyro
+import pytest
+import torch
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def assert_close(
+    actual, expected, *, atol: float = 1e-6, rtol: float = 1e-5, msg: str = ""
+) -> None:
+    """Compare tensors or numbers with a tolerance that the test states."""
+    actual_t = torch.as_tensor(actual, dtype=torch.float64)
+    expected_t = torch.as_tensor(expected, dtype=torch.float64)
+    torch.testing.assert_close(actual_t, expected_t, atol=atol, rtol=rtol, msg=msg or None)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_pyro():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    with pyro.validation_enabled(True):
+        yield
+    pyro.clear_param_store()
+
+
+@pytest.fixture(scope="session")
+def mnist_small():
+    """A few thousand MNIST images: grey-level train and statically binarized test."""
+    import lvmkit
+
+    train = lvmkit.load_mnist("train", limit=3000)
+    test = lvmkit.load_mnist("test", binarization="static", limit=300)
+    return train, test

@@ -1,0 +1,99 @@
+"""The `lvmkit` command end to end, at a tiny size."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from lvmkit.cli import main
+
+TINY = [
+    "--epochs",
+    "2",
+    "--train-points",
+    "300",
+    "--valid-points",
+    "50",
+    "--eval-points",
+    "20",
+    "--eval-samples",
+    "40",
+    "--hidden-dims",
+    "32",
+    "--latent-dim",
+    "4",
+    "--quiet",
+]
+
+
+def test_train_resume_evaluate_sample(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "lvmkit (this run: run)" in out and "Burda et al. 2016" in out and "-86.76" in out
+    assert sorted(p.name for p in run.iterdir()) == [
+        "checkpoint.pt",
+        "config.json",
+        "figures",
+        "history.csv",
+        "results.csv",
+    ]
+    assert sorted(p.name for p in (run / "figures").iterdir()) == [
+        "elbo.png",
+        "reconstructions.png",
+        "samples.png",
+    ]
+    config = json.loads((run / "config.json").read_text())
+    assert config["metadata"]["spec"]["latent_dim"] == 4 and config["fit"]["batch_size"] == 128
+    results = pd.read_csv(run / "results.csv")
+    ours = results.iloc[0]
+    assert ours["eval_samples"] == 40 and ours["eval_points"] == 20 and ours["epochs"] == 2
+    assert ours["test_log_likelihood"] >= ours["test_elbo"]
+
+    assert main(["train", "--resume", str(run), "--epochs", "3", "--quiet"]) == 0
+    assert list(pd.read_csv(run / "history.csv").epoch) == [1, 2, 3]
+
+    assert main(["evaluate", str(run), "--num-samples", "25", "--points", "10", "--quiet"]) == 0
+    assert pd.read_csv(run / "results.csv").iloc[0]["eval_samples"] == 25
+
+    png = tmp_path / "grid.png"
+    assert main(["sample", str(run), "-n", "9", "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--likelihood", "bernouli"], "Did you mean 'bernoulli'"),
+        (["train", "--objective", "iwae"], "unknown objective 'iwae'"),
+        (["train", "--likelihood", "gaussian"], "use binarization='none'"),
+        (["train", "--epochs", "0"], "epochs must be an int >= 1; got 0"),
+        (["evaluate", "no/such/run"], "does not exist"),
+        (["sample", "no/such/run", "-n", "0"], "n must be an int >= 1"),
+    ],
+    ids=["likelihood", "objective", "gaussian-dynamic", "epochs", "missing-run", "n"],
+)
+def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_existing_run_directory_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(run)]) == 0
+    with pytest.raises(SystemExit):
+        main(["train", *TINY, "--out", str(run)])
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_console_script_runs():
+    out = subprocess.run(
+        [sys.executable, "-m", "lvmkit", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "train" in out and "evaluate" in out and "sample" in out

@@ -1,0 +1,121 @@
+"""Evaluation against closed forms: factor analysis has an exact log p(x) and posterior."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pyro
+import pytest
+import torch
+
+import lvmkit
+from conftest import assert_close
+from linear_gaussian import LinearGaussianGuide, make_problem
+from lvmkit.inference.evaluate import PARETO_K_THRESHOLD
+
+
+def test_exact_posterior_guide_gives_exact_log_likelihood():
+    # With q(z | x) = p(z | x) every log-weight equals log p(x): ELBO = IS = exact, zero variance.
+    model, x = make_problem()
+    guide = LinearGaussianGuide(5, 2).set_exact(model)
+    lw = lvmkit.log_weights(model, guide, x, num_samples=7)
+    assert lw.shape == (7, 200)
+    assert_close(lw, model.exact_log_prob(x).expand(7, -1), atol=1e-4, rtol=0)
+    scores = lvmkit.evaluate(model, guide, x, num_samples=50)
+    assert_close(scores["elbo"], model.exact_log_prob(x), atol=1e-4, rtol=0)
+    assert_close(scores["log_likelihood"], model.exact_log_prob(x), atol=1e-4, rtol=0)
+    assert_close(scores["ess"], torch.full((200,), 50.0), atol=1e-3, rtol=0)
+
+
+def test_importance_sampling_approaches_exact_as_k_grows_and_elbo_stays_below():
+    model, x = make_problem(n=100)
+    guide = LinearGaussianGuide(5, 2)  # untrained: q(z | x) = N(0, I), the prior
+    exact = model.exact_log_prob(x).mean().item()
+    gaps = {}
+    for k in (1, 10, 100, 3000):
+        summary = lvmkit.summarize(lvmkit.evaluate(model, guide, x, num_samples=k, seed=1))
+        assert summary.elbo < exact  # Jensen: the ELBO is a lower bound
+        assert summary.log_likelihood < exact + 0.05  # IS is a lower bound in expectation
+        gaps[k] = exact - summary.log_likelihood
+    assert gaps[1] > gaps[10] > gaps[100] > gaps[3000]
+    assert gaps[3000] < 0.05 * gaps[1]  # with the prior as proposal, K = 3000 closes > 95 %
+    assert gaps[3000] < 0.1  # nats per point
+
+
+def test_chunking_is_exact_and_bounds_each_pass():
+    model, x = make_problem(n=37)
+    guide = LinearGaussianGuide(5, 2).set_exact(model)
+    seen: list[int] = []
+
+    def counting_model(x=None, *, batch_size=None):
+        out = model(x, batch_size=batch_size)
+        seen.append(out.shape[:-1].numel())  # (K_chunk, N_chunk) pairs in this pass
+        return out
+
+    lw = lvmkit.log_weights(counting_model, guide, x, num_samples=40, max_pairs=64)
+    assert lw.shape == (40, 37)
+    assert max(seen[1:]) <= 64  # seen[0] is the one-point probe
+    assert_close(lw, model.exact_log_prob(x).expand(40, -1), atol=1e-4, rtol=0)
+
+
+def test_evaluate_table_summary_and_pareto_k():
+    model, x = make_problem(n=40)
+    scores = lvmkit.evaluate(model, LinearGaussianGuide(5, 2), x, num_samples=500)
+    assert isinstance(scores, pd.DataFrame) and len(scores) == 40
+    assert list(scores.columns) == ["elbo", "log_likelihood", "pareto_k", "ess"]
+    assert scores["pareto_k"].notna().all()
+    assert (scores["log_likelihood"] >= scores["elbo"] - 1e-9).all()  # logmeanexp ≥ mean
+    summary = lvmkit.summarize(scores)
+    assert summary.num_points == 40 and summary.num_samples == 500
+    assert summary.frac_pareto_k_above_0_7 == pytest.approx(
+        (scores["pareto_k"] > PARETO_K_THRESHOLD).mean()
+    )
+    assert summary.gap == pytest.approx((scores["log_likelihood"] - scores["elbo"]).mean())
+    assert list(summary.to_frame().columns)[:3] == ["num_points", "num_samples", "elbo"]
+
+
+def test_evaluate_is_reproducible_and_leaves_caller_rng_alone():
+    model, x = make_problem(n=20)
+    guide = LinearGaussianGuide(5, 2)
+    pyro.set_rng_seed(123)
+    before = torch.get_rng_state()
+    a = lvmkit.evaluate(model, guide, x, num_samples=30, seed=4)
+    b = lvmkit.evaluate(model, guide, x, num_samples=30, seed=4)
+    assert torch.equal(torch.get_rng_state(), before)
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_few_samples_give_nan_pareto_k_not_an_error():
+    model, x = make_problem(n=5)
+    scores = lvmkit.evaluate(model, LinearGaussianGuide(5, 2), x, num_samples=3)
+    assert scores["pareto_k"].isna().all()
+    assert math.isnan(lvmkit.summarize(scores).frac_pareto_k_above_0_7)
+
+
+def test_site_outside_data_plate_is_a_clear_error():
+    import pyro.distributions as dist
+
+    def model(x=None, batch_size=None):
+        shift = pyro.sample("shift", dist.Normal(0.0, 1.0))  # a global latent: no per-point weight
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(shift, 1.0).expand([x.shape[0], 3]).to_event(1), obs=x)
+
+    def guide(x=None, batch_size=None):
+        pyro.sample("shift", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match='site "shift" is outside the data plate'):
+        lvmkit.evaluate(model, guide, torch.zeros(4, 3), num_samples=2)
+
+
+def test_missing_data_plate_is_a_clear_error():
+    import pyro.distributions as dist
+
+    def model(x=None):
+        pyro.sample("x", dist.Normal(0.0, 1.0).expand([x.shape[0], 3]).to_event(2), obs=x)
+
+    def guide(x=None):
+        pass
+
+    with pytest.raises(ValueError, match='no plate named "data"'):
+        lvmkit.log_weights(model, guide, torch.zeros(4, 3), num_samples=2)
