@@ -44,12 +44,18 @@ def param_scope(model: Any, guide: Any, *, publish: bool) -> Iterator[None]:
 
 
 def collect_params(
-    step: Callable[[], Any], model: Any, guide: Any, device: torch.device
+    step: Callable[[dict[str, torch.Tensor]], Any],
+    batch: dict[str, torch.Tensor],
+    model: Any,
+    guide: Any,
+    device: torch.device,
 ) -> dict[str, torch.Tensor]:
-    """Every trainable tensor: module parameters, then the ``pyro.param`` sites ``step()`` touches.
+    """Every trainable tensor: module parameters, then the ``pyro.param`` sites ``step`` touches.
 
-    Running one step also creates parameters that are initialised lazily, and it runs with Pyro's
-    validation on, so model errors surface here with Pyro's own messages.
+    Running one step on ``batch`` also creates parameters that are initialised lazily, and it runs
+    with Pyro's validation on, so model errors surface here with Pyro's own messages. Parameters of
+    plain-function pairs may still sit on the CPU when ``batch`` is on a GPU: then the step runs on
+    a CPU copy of the batch, and the parameters it finds are moved to ``device`` afterwards.
     """
     params: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
@@ -59,8 +65,14 @@ def collect_params(
                 if param.requires_grad and id(param) not in seen:
                     params[name] = param
                     seen.add(id(param))
-    with poutine.trace(param_only=True) as capture, pyro.validation_enabled(True):
-        step()
+    try:
+        with poutine.trace(param_only=True) as capture, pyro.validation_enabled(True):
+            step(batch)
+    except RuntimeError as err:
+        if device.type == "cpu" or is_module_pair(model, guide) or "device" not in str(err):
+            raise
+        with poutine.trace(param_only=True) as capture, pyro.validation_enabled(True):
+            step({key: t.cpu() for key, t in batch.items()})
     for name, site in capture.trace.nodes.items():
         value: Any = site["value"]
         unconstrained = value.unconstrained() if hasattr(value, "unconstrained") else value

@@ -311,6 +311,9 @@ def _eval_device(model, guide, device) -> torch.device:
         if isinstance(obj, torch.nn.Module):
             for param in obj.parameters():
                 return param.device
+    # Plain-function pairs keep their parameters in Pyro's param store (fit puts them there).
+    for _, value in pyro.get_param_store().items():
+        return value.device
     return torch.device("cpu")
 
 

@@ -168,7 +168,7 @@ def fit(
 
     with param_scope(model, guide, publish=True):
         first = take(train, slice(0, batch_size))
-        params = collect_params(lambda: step_loss(first), model, guide, dev)
+        params = collect_params(step_loss, first, model, guide, dev)
         optimizer = torch.optim.Adam(params.values(), lr=lr)
         rows: list[dict[str, float]] = []
         start = 0

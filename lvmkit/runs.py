@@ -146,21 +146,8 @@ def train_run(spec: TrainSpec, run_dir: str | Path, *, progress: bool = True) ->
         raise FileExistsError(
             f"{run_dir} already holds a run; use `lvmkit train --resume {run_dir}` or another --out"
         )
-    train, valid = _train_data(spec)
-    model, guide = build_vae(model_config(spec, train.x.shape[1]))
-    metadata = {"spec": dataclasses.asdict(spec), "image_shape": list(train.image_shape)}
-    result = fit(
-        model,
-        guide,
-        train.x,
-        **_fit_kwargs(spec),
-        validation_data=valid.x,
-        transform=binarize if spec.binarization == "dynamic" else None,
-        run_dir=run_dir,
-        metadata=metadata,
-        progress=progress,
-    )
-    return _finish(spec, run_dir, model, guide, result.history, progress=progress)
+    metadata = {"spec": dataclasses.asdict(spec), "image_shape": list(MNIST_IMAGE_SHAPE)}
+    return _train(spec, run_dir, resume=False, metadata=metadata, progress=progress)
 
 
 def resume_run(
@@ -171,20 +158,7 @@ def resume_run(
     spec = read_spec(run_dir)
     if epochs is not None:
         spec = dataclasses.replace(spec, epochs=check_int("epochs", epochs))
-    train, valid = _train_data(spec)
-    model, guide = build_vae(model_config(spec, train.x.shape[1]))
-    result = fit(
-        model,
-        guide,
-        train.x,
-        **_fit_kwargs(spec),
-        validation_data=valid.x,
-        transform=binarize if spec.binarization == "dynamic" else None,
-        run_dir=run_dir,
-        resume=True,
-        progress=progress,
-    )
-    return _finish(spec, run_dir, model, guide, result.history, progress=progress)
+    return _train(spec, run_dir, resume=True, metadata=None, progress=progress)
 
 
 def read_spec(run_dir: str | Path) -> TrainSpec:
@@ -257,15 +231,29 @@ def sample_run(
 # -- internals -------------------------------------------------------------------------------
 
 
-def _fit_kwargs(spec: TrainSpec) -> dict[str, Any]:
-    return {
-        "epochs": spec.epochs,
-        "batch_size": spec.batch_size,
-        "lr": spec.lr,
-        "objective": spec.objective,
-        "seed": spec.seed,
-        "device": spec.device,
-    }
+def _train(
+    spec: TrainSpec, run_dir: Path, *, resume: bool, metadata: dict[str, Any] | None, progress: bool
+) -> RunResult:
+    train, valid = _train_data(spec)
+    model, guide = build_vae(model_config(spec, train.x.shape[1]))
+    result = fit(
+        model,
+        guide,
+        train.x,
+        epochs=spec.epochs,
+        batch_size=spec.batch_size,
+        lr=spec.lr,
+        objective=spec.objective,
+        seed=spec.seed,
+        device=spec.device,
+        validation_data=valid.x,
+        transform=binarize if spec.binarization == "dynamic" else None,
+        run_dir=run_dir,
+        resume=resume,
+        metadata=metadata,
+        progress=progress,
+    )
+    return _finish(spec, run_dir, model, guide, result.history, progress=progress)
 
 
 def _train_data(spec: TrainSpec) -> tuple[Dataset, Dataset]:
