@@ -102,8 +102,9 @@ def fit(
         batch_size, lr: minibatch size and Adam's learning rate.
         objective: ``"elbo"`` (Trace_ELBO), ``"mean_field"`` (analytic KL) or a Pyro ELBO.
         num_particles: samples of z per data point in the objective (vectorised).
-        seed: seeds Pyro, torch, numpy and ``random``; with the same seed and device, the same
-            numbers come out.
+        seed: seeds Pyro, torch, numpy and ``random`` before training; with the same seed, the
+            same initial modules and the same device, the same numbers come out. (Modules are
+            initialised when you build them: seed that too, e.g. ``pyro.set_rng_seed``.)
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``. Modules and data are moved.
         validation_data: like ``data``; its one-sample ELBO per point is logged each epoch.
         transform: applied to each minibatch on the device before the model sees it, e.g.

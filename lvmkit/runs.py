@@ -235,6 +235,7 @@ def _train(
     spec: TrainSpec, run_dir: Path, *, resume: bool, metadata: dict[str, Any] | None, progress: bool
 ) -> RunResult:
     train, valid = _train_data(spec)
+    pyro.set_rng_seed(spec.seed)  # initial weights too: the same spec gives the same numbers
     model, guide = build_vae(model_config(spec, train.x.shape[1]))
     result = fit(
         model,

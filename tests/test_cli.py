@@ -65,6 +65,15 @@ def test_train_resume_evaluate_sample(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_same_arguments_same_numbers(tmp_path, capsys):
+    for name in ("a", "b"):
+        assert main(["train", *TINY, "--epochs", "1", "--out", str(tmp_path / name)]) == 0
+    a, b = (pd.read_csv(tmp_path / name / "results.csv") for name in ("a", "b"))
+    assert a.drop(columns="source").equals(b.drop(columns="source"))
+    history = [pd.read_csv(tmp_path / name / "history.csv") for name in ("a", "b")]
+    assert history[0].train_loss.equals(history[1].train_loss)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
