@@ -1,8 +1,31 @@
 """Benchmark suites, each a function returning a pandas DataFrame.
 
-None ships yet: the first suites (speed, mixtures, nonlinear models, VAE variants) come with their
-issues. The foundation's reference run is `lvmkit train` (see README), whose results table sits
-beside the published numbers.
+``BENCHMARKS`` maps a suite's name to its ``run(profile, device=...)``; every suite has a "quick"
+profile (run by the tests) and a "full" one. :func:`write_results` stores a table as CSV and
+Markdown.
 """
 
-__all__: list[str] = []
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+from lvmkit.benchmarks import speed
+from lvmkit.inference.checkpoint import atomic_write_text
+
+BENCHMARKS: dict[str, Callable[..., pd.DataFrame]] = {"speed": speed.run}
+
+
+def write_results(frame: pd.DataFrame, out_dir: str | Path, name: str) -> tuple[Path, Path]:
+    """Write ``frame`` to ``out_dir/name.csv`` and ``out_dir/name.md``; return both paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    csv, markdown = out / f"{name}.csv", out / f"{name}.md"
+    atomic_write_text(csv, frame.to_csv(index=False))
+    atomic_write_text(markdown, frame.to_markdown(index=False, floatfmt=".3g") + "\n")
+    return csv, markdown
+
+
+__all__ = ["BENCHMARKS", "write_results"]

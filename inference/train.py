@@ -14,7 +14,7 @@ from __future__ import annotations
 import platform
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,7 +170,7 @@ def fit(
     with param_scope(model, guide, publish=True):
         first = take(train, slice(0, batch_size))
         params = collect_params(step_loss, first, model, guide, dev)
-        optimizer = torch.optim.Adam(params.values(), lr=lr)
+        optimizer = make_optimizer(params.values(), lr=lr)
         rows: list[dict[str, float]] = []
         start = 0
         if run is not None and resume:
@@ -188,11 +188,7 @@ def fit(
             for step in range(steps_per_epoch):
                 batch = take(train, order[step * batch_size : (step + 1) * batch_size])
                 with pyro.validation_enabled(validate or first_step):
-                    loss = step_loss(batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                running += loss.detach()
+                    running += train_step(step_loss, optimizer, batch)
                 first_step = False
                 bar.update(1)
             train_loss = running.item() / total  # the one host sync of the epoch
@@ -216,6 +212,26 @@ def fit(
         bar.close()
     history = pd.DataFrame(rows, columns=_history_columns(val is not None))
     return FitResult(model, guide, history, dict(params), dev, run.path if run else None)
+
+
+def make_optimizer(params: Iterable[torch.Tensor], *, lr: float) -> torch.optim.Adam:
+    """Adam, fused into one kernel per step where torch has that kernel for every parameter."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except RuntimeError:  # a device or dtype without the fused kernel: the foreach version
+        return torch.optim.Adam(params, lr=lr)
+
+
+def train_step(
+    step_loss: Callable[[Batch], torch.Tensor], optimizer: torch.optim.Optimizer, batch: Batch
+) -> torch.Tensor:
+    """One SVI step; returns the loss as a device tensor (no host sync)."""
+    loss = step_loss(batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
 
 
 def _check_callable(name: str, obj: Any) -> None:

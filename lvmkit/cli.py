@@ -11,6 +11,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import pandas as pd
+
 from lvmkit import runs
 
 
@@ -99,6 +101,17 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto")
     ev.add_argument("--quiet", action="store_true")
 
+    bench = commands.add_parser("bench", help="run a benchmark suite; write CSV and Markdown")
+    bench.add_argument("suite", help="benchmark name: speed")
+    bench.add_argument("--profile", default="full", help="quick | full (default: %(default)s)")
+    bench.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    bench.add_argument(
+        "--out",
+        type=Path,
+        default=Path("benchmarks") / "results",
+        help="folder for SUITE-DEVICE.csv/.md (default: %(default)s)",
+    )
+
     sample = commands.add_parser("sample", help="draw images from a run's model into a PNG grid")
     sample.add_argument("run_dir", type=Path)
     sample.add_argument("-n", type=int, default=64, help="number of images (default: %(default)s)")
@@ -115,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "bench":
+            return _bench(args)
         if args.command == "evaluate":
             results = runs.evaluate_run(
                 args.run_dir,
@@ -162,6 +177,21 @@ def _train(args: argparse.Namespace) -> int:
         result = runs.train_run(spec, out, progress=not args.quiet)
     print(runs.format_results(result.results))
     print(f"\nrun directory: {result.run_dir}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from lvmkit.benchmarks import BENCHMARKS, write_results
+    from lvmkit.inference._data import resolve_device
+    from lvmkit.models._checks import check_choice
+
+    suite = BENCHMARKS[check_choice("suite", args.suite, BENCHMARKS)]
+    frame = suite(args.profile, device=args.device)
+    tag = resolve_device(args.device).type
+    csv, markdown = write_results(frame, args.out, f"{args.suite}-{tag}-{args.profile}")
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(frame.to_string(index=False, float_format=lambda v: f"{v:.3g}", na_rep=""))
+    print(f"\nwritten: {csv} and {markdown}")
     return 0
 
 

@@ -1,0 +1,274 @@
+"""Speed of SVI on the MNIST VAE: lvmkit against a hand-written PyTorch loop, in one process.
+
+Every contender trains its own copy of the same 784-400-20 network (same initial weights, same
+minibatches) with Adam at lr 1e-3. Contenders alternate round by round, so that thermal or
+background drift hits them alike; each step is timed on its own (with CUDA synchronised around it)
+after warm-up steps that are not timed. Ratios are to the hand-written PyTorch loops measured in
+the same run: ``ratio_to_pytorch_fused`` compares with the same optimizer as lvmkit's (fused Adam
+where torch has the kernel).
+
+Contenders:
+
+- ``pytorch``: the floor: encoder → reparameterised z → decoder, fused BCE-with-logits plus the
+  analytic KL, ``torch.optim.Adam`` (foreach, torch's default);
+- ``pytorch_fused``: the same with ``Adam(fused=True)``;
+- ``lvmkit``: ``lvmkit.fit``'s own step (``inference.train.train_step``) with its default
+  objective (Trace_ELBO) and its optimizer (``make_optimizer``), validation off as after fit's
+  first step;
+- ``lvmkit_mean_field``: the same with the analytic-KL objective;
+- ``pyro_svi``: Pyro's own ``SVI`` + ``Trace_ELBO`` + ``pyro.optim.Adam``, for reference.
+
+NumPyro under ``jax.jit`` is not measured yet: it is reported as a skipped row with the reason.
+``evaluate`` (importance-sampled log-likelihood) is timed per 1,000 test points.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pandas as pd
+import pyro
+import pyro.infer
+import pyro.optim
+import torch
+from torch.nn import functional as F
+
+from lvmkit.data import load_mnist
+from lvmkit.guides import GaussianEncoder, GaussianEncoderConfig
+from lvmkit.inference import evaluate
+from lvmkit.inference._data import resolve_device
+from lvmkit.inference.objectives import TraceELBO, TraceMeanFieldELBO
+from lvmkit.inference.train import make_optimizer, train_step
+from lvmkit.models import VAE, VAEConfig
+from lvmkit.models._checks import check_choice
+
+MNIST_TRAIN_SIZE = 50_000  # images per epoch of the classic split
+
+
+@dataclass(frozen=True)
+class SpeedConfig:
+    """What the speed benchmark measures."""
+
+    batch_sizes: tuple[int, ...] = (128, 1024)  # the issue's two regimes
+    hidden_dim: int = 400  # the PyTorch VAE example's 784-400-20 network
+    latent_dim: int = 20
+    lr: float = 1e-3
+    warmup_steps: int = 10  # untimed: allocator, caches, one-off compilation
+    timed_steps: int = 40  # timed steps per contender per round
+    rounds: int = 5  # contenders alternate each round
+    eval_points: int = 1000  # evaluate is reported per 1,000 test points
+    eval_samples: int = 5000  # the standard K
+    train_points: int = 10_000  # minibatches are drawn from these (binarized once)
+    seed: int = 0
+
+
+PROFILES = {
+    "full": SpeedConfig(),
+    "quick": SpeedConfig(
+        batch_sizes=(32,),
+        hidden_dim=32,
+        latent_dim=4,
+        warmup_steps=2,
+        timed_steps=3,
+        rounds=2,
+        eval_points=20,
+        eval_samples=50,
+        train_points=256,
+    ),
+}
+
+Step = Callable[[torch.Tensor], torch.Tensor]
+
+
+def run(
+    profile: str = "full", *, device: str = "auto", config: SpeedConfig | None = None
+) -> pd.DataFrame:
+    """Measure every contender on ``device``; one row per (task, batch size, contender)."""
+    cfg = config or PROFILES[check_choice("profile", profile, PROFILES)]
+    dev = resolve_device(device)
+    train = load_mnist("train", binarization="static", seed=cfg.seed, limit=cfg.train_points).x
+    train = train.to(dev)
+    rows: list[dict[str, object]] = []
+    for batch_size in cfg.batch_sizes:
+        rows += _time_steps(cfg, dev, train, batch_size)
+    rows.append(_time_evaluate(cfg, dev))
+    frame = pd.DataFrame(rows)
+    frame["batch_size"] = frame["batch_size"].astype("Int64")  # empty for the evaluate row
+    frame.insert(0, "device", _device_name(dev))
+    return frame
+
+
+def _networks(cfg: SpeedConfig, data_dim: int, dev: torch.device) -> tuple[VAE, GaussianEncoder]:
+    pyro.set_rng_seed(cfg.seed)  # every contender starts from the same weights
+    vae = VAE(
+        VAEConfig(data_dim=data_dim, latent_dim=cfg.latent_dim, hidden_dims=(cfg.hidden_dim,))
+    )
+    encoder = GaussianEncoder(
+        GaussianEncoderConfig(
+            data_dim=data_dim, latent_dim=cfg.latent_dim, hidden_dims=(cfg.hidden_dim,)
+        )
+    )
+    return vae.to(dev), encoder.to(dev)
+
+
+def _pytorch_step(cfg: SpeedConfig, dev, data_dim: int, *, fused: bool) -> Step:
+    model, guide = _networks(cfg, data_dim, dev)
+    params = [*model.parameters(), *guide.parameters()]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, fused=fused or None)
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        loc, scale = guide.encode(x)  # (B, Dz) each
+        z = loc + scale * torch.randn_like(loc)  # reparameterised sample, (B, Dz)
+        logits = model.decoder(z)  # (B, D)
+        reconstruction = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
+        kl = 0.5 * (loc.pow(2) + scale.pow(2) - 1.0 - 2.0 * scale.log()).sum()
+        loss = reconstruction + kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return step
+
+
+def _lvmkit_step(cfg: SpeedConfig, dev, data_dim: int, *, objective) -> Step:
+    model, guide = _networks(cfg, data_dim, dev)
+    loss_fn = objective()(model, guide)
+    optimizer = make_optimizer([*model.parameters(), *guide.parameters()], lr=cfg.lr)
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        with pyro.validation_enabled(False):  # as in fit after its first, validated step
+            return train_step(lambda batch: loss_fn(**batch), optimizer, {"x": x})
+
+    return step
+
+
+def _pyro_svi_step(cfg: SpeedConfig, dev, data_dim: int) -> Step:
+    model, guide = _networks(cfg, data_dim, dev)
+    adam = pyro.optim.Adam({"lr": cfg.lr})  # type: ignore[attr-defined]  # generated at import
+    svi = pyro.infer.SVI(model, guide, adam, pyro.infer.Trace_ELBO())
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        with pyro.validation_enabled(False):
+            return torch.tensor(svi.step(x))  # SVI.step returns a float: it syncs every step
+
+    return step
+
+
+def _contenders(cfg: SpeedConfig, dev, data_dim: int) -> dict[str, Step]:
+    return {
+        "pytorch": _pytorch_step(cfg, dev, data_dim, fused=False),
+        "pytorch_fused": _pytorch_step(cfg, dev, data_dim, fused=True),
+        "lvmkit": _lvmkit_step(cfg, dev, data_dim, objective=TraceELBO),
+        "lvmkit_mean_field": _lvmkit_step(cfg, dev, data_dim, objective=TraceMeanFieldELBO),
+        "pyro_svi": _pyro_svi_step(cfg, dev, data_dim),
+    }
+
+
+def _time_steps(
+    cfg: SpeedConfig, dev, train: torch.Tensor, batch_size: int
+) -> list[dict[str, object]]:
+    generator = torch.Generator().manual_seed(cfg.seed)
+    total = cfg.warmup_steps + cfg.rounds * cfg.timed_steps
+    batches = [
+        train[torch.randint(len(train), (batch_size,), generator=generator).to(dev)]
+        for _ in range(min(total, 64))  # reused cyclically: the same batches for everyone
+    ]
+    with pyro.get_param_store().scope():  # Pyro's SVI registers its parameters there
+        steps = _contenders(cfg, dev, train.shape[1])
+        times: dict[str, list[float]] = {name: [] for name in steps}
+        peak: dict[str, float] = {}
+        for step in steps.values():
+            for i in range(cfg.warmup_steps):
+                step(batches[i % len(batches)])
+        for round_ in range(cfg.rounds):
+            for name, step in steps.items():
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dev)
+                for i in range(cfg.timed_steps):
+                    batch = batches[
+                        (cfg.warmup_steps + round_ * cfg.timed_steps + i) % len(batches)
+                    ]
+                    times[name].append(_timed(step, batch, dev))
+                if dev.type == "cuda":
+                    peak[name] = max(
+                        peak.get(name, 0.0), torch.cuda.max_memory_allocated(dev) / 2**20
+                    )
+    floor = statistics.median(times["pytorch"])
+    fused_floor = statistics.median(times["pytorch_fused"])  # lvmkit's optimizer is fused Adam
+    rows: list[dict[str, object]] = []
+    for name, values in times.items():
+        median = statistics.median(values)
+        q1, _, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (median,) * 3
+        rows.append(
+            {
+                "task": "svi_step",
+                "batch_size": batch_size,
+                "contender": name,
+                "median_ms": 1e3 * median,
+                "iqr_ms": 1e3 * (q3 - q1),
+                "examples_per_s": batch_size / median,
+                "epoch_s": math.ceil(MNIST_TRAIN_SIZE / batch_size) * median,
+                "peak_mem_mib": peak.get(name, math.nan),
+                "ratio_to_pytorch": median / floor,
+                "ratio_to_pytorch_fused": median / fused_floor,
+                "ratio_to_numpyro": math.nan,
+                "note": "",
+            }
+        )
+    rows.append(
+        {
+            "task": "svi_step",
+            "batch_size": batch_size,
+            "contender": "numpyro_jit",
+            "note": "not measured yet: the NumPyro contender is still to be written (issue #7)",
+        }
+    )
+    return rows
+
+
+def _timed(step: Step, batch: torch.Tensor, dev: torch.device) -> float:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    tic = time.perf_counter()
+    step(batch)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return time.perf_counter() - tic
+
+
+def _time_evaluate(cfg: SpeedConfig, dev: torch.device) -> dict[str, object]:
+    test = load_mnist("test", binarization="static", seed=cfg.seed, limit=cfg.eval_points).x
+    model, guide = _networks(cfg, test.shape[1], dev)
+    evaluate(model, guide, test[:2], num_samples=min(cfg.eval_samples, 20))  # warm-up, imports
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    tic = time.perf_counter()
+    evaluate(model, guide, test, num_samples=cfg.eval_samples, seed=cfg.seed)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    seconds = time.perf_counter() - tic
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(dev) / 2**20
+    else:  # the process's peak resident memory so far (Linux reports KiB)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "task": f"evaluate K={cfg.eval_samples}",
+        "contender": "lvmkit",
+        "seconds_per_1000_points": seconds * 1000 / len(test),
+        "peak_mem_mib": peak,
+        "note": f"{len(test)} test points timed"
+        + ("" if dev.type == "cuda" else "; peak is the process's max RSS"),
+    }
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"cpu ({torch.get_num_threads()} threads)"
