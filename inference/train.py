@@ -43,6 +43,7 @@ from lvmkit.inference.checkpoint import (
     save_checkpoint,
     write_json,
 )
+from lvmkit.inference.compiled import CompiledLoss
 from lvmkit.inference.evaluate import mean_elbo
 from lvmkit.inference.objectives import make_objective
 from lvmkit.models._checks import check_float, check_int
@@ -90,6 +91,7 @@ def fit(
     resume: bool = False,
     metadata: dict[str, Any] | None = None,
     validate: bool = False,
+    compile: bool = False,
     progress: bool = True,
 ) -> FitResult:
     """Train ``model``/``guide`` by stochastic variational inference with Adam.
@@ -114,6 +116,9 @@ def fit(
         resume: continue the run in ``run_dir`` from its checkpoint.
         metadata: JSON-serialisable facts stored in ``config.json`` (e.g. the model config).
         validate: keep Pyro's validation on after the first step (slower).
+        compile: trace the ``"elbo"`` loss with the PyTorch JIT, once per batch shape
+            (:mod:`lvmkit.inference.compiled`); for models whose structure is the same every
+            step. A model that cannot be traced trains uncompiled, with a warning saying why.
         progress: show a tqdm progress bar.
 
     Example::
@@ -134,6 +139,11 @@ def fit(
     _check_callable("guide", guide)
     if transform is not None and not callable(transform):
         raise TypeError(f"transform must be callable or None; got {type(transform).__name__}")
+    if compile and objective != "elbo":
+        raise ValueError(
+            f"compile=True traces the 'elbo' objective only; got objective={objective!r} "
+            "(use objective='elbo', or compile=False)"
+        )
     dev = resolve_device(device)
     elbo = make_objective(objective, num_particles=num_particles)
     settings = {
@@ -142,6 +152,7 @@ def fit(
         "batch_size": batch_size,
         "lr": lr,
         "seed": seed,
+        "compile": bool(compile),
     }
     tensor_data = isinstance(data, (torch.Tensor, np.ndarray))
     train = as_batch(data, name="data")
@@ -161,15 +172,23 @@ def fit(
     pyro.set_rng_seed(seed)
     loss_fn = elbo(model, guide)
 
-    def step_loss(batch: Batch) -> torch.Tensor:
+    def prepare(batch: Batch) -> Batch:
         if transform is None:
-            return loss_fn(**batch)
+            return batch
         out = transform(batch["x"] if tensor_data else batch)
-        return loss_fn(**({"x": out} if tensor_data else out))
+        return {"x": out} if tensor_data else out
+
+    def eager_loss(batch: Batch) -> torch.Tensor:
+        return loss_fn(**prepare(batch))
+
+    traced = CompiledLoss(model, guide, list(train), lambda b: loss_fn(**b)) if compile else None
+
+    def step_loss(batch: Batch) -> torch.Tensor:
+        return eager_loss(batch) if traced is None else traced(prepare(batch))
 
     with param_scope(model, guide, publish=True):
         first = take(train, slice(0, batch_size))
-        params = collect_params(step_loss, first, model, guide, dev)
+        params = collect_params(eager_loss, first, model, guide, dev)
         optimizer = make_optimizer(params.values(), lr=lr)
         rows: list[dict[str, float]] = []
         start = 0

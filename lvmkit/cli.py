@@ -85,6 +85,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR (other options come from its config)",
     )
+    train.add_argument(
+        "--compile",
+        action="store_true",
+        help="trace the loss with the PyTorch JIT (objective elbo; faster steps)",
+    )
     train.add_argument("--quiet", action="store_true", help="no progress bars")
 
     ev = commands.add_parser("evaluate", help="evaluate a run's checkpoint on the MNIST test set")
@@ -168,6 +173,7 @@ def _train(args: argparse.Namespace) -> int:
             eval_samples=args.eval_samples,
             eval_points=args.eval_points,
             train_points=args.train_points,
+            compile=args.compile,
             valid_points=args.valid_points,
         )
         out = (

@@ -78,6 +78,7 @@ class TrainSpec:
     eval_points: int | None = None  # None: the whole 10,000-image test set
     train_points: int | None = None  # None: the whole 50,000-image training split
     valid_points: int | None = 2000  # held-out ELBO per epoch on the first images of "valid"
+    compile: bool = False  # trace the loss with the PyTorch JIT (objective "elbo" only)
 
     def __post_init__(self) -> None:
         check_choice("family", self.family, FAMILIES)
@@ -247,6 +248,7 @@ def _train(
         objective=spec.objective,
         seed=spec.seed,
         device=spec.device,
+        compile=spec.compile,
         validation_data=valid.x,
         transform=binarize if spec.binarization == "dynamic" else None,
         run_dir=run_dir,

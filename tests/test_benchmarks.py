@@ -29,6 +29,7 @@ def test_speed_table():
         "pytorch_fused",
         "lvmkit",
         "lvmkit_mean_field",
+        "lvmkit_compiled",
         "pyro_svi",
     }
     by_name = measured.set_index("contender")

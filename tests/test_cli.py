@@ -65,6 +65,12 @@ def test_train_resume_evaluate_sample(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_compiled_training_from_the_cli(tmp_path):
+    assert main(["train", *TINY, "--epochs", "1", "--compile", "--out", str(tmp_path / "c")]) == 0
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert config["fit"]["compile"] is True and config["metadata"]["spec"]["compile"] is True
+
+
 def test_same_arguments_same_numbers(tmp_path, capsys):
     for name in ("a", "b"):
         assert main(["train", *TINY, "--epochs", "1", "--out", str(tmp_path / name)]) == 0
