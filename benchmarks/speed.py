@@ -20,7 +20,8 @@ Contenders:
   PyTorch JIT (``inference.compiled.CompiledLoss``), traced during warm-up;
 - ``pyro_svi``: Pyro's own ``SVI`` + ``Trace_ELBO`` + ``pyro.optim.Adam``, for reference.
 
-NumPyro under ``jax.jit`` is not measured yet: it is reported as a skipped row with the reason.
+- ``numpyro_jit``: the same VAE in NumPyro, ``SVI.update`` under ``jax.jit`` (CPU only; needs the
+  ``numpyro`` extra, otherwise a skipped row says so).
 ``evaluate`` (importance-sampled log-likelihood) is timed per 1,000 test points.
 """
 
@@ -198,6 +199,7 @@ def _time_steps(
         for _ in range(min(total, 64))  # reused cyclically: the same batches for everyone
     ]
     steps = _contenders(cfg, dev, train.shape[1])
+    numpyro_note = _add_numpyro(steps, cfg, dev, batches)
     # Each contender keeps its own Pyro param store, as each fit does: their parameter names agree.
     store = pyro.get_param_store()
     states: dict[str, Any] = {name: {"params": {}, "constraints": {}} for name in steps}
@@ -221,6 +223,7 @@ def _time_steps(
                 peak[name] = max(peak.get(name, 0.0), torch.cuda.max_memory_allocated(dev) / 2**20)
     floor = statistics.median(times["pytorch"])
     fused_floor = statistics.median(times["pytorch_fused"])  # lvmkit's optimizer is fused Adam
+    numpyro = statistics.median(times["numpyro_jit"]) if "numpyro_jit" in times else math.nan
     rows: list[dict[str, object]] = []
     for name, values in times.items():
         median = statistics.median(values)
@@ -237,19 +240,38 @@ def _time_steps(
                 "peak_mem_mib": peak.get(name, math.nan),
                 "ratio_to_pytorch": median / floor,
                 "ratio_to_pytorch_fused": median / fused_floor,
-                "ratio_to_numpyro": math.nan,
+                "ratio_to_numpyro": median / numpyro,
                 "note": "",
             }
         )
-    rows.append(
-        {
-            "task": "svi_step",
-            "batch_size": batch_size,
-            "contender": "numpyro_jit",
-            "note": "not measured yet: the NumPyro contender is still to be written (issue #7)",
-        }
-    )
+    if numpyro_note:
+        rows.append(
+            {
+                "task": "svi_step",
+                "batch_size": batch_size,
+                "contender": "numpyro_jit",
+                "note": numpyro_note,
+            }
+        )
     return rows
+
+
+def _add_numpyro(steps: dict[str, Step], cfg: SpeedConfig, dev, batches: list[torch.Tensor]) -> str:
+    """Add the NumPyro contender to ``steps``; return why it was left out, or ""."""
+    if dev.type != "cpu":
+        return "skipped: the NumPyro contender runs JAX on the CPU; compare on device cpu"
+    try:
+        from lvmkit.benchmarks import _numpyro_vae
+    except ImportError as err:
+        return f"skipped: NumPyro/JAX not installed ({err}); pip install 'lvmkit[numpyro]'"
+    import jax.numpy as jnp
+
+    arrays = {id(b): jnp.asarray(b.numpy()) for b in batches}  # converted once, outside timing
+    step = _numpyro_vae.make_step(
+        batches[0].shape[1], cfg.hidden_dim, cfg.latent_dim, cfg.lr, batches[0].numpy(), cfg.seed
+    )
+    steps["numpyro_jit"] = lambda x: step(arrays[id(x)])
+    return ""
 
 
 def _timed(step: Step, batch: torch.Tensor, dev: torch.device) -> float:
