@@ -30,6 +30,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
+from tqdm.auto import tqdm
 
 from lvmkit.inference._data import (
     Batch,
@@ -127,7 +128,7 @@ def evaluate(
             pyro.set_rng_seed(check_int("seed", seed, minimum=0))
         chunks = _iter_log_weights(model, guide, batch, num_samples, max_pairs, device)
         pending: list[torch.Tensor] = []  # scored together: ArviZ's psislw costs ~10 ms a call
-        with _progress(progress, total, "evaluate") as bar:
+        with tqdm(total=total, desc="evaluate", unit="pt", disable=not progress) as bar:
             for stop, lw in chunks:
                 pending.append(lw)
                 if sum(p.numel() for p in pending) >= _SCORE_BATCH or stop == total:
@@ -319,24 +320,3 @@ def _eval_device(model, guide, device) -> torch.device:
 
 def _cuda_devices() -> list[int]:
     return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-
-
-class _NullBar:
-    n = 0
-
-    def update(self, count: int) -> None:
-        self.n += count
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-
-def _progress(enabled: bool, total: int, desc: str):
-    if not enabled:
-        return _NullBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="pt")

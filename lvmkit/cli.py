@@ -6,6 +6,7 @@ Bad arguments end with ``lvmkit: error: …`` on stderr and exit status 2, as ar
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections.abc import Sequence
@@ -157,25 +158,14 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         result = runs.resume_run(args.resume, epochs=args.epochs, progress=not args.quiet)
     else:
-        spec = runs.TrainSpec(
-            family=args.family,
-            likelihood=args.likelihood,
-            latent_dim=args.latent_dim,
-            hidden_dims=tuple(args.hidden_dims),
-            activation=args.activation,
-            binarization=args.binarization,
-            epochs=args.epochs if args.epochs is not None else runs.TrainSpec.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            objective=args.objective,
-            device=args.device,
-            seed=args.seed,
-            eval_samples=args.eval_samples,
-            eval_points=args.eval_points,
-            train_points=args.train_points,
-            compile=args.compile,
-            valid_points=args.valid_points,
-        )
+        # every TrainSpec field has an option of the same name
+        fields = {
+            field.name: getattr(args, field.name) for field in dataclasses.fields(runs.TrainSpec)
+        }
+        fields["hidden_dims"] = tuple(fields["hidden_dims"])
+        if fields["epochs"] is None:
+            fields["epochs"] = runs.TrainSpec.epochs
+        spec = runs.TrainSpec(**fields)
         out = (
             args.out
             or Path("runs") / f"{spec.family}-{spec.likelihood}-{time.strftime('%Y%m%d-%H%M%S')}"
