@@ -6,6 +6,7 @@ import math
 
 import pandas as pd
 import pyro
+import pyro.poutine as poutine
 import pytest
 import torch
 
@@ -43,20 +44,36 @@ def test_importance_sampling_approaches_exact_as_k_grows_and_elbo_stays_below():
     assert gaps[3000] < 0.1  # nats per point
 
 
+def _counting(model, seen: list[int]):
+    """Wrap ``model`` to record how many (sample, point) pairs each call draws for "z"."""
+
+    def counting_model(x=None, *, batch_size=None):
+        trace = poutine.trace(model).get_trace(x, batch_size=batch_size)
+        seen.append(trace.nodes["z"]["value"].shape[:-1].numel())  # (K_chunk, N_chunk) pairs
+        return trace.nodes["_RETURN"]["value"]
+
+    return counting_model
+
+
 def test_chunking_is_exact_and_bounds_each_pass():
     model, x = make_problem(n=37)
     guide = LinearGaussianGuide(5, 2).set_exact(model)
     seen: list[int] = []
-
-    def counting_model(x=None, *, batch_size=None):
-        out = model(x, batch_size=batch_size)
-        seen.append(out.shape[:-1].numel())  # (K_chunk, N_chunk) pairs in this pass
-        return out
-
+    counting_model = _counting(model, seen)
     lw = lvmkit.log_weights(counting_model, guide, x, num_samples=40, max_pairs=64)
     assert lw.shape == (40, 37)
-    assert max(seen[1:]) <= 64  # seen[0] is the one-point probe
+    assert max(seen[1:]) <= 64 and sum(seen[1:]) == 40 * 37  # seen[0] is the one-point probe
     assert_close(lw, model.exact_log_prob(x).expand(40, -1), atol=1e-4, rtol=0)
+
+
+def test_default_chunk_size_follows_the_device():
+    from lvmkit.inference.evaluate import DEFAULT_MAX_PAIRS
+
+    model, x = make_problem(n=3)
+    guide = LinearGaussianGuide(5, 2)
+    seen: list[int] = []
+    lvmkit.log_weights(_counting(model, seen), guide, x, num_samples=5000)
+    assert max(seen) == DEFAULT_MAX_PAIRS["cpu"]  # one point at a time, 4096 + 904 samples
 
 
 def test_evaluate_table_summary_and_pareto_k():
