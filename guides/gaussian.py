@@ -46,6 +46,8 @@ class GaussianEncoder(PyroModule):
     References: Kingma & Welling, "Auto-Encoding Variational Bayes", ICLR 2014 (appendix C.2).
     """
 
+    static_structure = True  # same sites and shapes every call: fit may trace it (compile)
+
     def __init__(self, config: GaussianEncoderConfig) -> None:
         if not isinstance(config, GaussianEncoderConfig):
             raise TypeError(f"config must be a GaussianEncoderConfig; got {type(config).__name__}")

@@ -62,7 +62,8 @@ class FitResult:
     ``params`` maps a name to every trained tensor (module parameters under ``model.``/``guide.``,
     ``pyro.param`` sites under their own names); ``history`` has one row per epoch with columns
     ``epoch``, ``train_loss`` (negative ELBO per data point), ``val_elbo`` (when validation data
-    were given), ``seconds`` and ``examples_per_s``.
+    were given), ``seconds`` and ``examples_per_s``; ``compiled`` says whether the steps ran
+    through the traced loss (False when not asked for, or after a fallback).
     """
 
     model: Callable[..., Any]
@@ -71,6 +72,7 @@ class FitResult:
     params: dict[str, torch.Tensor]
     device: torch.device
     run_dir: Path | None
+    compiled: bool = False
 
 
 def fit(
@@ -91,7 +93,7 @@ def fit(
     resume: bool = False,
     metadata: dict[str, Any] | None = None,
     validate: bool = False,
-    compile: bool = False,
+    compile: bool | None = None,
     progress: bool = True,
 ) -> FitResult:
     """Train ``model``/``guide`` by stochastic variational inference with Adam.
@@ -119,6 +121,10 @@ def fit(
         compile: trace the ``"elbo"`` loss with the PyTorch JIT, once per batch shape
             (:mod:`lvmkit.inference.compiled`); for models whose structure is the same every
             step. A model that cannot be traced trains uncompiled, with a warning saying why.
+            ``None`` (default): compile when the objective is ``"elbo"`` and both model and
+            guide declare ``static_structure = True`` (the built-in VAE and encoder do); user
+            models stay uncompiled unless asked, since tracing would freeze data-dependent
+            control flow without a word.
         progress: show a tqdm progress bar.
 
     Example::
@@ -139,6 +145,10 @@ def fit(
     _check_callable("guide", guide)
     if transform is not None and not callable(transform):
         raise TypeError(f"transform must be callable or None; got {type(transform).__name__}")
+    if compile is None:
+        compile = objective == "elbo" and all(
+            getattr(obj, "static_structure", False) is True for obj in (model, guide)
+        )
     if compile and objective != "elbo":
         raise ValueError(
             f"compile=True traces the 'elbo' objective only; got objective={objective!r} "
@@ -230,7 +240,8 @@ def fit(
                 run.save(epoch, rows, params, optimizer, dev)
         bar.close()
     history = pd.DataFrame(rows, columns=_history_columns(val is not None))
-    return FitResult(model, guide, history, dict(params), dev, run.path if run else None)
+    compiled = traced is not None and traced.failure is None
+    return FitResult(model, guide, history, dict(params), dev, run.path if run else None, compiled)
 
 
 def make_optimizer(params: Iterable[torch.Tensor], *, lr: float) -> torch.optim.Adam:

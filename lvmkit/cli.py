@@ -88,8 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--compile",
-        action="store_true",
-        help="trace the loss with the PyTorch JIT (objective elbo; faster steps)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="trace the loss with the PyTorch JIT (default: on for the built-in VAE with "
+        "objective elbo)",
     )
     train.add_argument("--quiet", action="store_true", help="no progress bars")
 

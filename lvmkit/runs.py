@@ -78,7 +78,7 @@ class TrainSpec:
     eval_points: int | None = None  # None: the whole 10,000-image test set
     train_points: int | None = None  # None: the whole 50,000-image training split
     valid_points: int | None = 2000  # held-out ELBO per epoch on the first images of "valid"
-    compile: bool = False  # trace the loss with the PyTorch JIT (objective "elbo" only)
+    compile: bool | None = None  # JIT-trace the loss; None: fit decides (on for the built-in VAE)
 
     def __post_init__(self) -> None:
         check_choice("family", self.family, FAMILIES)

@@ -67,6 +67,8 @@ class VAE(PyroModule):
     References: Kingma & Welling, "Auto-Encoding Variational Bayes", ICLR 2014.
     """
 
+    static_structure = True  # same sites and shapes every call: fit may trace it (compile)
+
     def __init__(self, config: VAEConfig) -> None:
         if not isinstance(config, VAEConfig):
             raise TypeError(f"config must be a VAEConfig; got {type(config).__name__}")

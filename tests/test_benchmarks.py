@@ -32,7 +32,7 @@ TORCH_CONTENDERS = {
     "pytorch_fused",
     "lvmkit",
     "lvmkit_mean_field",
-    "lvmkit_compiled",
+    "lvmkit_eager",
     "pyro_svi",
 }
 

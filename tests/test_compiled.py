@@ -27,6 +27,7 @@ def _fit(compile: bool, n: int = 200, **kwargs):
 def test_compiled_training_matches_eager_training():
     # 200 = 6 × 32 + 8: the last, smaller batch gets its own traced graph.
     eager, traced = _fit(False), _fit(True)
+    assert traced.compiled and not eager.compiled
     assert traced.history.train_loss.tolist() == pytest.approx(
         eager.history.train_loss.tolist(), rel=1e-5
     )
@@ -107,7 +108,30 @@ def test_untraceable_model_falls_back_with_a_warning():
             compile=True,
             progress=False,
         )
-    assert list(result.history.epoch) == [1, 2]
+    assert list(result.history.epoch) == [1, 2] and not result.compiled
+
+
+def test_compile_by_default_only_for_declared_static_pairs():
+    assert _fit(None, epochs=1).compiled  # the built-in VAE declares a static structure
+    assert not _fit(None, epochs=1, objective="mean_field").compiled  # no traced mean-field loss
+    assert not _fit(False, epochs=1).compiled
+    decoder = torch.nn.Linear(2, 12)
+
+    def model(x=None):
+        pyro.module("decoder", decoder)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample(
+                "z", dist.Normal(x.new_zeros(2), 1.0).to_event(1)
+            )  # batch (N,) event (2,)
+            pyro.sample("x", dist.Bernoulli(logits=decoder(z)).to_event(1), obs=x)  # event (12,)
+
+    def guide(x=None):
+        loc = pyro.param("loc", torch.zeros(2))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, 1.0).to_event(1))  # batch (N,) event (2,)
+
+    result = lvmkit.fit(model, guide, _data(64), epochs=1, device="cpu", progress=False)
+    assert not result.compiled  # user models are not traced unless asked
 
 
 def test_compile_needs_the_elbo_objective():

@@ -166,7 +166,8 @@ def test_resume_ends_with_the_parameters_of_an_uninterrupted_run(tmp_path):
     assert len(on_disk) == 5 and on_disk[0].startswith("epoch,train_loss,val_elbo")
 
 
-def test_no_host_sync_per_training_step(monkeypatch):
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_no_host_sync_per_training_step(monkeypatch, compile):
     x = _binary(32 * 25)  # 25 steps per epoch
     counts = {"n": 0}
     for name in ("item", "__bool__", "__float__", "__int__", "tolist", "numpy"):
@@ -184,7 +185,16 @@ def test_no_host_sync_per_training_step(monkeypatch):
     def syncs(epochs: int) -> int:
         counts["n"] = 0
         model, guide = _pair()
-        lvmkit.fit(model, guide, x, epochs=epochs, batch_size=32, device="cpu", progress=False)
+        lvmkit.fit(
+            model,
+            guide,
+            x,
+            epochs=epochs,
+            batch_size=32,
+            device="cpu",
+            compile=compile,
+            progress=False,
+        )
         return counts["n"]
 
     extra = syncs(4) - syncs(2)  # 50 more steps
