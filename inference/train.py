@@ -145,6 +145,8 @@ def fit(
     _check_callable("guide", guide)
     if transform is not None and not callable(transform):
         raise TypeError(f"transform must be callable or None; got {type(transform).__name__}")
+    if compile is not None and not isinstance(compile, bool):
+        raise TypeError(f"compile must be True, False or None (auto); got {compile!r}")
     if compile is None:
         compile = objective == "elbo" and all(
             getattr(obj, "static_structure", False) is True for obj in (model, guide)

@@ -89,6 +89,7 @@ def test_evaluate_refuses_bad_data(pair, data, error, match):
         ),
         ({"transform": "binarize"}, TypeError, r"transform must be callable"),
         ({"resume": True}, ValueError, r"resume=True needs run_dir"),
+        ({"compile": "yes"}, TypeError, r"compile must be True, False or None \(auto\); got 'yes'"),
         ({"validation_data": torch.zeros(3, D + 2)}, ValueError, rf"shape \(N, {D}\)"),
         (
             {"validation_data": torch.full((3, D), float("nan"))},
@@ -109,6 +110,7 @@ def test_evaluate_refuses_bad_data(pair, data, error, match):
         "device",
         "transform",
         "resume-no-dir",
+        "compile",
         "val-shape",
         "val-nan",
     ],
