@@ -23,8 +23,8 @@ from lvmkit.data import MNIST_IMAGE_SHAPE, Dataset, binarize, load_mnist
 from lvmkit.guides import GaussianEncoder, GaussianEncoderConfig
 from lvmkit.inference import evaluate, fit, summarize
 from lvmkit.inference._data import resolve_device
+from lvmkit.inference._rundir import CHECKPOINT_FILE, CONFIG_FILE
 from lvmkit.inference.checkpoint import atomic_write_text, load_checkpoint, read_json
-from lvmkit.inference.train import CHECKPOINT_FILE, CONFIG_FILE
 from lvmkit.models import LIKELIHOODS, VAE, VAEConfig
 from lvmkit.models._checks import check_choice, check_float, check_int, check_sizes
 from lvmkit.models._mlp import ACTIVATIONS
