@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import lvmkit
+from plain_pair import make_plain_pair
 
 
 def _data(n: int) -> torch.Tensor:
@@ -115,21 +116,7 @@ def test_compile_by_default_only_for_declared_static_pairs():
     assert _fit(None, epochs=1).compiled  # the built-in VAE declares a static structure
     assert not _fit(None, epochs=1, objective="mean_field").compiled  # no traced mean-field loss
     assert not _fit(False, epochs=1).compiled
-    decoder = torch.nn.Linear(2, 12)
-
-    def model(x=None):
-        pyro.module("decoder", decoder)
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample(
-                "z", dist.Normal(x.new_zeros(2), 1.0).to_event(1)
-            )  # batch (N,) event (2,)
-            pyro.sample("x", dist.Bernoulli(logits=decoder(z)).to_event(1), obs=x)  # event (12,)
-
-    def guide(x=None):
-        loc = pyro.param("loc", torch.zeros(2))
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", dist.Normal(loc, 1.0).to_event(1))  # batch (N,) event (2,)
-
+    model, guide, _ = make_plain_pair()
     result = lvmkit.fit(model, guide, _data(64), epochs=1, device="cpu", progress=False)
     assert not result.compiled  # user models are not traced unless asked
 

@@ -13,6 +13,7 @@ from torch import nn
 import lvmkit
 from conftest import assert_close, needs_cuda
 from lvmkit.inference.objectives import TraceELBO, TraceMeanFieldELBO
+from plain_pair import make_plain_pair
 
 
 def _binary(n: int = 256, d: int = 12, seed: int = 0) -> torch.Tensor:
@@ -237,21 +238,7 @@ def test_non_finite_loss_stops_with_the_epoch():
 
 @needs_cuda
 def test_plain_function_pair_is_moved_to_cuda_and_evaluated_there():
-    decoder = nn.Linear(2, 12)
-
-    def model(x=None):
-        pyro.module("decoder", decoder)
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample(
-                "z", dist.Normal(x.new_zeros(2), 1.0).to_event(1)
-            )  # batch (N,) event (2,)
-            pyro.sample("x", dist.Bernoulli(logits=decoder(z)).to_event(1), obs=x)  # event (12,)
-
-    def guide(x=None):
-        loc = pyro.param("loc", torch.zeros(2))
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", dist.Normal(loc, 1.0).to_event(1))  # batch (N,) event (2,)
-
+    model, guide, decoder = make_plain_pair()
     lvmkit.fit(model, guide, _binary(), epochs=1, batch_size=32, device="cuda", progress=False)
     assert decoder.weight.is_cuda and pyro.param("loc").is_cuda
     assert len(lvmkit.evaluate(model, guide, _binary(8), num_samples=25)) == 8
