@@ -39,6 +39,7 @@ from lvmkit.inference._data import (
     num_points,
     resolve_device,
     take,
+    to_device,
 )
 from lvmkit.inference._params import param_scope
 from lvmkit.models._checks import check_int
@@ -155,6 +156,7 @@ def summarize(scores: pd.DataFrame) -> EvaluationSummary:
     if len(scores) == 0:
         raise ValueError("scores is empty: expected at least one evaluated data point")
     k = scores["pareto_k"]
+    has_k = bool(k.notna().all())  # k̂ is NaN when K was too small for PSIS
     ll = scores["log_likelihood"]
     return EvaluationSummary(
         num_points=len(scores),
@@ -165,10 +167,8 @@ def summarize(scores: pd.DataFrame) -> EvaluationSummary:
         if len(ll) > 1
         else float("nan"),
         gap=float((ll - scores["elbo"]).mean()),
-        pareto_k_mean=float(k.mean()) if k.notna().all() else float("nan"),
-        frac_pareto_k_above_0_7=float((k > PARETO_K_THRESHOLD).mean())
-        if k.notna().all()
-        else float("nan"),
+        pareto_k_mean=float(k.mean()) if has_k else float("nan"),
+        frac_pareto_k_above_0_7=float((k > PARETO_K_THRESHOLD).mean()) if has_k else float("nan"),
         ess_mean=float(scores["ess"].mean()),
     )
 
@@ -199,7 +199,7 @@ def _iter_log_weights(
             particle_dim = -(_max_plate_nesting(model, guide, take(batch, slice(0, 1)), dev) + 1)
         for start in range(0, total, points):
             stop = min(total, start + points)
-            chunk = {key: t.to(dev) for key, t in take(batch, slice(start, stop)).items()}
+            chunk = to_device(take(batch, slice(start, stop)), dev)
             with pyro.validation_enabled(False):
                 parts = [
                     _log_weights_pass(
@@ -210,17 +210,29 @@ def _iter_log_weights(
             yield stop, torch.cat(parts, dim=0)
 
 
+def _paired_traces(model, guide, batch: Batch):
+    """Trace the guide, replay the model on its draws; return both traces and its latents."""
+    guide_trace = poutine.trace(guide).get_trace(**batch)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(**batch)
+    latents = {name for name, site in guide_trace.nodes.items() if _is_sample(site)}
+    return guide_trace, model_trace, latents
+
+
+def _scored_sites(model_trace, latents: set[str]) -> Iterator[tuple[str, Any]]:
+    """The model sites in the weight: observed ones and latents the guide proposes (model latents
+    the guide does not propose are drawn from their prior, so they cancel)."""
+    for name, site in model_trace.nodes.items():
+        if _is_sample(site) and (site["is_observed"] or name in latents):
+            yield name, site
+
+
 def _log_weights_pass(model, guide, chunk: Batch, k: int, particle_dim: int) -> torch.Tensor:
     with pyro.plate("_lvmkit_particles", k, dim=particle_dim):
-        guide_trace = poutine.trace(guide).get_trace(**chunk)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(**chunk)
+        guide_trace, model_trace, latents = _paired_traces(model, guide, chunk)
     n = num_points(chunk)
-    latents = {name for name, s in guide_trace.nodes.items() if _is_sample(s)}
     lw = torch.zeros(k, n, device=next(iter(chunk.values())).device)
-    for name, site in model_trace.nodes.items():
-        # Model latents the guide does not propose are drawn from their prior: they cancel.
-        if _is_sample(site) and (site["is_observed"] or name in latents):
-            lw = lw + _per_point_log_prob(name, site, particle_dim, k, n)
+    for name, site in _scored_sites(model_trace, latents):
+        lw = lw + _per_point_log_prob(name, site, particle_dim, k, n)
     for name in latents:
         if name in model_trace.nodes:  # auxiliary guide sites are not part of the weight
             lw = lw - _per_point_log_prob(name, guide_trace.nodes[name], particle_dim, k, n)
@@ -247,14 +259,10 @@ def _per_point_log_prob(name: str, site: dict, particle_dim: int, k: int, n: int
 
 def _max_plate_nesting(model, guide, probe: Batch, dev: torch.device) -> int:
     """Run the pair once on one point: check its plates and return how deep they nest."""
-    probe = {key: t.to(dev) for key, t in probe.items()}
-    guide_trace = poutine.trace(guide).get_trace(**probe)
-    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(**probe)
-    latents = {name for name, site in guide_trace.nodes.items() if _is_sample(site)}
+    guide_trace, model_trace, latents = _paired_traces(model, guide, to_device(probe, dev))
     scored = {
         name: [frame.name for frame in site["cond_indep_stack"]]
-        for name, site in model_trace.nodes.items()
-        if _is_sample(site) and (site["is_observed"] or name in latents)
+        for name, site in _scored_sites(model_trace, latents)
     }
     if not any(DATA_PLATE in plates for plates in scored.values()):
         raise ValueError(

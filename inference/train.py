@@ -23,6 +23,7 @@ import pyro
 import pyro.infer
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from lvmkit.inference._data import (
     Batch,
@@ -159,7 +160,7 @@ def fit(
     tensor_data = isinstance(data, (torch.Tensor, np.ndarray))
     train = as_batch(data, name="data")
     val = as_batch(validation_data, name="validation_data") if validation_data is not None else None
-    settings["num_points"] = num_points(train)
+    total = settings["num_points"] = num_points(train)
     check_with_model(model, train)
     if val is not None:
         check_with_model(model, val)
@@ -198,9 +199,14 @@ def fit(
             rows, start = run.restore(params, optimizer, settings, dev)
         elif run is not None:
             run.start(settings, metadata)
-        total = num_points(train)
         steps_per_epoch = -(-total // batch_size)
-        bar = _progress_bar(progress, (epochs - start) * steps_per_epoch)
+        bar = tqdm(
+            total=(epochs - start) * steps_per_epoch,
+            disable=not progress,
+            unit="step",
+            desc="fit",
+            dynamic_ncols=True,
+        )
         first_step = True
         for epoch in range(start + 1, epochs + 1):
             order = _epoch_permutation(seed, epoch, total).to(dev)
@@ -265,9 +271,3 @@ def _epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
     """The data order of one epoch: a function of (seed, epoch) only, so resume replays it."""
     state = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
     return torch.randperm(n, generator=torch.Generator().manual_seed(state))
-
-
-def _progress_bar(enabled: bool, total: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, disable=not enabled, unit="step", desc="fit", dynamic_ncols=True)
