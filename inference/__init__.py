@@ -14,12 +14,13 @@ from lvmkit.inference.evaluate import (
     summarize,
 )
 from lvmkit.inference.objectives import OBJECTIVES, TraceELBO, TraceMeanFieldELBO
-from lvmkit.inference.train import FitResult, fit
+from lvmkit.inference.train import FitResult, NonFiniteLossError, fit
 
 __all__ = [
     "OBJECTIVES",
     "EvaluationSummary",
     "FitResult",
+    "NonFiniteLossError",
     "TraceELBO",
     "TraceMeanFieldELBO",
     "evaluate",

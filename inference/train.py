@@ -11,7 +11,10 @@ parameters as an uninterrupted run with the same seed.
 
 from __future__ import annotations
 
+import copy
+import math
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +25,7 @@ import pandas as pd
 import pyro
 import pyro.infer
 import torch
+from pyro.poutine.util import site_is_subsample
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -35,14 +39,15 @@ from lvmkit.inference._data import (
     to_device,
 )
 from lvmkit.inference._params import collect_params, param_scope
-from lvmkit.inference._rundir import (
-    RunDir,
-    history_columns,
-)
+from lvmkit.inference._rundir import RunDir, history_columns, rng_state, set_rng_state
 from lvmkit.inference.compiled import CompiledLoss
 from lvmkit.inference.evaluate import mean_elbo
 from lvmkit.inference.objectives import make_objective
-from lvmkit.models._checks import check_float, check_int
+from lvmkit.models._checks import check_choice, check_float, check_int
+
+NONFINITE_POLICIES = ("raise", "reduce_lr")
+LR_REDUCTION = 0.5  # on_nonfinite="reduce_lr": the factor applied to lr after each rollback
+MAX_LR_REDUCTIONS = 5  # ... and how many times before giving up with NonFiniteLossError
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,8 @@ def fit(
     metadata: dict[str, Any] | None = None,
     validate: bool = False,
     compile: bool | None = None,
+    checkpoint_every: int | None = None,
+    on_nonfinite: str = "raise",
     progress: bool = True,
 ) -> FitResult:
     """Train ``model``/``guide`` by stochastic variational inference with Adam.
@@ -105,8 +112,10 @@ def fit(
         transform: applied to each minibatch on the device before the model sees it, e.g.
             :func:`lvmkit.data.binarize` for dynamic binarization; gets and returns what ``data``
             is (a tensor or a dict).
-        run_dir: folder for ``config.json``, ``history.csv`` and ``checkpoint.pt`` (every epoch).
-        resume: continue the run in ``run_dir`` from its checkpoint.
+        run_dir: folder for ``config.json``, ``history.csv`` and ``checkpoint.pt`` (written
+            after every epoch, checksummed, the one before kept as ``checkpoint.prev.pt``); locked
+            against a second process while ``fit`` runs.
+        resume: continue the run in ``run_dir`` from its checkpoint (mid-epoch ones included).
         metadata: JSON-serialisable facts stored in ``config.json`` (e.g. the model config).
         validate: keep Pyro's validation on after the first step (slower).
         compile: trace the ``"elbo"`` loss with the PyTorch JIT, once per batch shape
@@ -116,6 +125,14 @@ def fit(
             guide declare ``static_structure = True`` (the built-in VAE and encoder do); user
             models stay uncompiled unless asked, since tracing would freeze data-dependent
             control flow without a word.
+        checkpoint_every: also check and checkpoint every this many steps inside an epoch
+            (``None``: at epoch ends only). Each check point costs one host sync.
+        on_nonfinite: what to do when the loss, a gradient or a parameter turns NaN/inf — found
+            at the next check point, without a per-step sync. Either way the loop first rolls
+            back to the last good check point and replays the steps since, to find the epoch,
+            step and sample site where it appeared. ``"raise"``: raise
+            :class:`NonFiniteLossError` naming them. ``"reduce_lr"``: multiply lr by
+            :data:`LR_REDUCTION`, warn, and continue (at most :data:`MAX_LR_REDUCTIONS` times).
         progress: show a tqdm progress bar.
 
     Example::
@@ -136,6 +153,9 @@ def fit(
     _check_callable("guide", guide)
     if transform is not None and not callable(transform):
         raise TypeError(f"transform must be callable or None; got {type(transform).__name__}")
+    if checkpoint_every is not None:
+        check_int("checkpoint_every", checkpoint_every)
+    check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
     if compile is not None and not isinstance(compile, bool):
         raise TypeError(f"compile must be True, False or None (auto); got {compile!r}")
     if compile is None:
@@ -160,12 +180,11 @@ def fit(
     tensor_data = isinstance(data, (torch.Tensor, np.ndarray))
     train = as_batch(data, name="data")
     val = as_batch(validation_data, name="validation_data") if validation_data is not None else None
-    total = settings["num_points"] = num_points(train)
+    settings["num_points"] = num_points(train)
     check_with_model(model, train)
     if val is not None:
         check_with_model(model, val)
-    run = RunDir(run_dir, resume=resume) if run_dir is not None else None
-    if resume and run is None:
+    if resume and run_dir is None:
         raise ValueError("resume=True needs run_dir: the folder holding checkpoint.pt")
 
     for obj in (model, guide):
@@ -189,57 +208,339 @@ def fit(
     def step_loss(batch: Batch) -> torch.Tensor:
         return eager_loss(batch) if traced is None else traced(prepare(batch))
 
-    with param_scope(model, guide, publish=True):
-        first = take(train, slice(0, batch_size))
-        params = collect_params(eager_loss, first, model, guide, dev)
-        optimizer = make_optimizer(params.values(), lr=lr)
-        rows: list[dict[str, float]] = []
-        start = 0
-        if run is not None and resume:
-            rows, start = run.restore(params, optimizer, settings, dev)
-        elif run is not None:
-            run.start(settings, metadata)
-        steps_per_epoch = -(-total // batch_size)
+    run = RunDir(run_dir, resume=resume) if run_dir is not None else None
+    try:
+        with param_scope(model, guide, publish=True):
+            first = take(train, slice(0, batch_size))
+            params = collect_params(eager_loss, first, model, guide, dev)
+            optimizer = make_optimizer(params.values(), lr=lr)
+            loop = _Loop(
+                params=params,
+                optimizer=optimizer,
+                dev=dev,
+                run=run,
+                lr=lr,
+                train=train,
+                batch_size=batch_size,
+                seed=seed,
+                validate=validate,
+                checkpoint_every=checkpoint_every,
+                on_nonfinite=on_nonfinite,
+                step_loss=step_loss,
+                diagnose=lambda batch: _first_nonfinite_site(elbo, model, guide, prepare(batch)),
+                val_elbo=(lambda: float(mean_elbo(model, guide, val))) if val is not None else None,
+            )
+            if run is not None and resume:
+                loop.resume(run.load(settings, {k: tuple(v.shape) for k, v in params.items()}))
+            elif run is not None:
+                run.start(settings, metadata)
+            loop.run(epochs, progress=progress)
+    finally:
+        if run is not None:
+            run.close()
+    history = pd.DataFrame(loop.rows, columns=history_columns(val is not None))
+    compiled = traced is not None and traced.failure is None
+    return FitResult(model, guide, history, dict(params), dev, run.path if run else None, compiled)
+
+
+class NonFiniteLossError(FloatingPointError, ValueError):
+    """The loss, a gradient or a parameter became NaN or infinite during ``fit``.
+
+    Raised after the parameters, optimizer and random state were rolled back to the last good
+    checkpoint; ``epoch``, ``step`` and ``site`` say where the first non-finite value appeared
+    (``site`` is ``None`` when the replay could not pin it to a sample site). A ``ValueError`` as
+    well, since what causes it is a value: the data, the learning rate, or the model's numerics.
+    """
+
+    def __init__(self, message: str, *, epoch: int, step: int | None, site: str | None) -> None:
+        super().__init__(message)
+        self.epoch, self.step, self.site = epoch, step, site
+
+
+class _Loop:
+    """The epoch/step loop with its checkpoints, non-finite checks and rollback.
+
+    The loop's whole state — parameters, optimizer, random state, the epoch and step reached,
+    that epoch's data order, its running loss and elapsed time, the history and the learning rate
+    — is taken as a *snapshot* at every check point (each epoch end, and every
+    ``checkpoint_every`` steps). A snapshot is what a checkpoint holds; a non-finite value found
+    at a check point sends the loop back to the previous snapshot.
+    """
+
+    def __init__(
+        self,
+        *,
+        params,
+        optimizer,
+        dev,
+        run,
+        lr,
+        train,
+        batch_size,
+        seed,
+        validate,
+        checkpoint_every,
+        on_nonfinite,
+        step_loss,
+        diagnose,
+        val_elbo,
+    ) -> None:
+        self.params: dict[str, torch.Tensor] = params
+        self.optimizer: torch.optim.Optimizer = optimizer
+        self.dev, self.rundir, self.lr = dev, run, lr
+        self.train, self.batch_size, self.seed = train, batch_size, seed
+        self.validate, self.checkpoint_every, self.on_nonfinite = (
+            validate,
+            checkpoint_every,
+            on_nonfinite,
+        )
+        self.step_loss, self.diagnose, self.val_elbo = step_loss, diagnose, val_elbo
+        self.total = num_points(train)
+        self.steps_per_epoch = -(-self.total // batch_size)
+        self.epoch = 0  # epochs completed
+        self.step = 0  # steps completed in epoch ``self.epoch + 1``
+        self.order: torch.Tensor | None = None  # that epoch's data order, once drawn
+        self.running = torch.zeros((), device=dev)
+        self.running_value = 0.0  # ``running`` as last read on the host
+        self.elapsed = 0.0
+        self.rows: list[dict[str, float]] = []
+        self.lr_reductions = 0
+        self.good: dict[str, Any] = {}
+
+    # -- state --------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "order": self.order.cpu() if self.order is not None and self.step else None,
+            "running": self.running_value,
+            "elapsed": self.elapsed,
+            "lr": self.lr,
+            "lr_reductions": self.lr_reductions,
+            "params": {k: v.detach().cpu().clone() for k, v in self.params.items()},
+            "optimizer": copy.deepcopy(_cpu(self.optimizer.state_dict())),
+            "rng": rng_state(self.dev),
+            "history": [dict(row) for row in self.rows],
+        }
+
+    def resume(self, state: dict[str, Any]) -> None:
+        self.restore(state)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for name, value in state["params"].items():
+                self.params[name].copy_(value)
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        order = state.get("order")
+        self.order = order.to(self.dev) if order is not None else None
+        self.running_value = float(state["running"])
+        self.running = torch.tensor(self.running_value, device=self.dev)
+        self.elapsed = float(state["elapsed"])
+        self.lr, self.lr_reductions = float(state["lr"]), int(state["lr_reductions"])
+        self.rows = [dict(row) for row in state["history"]]
+        set_rng_state(state["rng"], self.dev)
+        self.good = state
+
+    def _set_lr(self, lr: float) -> None:
+        self.lr = lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def run(self, epochs: int, *, progress: bool) -> None:
+        if not self.good:
+            self.good = self.snapshot()  # where a non-finite first check point rolls back to
         bar = tqdm(
-            total=(epochs - start) * steps_per_epoch,
+            total=max(0, (epochs - self.epoch) * self.steps_per_epoch - self.step),
             disable=not progress,
             unit="step",
             desc="fit",
             dynamic_ncols=True,
         )
         first_step = True
-        for epoch in range(start + 1, epochs + 1):
-            order = _epoch_permutation(seed, epoch, total).to(dev)
-            running = torch.zeros((), device=dev)
+        while self.epoch < epochs:
+            if self.order is None:
+                self.order = _epoch_permutation(self.seed, self.epoch + 1, self.total).to(self.dev)
             tic = time.perf_counter()
-            for step in range(steps_per_epoch):
-                batch = take(train, order[step * batch_size : (step + 1) * batch_size])
-                with pyro.validation_enabled(validate or first_step):
-                    running += train_step(step_loss, optimizer, batch)
+            rolled_back = False
+            while self.step < self.steps_per_epoch:
+                with pyro.validation_enabled(self.validate or first_step):
+                    self.running += train_step(self.step_loss, self.optimizer, self._batch())
                 first_step = False
+                self.step += 1
                 bar.update(1)
-            train_loss = running.item() / total  # the one host sync of the epoch
-            seconds = time.perf_counter() - tic
-            if not np.isfinite(train_loss):
-                raise FloatingPointError(
-                    f"the training loss became {train_loss} in epoch {epoch}; lower lr (now {lr}) "
-                    "or check the model for log(0) / division by zero. The last checkpoint holds "
-                    "the previous epoch."
-                )
-            row = {"epoch": epoch, "train_loss": train_loss}
-            if val is not None:
-                row["val_elbo"] = float(mean_elbo(model, guide, val))
-            row.update(seconds=seconds, examples_per_s=total / seconds)
-            rows.append(row)
-            bar.set_postfix(
-                {k: f"{v:.2f}" for k, v in row.items() if k in ("train_loss", "val_elbo")}
-            )
-            if run is not None:
-                run.save(epoch, rows, params, optimizer, dev)
+                end = self.step == self.steps_per_epoch
+                if end or (self.checkpoint_every and self.step % self.checkpoint_every == 0):
+                    self.elapsed += time.perf_counter() - tic
+                    if not self._finite():
+                        self._recover()
+                        rolled_back = True
+                        break
+                    if end:
+                        self._end_epoch(bar)
+                    self.good = self.snapshot()
+                    if self.rundir is not None:
+                        self.rundir.save(self.good)
+                    if end:
+                        break
+                    tic = time.perf_counter()
+            if rolled_back:
+                bar.reset(total=(epochs - self.epoch) * self.steps_per_epoch - self.step)
         bar.close()
-    history = pd.DataFrame(rows, columns=history_columns(val is not None))
-    compiled = traced is not None and traced.failure is None
-    return FitResult(model, guide, history, dict(params), dev, run.path if run else None, compiled)
+
+    def _batch(self) -> Batch:
+        assert self.order is not None
+        index = self.order[self.step * self.batch_size : (self.step + 1) * self.batch_size]
+        return take(self.train, index)
+
+    def _finite(self) -> bool:
+        """One host sync: read the running loss, and check it and every parameter are finite."""
+        finite = torch.stack([torch.isfinite(p).all() for p in self.params.values()]).all()
+        running, ok = torch.stack([self.running, finite.to(self.running.dtype)]).tolist()
+        self.running_value = running
+        return bool(ok) and math.isfinite(running)
+
+    def _end_epoch(self, bar) -> None:
+        row = {"epoch": self.epoch + 1, "train_loss": self.running_value / self.total}
+        if self.val_elbo is not None:
+            row["val_elbo"] = self.val_elbo()
+        row.update(lr=self.lr, seconds=self.elapsed, examples_per_s=self.total / self.elapsed)
+        self.rows.append(row)
+        bar.set_postfix({k: f"{v:.2f}" for k, v in row.items() if k in ("train_loss", "val_elbo")})
+        self.epoch, self.step, self.order = self.epoch + 1, 0, None
+        self.running = torch.zeros((), device=self.dev)
+        self.running_value = 0.0
+        self.elapsed = 0.0
+
+    # -- non-finite values ----------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Roll back to the last good snapshot; find the step and site; raise or lower the lr."""
+        bad_epoch = self.epoch + 1
+        self.restore(self.good)
+        where = self._locate(until=(bad_epoch, self.steps_per_epoch))
+        self.restore(self.good)
+        rolled = (
+            "the start of training"
+            if not self.rows and not self.step and not self.epoch
+            else f"the checkpoint in epoch {self.epoch + 1}, after step {self.step}"
+            if self.step
+            else f"the checkpoint after epoch {self.epoch}"
+        )
+        if self.on_nonfinite == "reduce_lr" and self.lr_reductions < MAX_LR_REDUCTIONS:
+            warnings.warn(
+                f"{where}; rolled back to {rolled} and continuing with "
+                f"lr {self.lr:g} → {self.lr * LR_REDUCTION:g} (reduction "
+                f"{self.lr_reductions + 1} of at most {MAX_LR_REDUCTIONS})",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            self._set_lr(self.lr * LR_REDUCTION)
+            self.lr_reductions += 1
+            self.good = self.snapshot()
+            if self.rundir is not None:
+                self.rundir.save(self.good)
+            return
+        advice = (
+            f"on_nonfinite='reduce_lr' already lowered the lr {MAX_LR_REDUCTIONS} times"
+            if self.on_nonfinite == "reduce_lr"
+            else "Lower lr, or pass on_nonfinite='reduce_lr' to lower it automatically"
+        )
+        saved = f" ({self.rundir.checkpoint} holds it)" if self.rundir is not None else ""
+        step = self._where_step
+        raise NonFiniteLossError(
+            f"{where}. The model, guide and optimizer were rolled back to {rolled}{saved}. "
+            f"{advice} (now {self.lr:g}), or check the model "
+            "for log(0), division by zero or overflow.",
+            epoch=self._where_epoch,
+            step=step,
+            site=self._where_site,
+        )
+
+    _where_epoch: int = 0
+    _where_step: int | None = None
+    _where_site: str | None = None
+
+    def _locate(self, until: tuple[int, int]) -> str:
+        """Replay the steps since the last snapshot one at a time, checking each on the host."""
+        self._where_epoch, self._where_step, self._where_site = until[0], None, None
+        while (self.epoch + 1, self.step) < until and self.epoch + 1 <= until[0]:
+            if self.order is None:
+                self.order = _epoch_permutation(self.seed, self.epoch + 1, self.total).to(self.dev)
+            before = rng_state(self.dev)
+            batch = self._batch()
+            epoch, step = self.epoch + 1, self.step + 1
+            self._where_epoch, self._where_step = epoch, step
+            at = f"epoch {epoch}, step {step} of {self.steps_per_epoch}"
+            with pyro.validation_enabled(False):
+                loss = self.step_loss(batch)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            problem = None
+            if not bool(torch.isfinite(loss.detach())):
+                problem = f"the loss became {loss.detach().item():g}"
+            else:
+                for name, p in self.params.items():
+                    if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                        problem = f"the gradient of parameter {name!r} became non-finite"
+                        break
+            if problem is None:
+                self.optimizer.step()
+                for name, p in self.params.items():
+                    if not bool(torch.isfinite(p).all()):
+                        problem = f"the optimizer step made parameter {name!r} non-finite"
+                        break
+            if problem is not None:
+                after = rng_state(self.dev)
+                set_rng_state(before, self.dev)
+                with torch.no_grad(), pyro.validation_enabled(False):
+                    site = self.diagnose(batch)
+                set_rng_state(after, self.dev)
+                self._where_site = site[0] if site else None
+                found = f", first at sample site {site[0]!r} ({site[1]})" if site else ""
+                return f"non-finite values in {at}: {problem}{found}"
+            self.step += 1
+            if self.step == self.steps_per_epoch:
+                self.epoch, self.step, self.order = self.epoch + 1, 0, None
+        return (
+            f"the loss or parameters became non-finite by the end of epoch {until[0]}, but "
+            "replaying the steps one by one did not reproduce it (non-deterministic kernels?)"
+        )
+
+
+def _first_nonfinite_site(elbo, model, guide, batch: Batch) -> tuple[str, str] | None:
+    """The first sample site (guide first, then model) with a non-finite value or log-density,
+    drawn exactly as the objective draws them under the current random state."""
+    try:
+        model_trace, guide_trace = next(iter(elbo._get_traces(model, guide, (), batch)))
+    except Exception as err:  # a model that fails outright on non-finite parameters
+        return ("?", f"the model/guide raised {type(err).__name__}: {err}")
+    for role, trace in (("guide", guide_trace), ("model", model_trace)):
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            value = site["value"]
+            if torch.is_tensor(value) and not bool(torch.isfinite(value).all()):
+                return name, f"{role}: its value is non-finite"
+            log_prob = site["fn"].log_prob(value)
+            if not bool(torch.isfinite(log_prob).all()):
+                bad = log_prob[~torch.isfinite(log_prob)].flatten()[0].item()
+                return name, f"{role}: its log-density is {bad}"
+    return None
+
+
+def _cpu(obj: Any) -> Any:
+    """A nested structure with every tensor moved to the CPU (checkpoints load on any device)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_cpu(v) for v in obj]
+    return obj
 
 
 def make_optimizer(params: Iterable[torch.Tensor], *, lr: float) -> torch.optim.Adam:

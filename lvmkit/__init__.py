@@ -10,12 +10,14 @@ from lvmkit.inference import (
     OBJECTIVES,
     EvaluationSummary,
     FitResult,
+    NonFiniteLossError,
     __version__,
     evaluate,
     fit,
     log_weights,
     summarize,
 )
+from lvmkit.inference.checkpoint import CheckpointError
 from lvmkit.models import LIKELIHOODS, VAE, VAEConfig
 from lvmkit.runs import build_vae
 
@@ -23,11 +25,13 @@ __all__ = [
     "LIKELIHOODS",
     "OBJECTIVES",
     "VAE",
+    "CheckpointError",
     "Dataset",
     "EvaluationSummary",
     "FitResult",
     "GaussianEncoder",
     "GaussianEncoderConfig",
+    "NonFiniteLossError",
     "VAEConfig",
     "__version__",
     "binarize",

@@ -23,7 +23,7 @@ from lvmkit.data import MNIST_IMAGE_SHAPE, Dataset, binarize, load_mnist
 from lvmkit.guides import GaussianEncoder, GaussianEncoderConfig
 from lvmkit.inference import evaluate, fit, summarize
 from lvmkit.inference._data import resolve_device
-from lvmkit.inference._rundir import CHECKPOINT_FILE, CONFIG_FILE
+from lvmkit.inference._rundir import CHECKPOINT_FILE, CONFIG_FILE, RunLock
 from lvmkit.inference.checkpoint import atomic_write_text, load_checkpoint, read_json
 from lvmkit.models import LIKELIHOODS, VAE, VAEConfig
 from lvmkit.models._checks import check_choice, check_float, check_int, check_sizes
@@ -210,7 +210,10 @@ def evaluate_run(
     )
     dev = resolve_device(device)
     history = pd.read_csv(Path(run_dir) / "history.csv")
-    return _evaluate_and_write(spec, Path(run_dir), model.to(dev), guide.to(dev), history, progress)
+    with RunLock(run_dir):
+        return _evaluate_and_write(
+            spec, Path(run_dir), model.to(dev), guide.to(dev), history, progress
+        )
 
 
 def sample_run(
@@ -238,6 +241,12 @@ def _train(
     train, valid = _train_data(spec)
     pyro.set_rng_seed(spec.seed)  # initial weights too: the same spec gives the same numbers
     model, guide = build_vae(model_config(spec, train.x.shape[1]))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir):  # held through evaluation and figures, not only fit
+        return _train_locked(spec, run_dir, model, guide, train, valid, resume, metadata, progress)
+
+
+def _train_locked(spec, run_dir, model, guide, train, valid, resume, metadata, progress):
     result = fit(
         model,
         guide,

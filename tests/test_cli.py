@@ -36,6 +36,8 @@ def test_train_resume_evaluate_sample(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "lvmkit (this run: run)" in out and "Burda et al. 2016" in out and "-86.76" in out
     assert sorted(p.name for p in run.iterdir()) == [
+        ".lock",
+        "checkpoint.prev.pt",
         "checkpoint.pt",
         "config.json",
         "figures",
