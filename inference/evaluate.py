@@ -196,7 +196,7 @@ def _iter_log_weights(
     samples = max(1, min(num_samples, max_pairs // points))  # samples per forward pass
     with torch.no_grad(), param_scope(model, guide, publish=False):
         with pyro.validation_enabled(True):  # one checked pass, then Pyro's checks stay off
-            particle_dim = -(_max_plate_nesting(model, guide, take(batch, slice(0, 1)), dev) + 1)
+            particle_dim = -(_probe(model, guide, take(batch, slice(0, 1)), dev) + 1)
         for start in range(0, total, points):
             stop = min(total, start + points)
             chunk = to_device(take(batch, slice(start, stop)), dev)
@@ -255,6 +255,21 @@ def _per_point_log_prob(name: str, site: dict, particle_dim: int, k: int, n: int
     if other:
         log_prob = log_prob.sum(dim=other, keepdim=True)
     return log_prob.reshape(log_prob.shape[0], log_prob.shape[data_axis]).expand(k, n)
+
+
+def _probe(model, guide, probe: Batch, dev: torch.device) -> int:
+    """:func:`_max_plate_nesting` on one data point; a failure there is a data/model mismatch,
+    reported as a ValueError naming the data's shapes (the original error is chained)."""
+    try:
+        return _max_plate_nesting(model, guide, probe, dev)
+    except (ValueError, TypeError):
+        raise
+    except Exception as err:
+        shapes = ", ".join(f"{k}: {tuple(v.shape[1:])} {v.dtype}" for k, v in probe.items())
+        raise ValueError(
+            f"model/guide failed on the first data point (per-point shapes {shapes}): "
+            f"{type(err).__name__}: {str(err).strip().splitlines()[0][:400]}"
+        ) from err
 
 
 def _max_plate_nesting(model, guide, probe: Batch, dev: torch.device) -> int:

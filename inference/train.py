@@ -12,7 +12,9 @@ parameters as an uninterrupted run with the same seed.
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -145,16 +147,26 @@ def fit(
         >>> list(result.history.epoch)
         [1, 2]
     """
-    check_int("epochs", epochs)
-    check_int("batch_size", batch_size)
-    check_float("lr", lr)
-    check_int("seed", seed, minimum=0)
+    epochs = check_int("epochs", epochs)
+    batch_size = check_int("batch_size", batch_size)
+    lr = check_float("lr", lr)
+    seed = check_int("seed", seed, minimum=0)
+    for flag, value in (("resume", resume), ("validate", validate), ("progress", progress)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be True or False; got {value!r}")
+    if run_dir is not None and not isinstance(run_dir, (str, os.PathLike)):
+        raise TypeError(f"run_dir must be a str or os.PathLike; got {type(run_dir).__name__}")
+    if metadata is not None:
+        try:
+            json.dumps(metadata)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"metadata must be a JSON-serialisable dict: {err}") from err
     _check_callable("model", model)
     _check_callable("guide", guide)
     if transform is not None and not callable(transform):
         raise TypeError(f"transform must be callable or None; got {type(transform).__name__}")
     if checkpoint_every is not None:
-        check_int("checkpoint_every", checkpoint_every)
+        checkpoint_every = check_int("checkpoint_every", checkpoint_every)
     check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
     if compile is not None and not isinstance(compile, bool):
         raise TypeError(f"compile must be True, False or None (auto); got {compile!r}")
@@ -212,7 +224,7 @@ def fit(
     try:
         with param_scope(model, guide, publish=True):
             first = take(train, slice(0, batch_size))
-            params = collect_params(eager_loss, first, model, guide, dev)
+            params = _first_step(eager_loss, first, model, guide, dev, transform is not None)
             optimizer = make_optimizer(params.values(), lr=lr)
             loop = _Loop(
                 params=params,
@@ -561,6 +573,22 @@ def train_step(
     loss.backward()
     optimizer.step()
     return loss.detach()
+
+
+def _first_step(eager_loss, first: Batch, model, guide, dev, transformed: bool):
+    """Run the set-up step that finds the parameters; a failure there is a data/model mismatch,
+    reported as a ValueError that names the data's shapes (the original error is chained)."""
+    try:
+        return collect_params(eager_loss, first, model, guide, dev)
+    except (ValueError, TypeError):
+        raise
+    except Exception as err:
+        shapes = ", ".join(f"{k}: {tuple(v.shape)} {v.dtype}" for k, v in first.items())
+        via = " (after transform)" if transformed else ""
+        raise ValueError(
+            f"model/guide failed on the first minibatch of data{via} ({shapes}): "
+            f"{type(err).__name__}: {str(err).strip().splitlines()[0][:400]}"
+        ) from err
 
 
 def _check_callable(name: str, obj: Any) -> None:

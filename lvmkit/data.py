@@ -71,7 +71,22 @@ def load_mnist(
 
 
 def binarize(x: torch.Tensor) -> torch.Tensor:
-    """Dynamic binarization: a fresh Bernoulli(x) draw, for ``fit(..., transform=binarize)``."""
+    """Dynamic binarization: a fresh Bernoulli(x) draw, for ``fit(..., transform=binarize)``.
+
+    ``x`` holds probabilities in [0, 1]. On the CPU the range is checked (cheap, no device sync);
+    on a GPU it is not, since ``fit`` calls this every step: ``fit`` checks the whole data set
+    once, through the model's ``validate_data``.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"binarize needs a torch.Tensor of probabilities; got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"binarize needs floating-point probabilities; got dtype {x.dtype}")
+    if x.device.type == "cpu" and x.numel():
+        low, high = torch.aminmax(x)
+        if not (low >= 0 and high <= 1):  # NaN fails both
+            raise ValueError(
+                f"binarize needs probabilities in [0, 1]; got values in [{low:g}, {high:g}]"
+            )
     return torch.bernoulli(x)
 
 

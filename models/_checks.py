@@ -8,6 +8,8 @@ names the argument, what was expected and what was given.
 from __future__ import annotations
 
 import difflib
+import math
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -24,10 +26,16 @@ def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
     return value
 
 
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool) or type(value).__name__ == "bool_"  # numpy's bool too
+
+
 def check_int(name: str, value: Any, *, minimum: int = 1) -> int:
-    """Return ``value`` if it is an int ``>= minimum`` (bools are refused)."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """Return ``value`` as an int if it is an integer ``>= minimum`` (numpy integers accepted,
+    bools refused)."""
+    if _is_bool(value) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int >= {minimum}; got {type(value).__name__} {value!r}")
+    value = int(value)
     if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}; got {value}")
     return value
@@ -35,10 +43,10 @@ def check_int(name: str, value: Any, *, minimum: int = 1) -> int:
 
 def check_float(name: str, value: Any, *, positive: bool = True) -> float:
     """Return ``value`` as a float if it is a finite real number (and > 0 when ``positive``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if _is_bool(value) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number; got {type(value).__name__} {value!r}")
     value = float(value)
-    if value != value or value in (float("inf"), float("-inf")):
+    if not math.isfinite(value):
         raise ValueError(f"{name} must be finite; got {value}")
     if positive and value <= 0:
         raise ValueError(f"{name} must be > 0; got {value}")

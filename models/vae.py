@@ -104,6 +104,11 @@ class VAE(PyroModule):
         """Raise ``ValueError`` when ``x`` cannot be scored by this model (called by ``fit``)."""
         if x is None:
             raise ValueError("data must provide 'x' for a VAE; got no 'x'")
+        if not x.is_floating_point():
+            raise TypeError(
+                f"data 'x' must be floating point for a VAE; got dtype {x.dtype} "
+                "(convert it with x.float())"
+            )
         if x.dim() != 2 or x.shape[-1] != self.config.data_dim:
             raise ValueError(
                 f"data 'x' must have shape (N, {self.config.data_dim}) for this VAE "
