@@ -32,6 +32,7 @@ from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
+from lvmkit.inference import _memory
 from lvmkit.inference._data import (
     Batch,
     as_batch,
@@ -80,6 +81,7 @@ def log_weights(
     *,
     max_pairs: int | None = None,
     device: str | torch.device | None = None,
+    memory_budget: int | str | None = None,
 ) -> torch.Tensor:
     """Importance log-weights ``log p(x, z_k) − log q(z_k | x)``, shape ``(num_samples, N)``.
 
@@ -88,10 +90,18 @@ def log_weights(
     reduces each chunk instead of holding all weights.
     """
     batch = as_batch(data)
-    chunks = [
-        lw for _, lw in _iter_log_weights(model, guide, batch, num_samples, max_pairs, device)
-    ]
-    return torch.cat(chunks, dim=1)
+    num_samples = check_int("num_samples", num_samples)
+    dev = _eval_device(model, guide, device)
+    budget, what = _memory.budget_for(memory_budget, dev)
+    size = num_samples * num_points(batch) * 4
+    if budget is not None and size > budget:
+        raise ValueError(
+            f"log_weights returns a ({num_samples}, {num_points(batch)}) tensor of "
+            f"{_memory.fmt(size)}, more than {what} ({_memory.fmt(budget)}): use "
+            "lvmkit.evaluate, which reduces the weights chunk by chunk, or fewer num_samples"
+        )
+    chunks = _iter_log_weights(model, guide, batch, num_samples, max_pairs, dev, memory_budget)
+    return torch.cat([lw for _, lw in chunks], dim=1)
 
 
 def evaluate(
@@ -103,6 +113,7 @@ def evaluate(
     max_pairs: int | None = None,
     seed: int | None = 0,
     device: str | torch.device | None = None,
+    memory_budget: int | str | None = None,
     progress: bool = False,
 ) -> pd.DataFrame:
     """Score each data point: ELBO, importance-sampled log-likelihood, Pareto k̂ and ESS.
@@ -110,7 +121,10 @@ def evaluate(
     Returns a DataFrame with one row per data point and columns ``elbo``, ``log_likelihood``,
     ``pareto_k`` and ``ess`` (nats; k̂ is NaN for ``num_samples < 20``). :func:`summarize` turns
     it into an :class:`EvaluationSummary`. Memory is bounded by ``max_pairs`` (sample, point)
-    pairs per forward pass, whatever K and N are (default: by device, :data:`DEFAULT_MAX_PAIRS`).
+    pairs per forward pass, whatever K and N are (default: by device, :data:`DEFAULT_MAX_PAIRS`,
+    lowered if need be to fit ``memory_budget``: bytes or a size such as ``"2GiB"``; ``None``:
+    90 % of the memory free on the device; what a pair needs is measured on a probe pass, and
+    a ``max_pairs`` that cannot fit is refused at once with the largest one that can).
     ``seed`` fixes the samples without disturbing the caller's random state (``None``: use it).
 
     Example::
@@ -130,7 +144,9 @@ def evaluate(
     with torch.random.fork_rng(devices=_cuda_devices()):
         if seed is not None:
             pyro.set_rng_seed(check_int("seed", seed, minimum=0))
-        chunks = _iter_log_weights(model, guide, batch, num_samples, max_pairs, device)
+        chunks = _iter_log_weights(
+            model, guide, batch, num_samples, max_pairs, device, memory_budget
+        )
         pending: list[torch.Tensor] = []  # scored together: ArviZ's psislw costs ~10 ms a call
         with tqdm(total=total, desc="evaluate", unit="pt", disable=not progress) as bar:
             for stop, lw in chunks:
@@ -183,20 +199,31 @@ def mean_elbo(model, guide, batch: Batch, *, max_pairs: int | None = None) -> to
 
 
 def _iter_log_weights(
-    model, guide, batch: Batch, num_samples: int, max_pairs: int | None, device
+    model,
+    guide,
+    batch: Batch,
+    num_samples: int,
+    max_pairs: int | None,
+    device,
+    memory_budget: Any = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(stop, log_weights of points [start, stop))`` chunk by chunk, each ``(K, n)``."""
     check_int("num_samples", num_samples)
+    if max_pairs is not None:
+        max_pairs = check_int("max_pairs", max_pairs)
+    _memory.parse_budget(memory_budget)
     dev = _eval_device(model, guide, device)
-    if max_pairs is None:
-        max_pairs = DEFAULT_MAX_PAIRS.get(dev.type, DEFAULT_MAX_PAIRS["cpu"])
-    check_int("max_pairs", max_pairs)
     total = num_points(batch)
-    points = max(1, min(total, max_pairs // num_samples))  # data points per chunk
-    samples = max(1, min(num_samples, max_pairs // points))  # samples per forward pass
     with torch.no_grad(), param_scope(model, guide, publish=False):
+        probe = to_device(take(batch, slice(0, 1)), dev)
         with pyro.validation_enabled(True):  # one checked pass, then Pyro's checks stay off
-            particle_dim = -(_probe(model, guide, take(batch, slice(0, 1)), dev) + 1)
+            particle_dim = -(_probe(model, guide, probe, dev) + 1)
+        with pyro.validation_enabled(False):
+            max_pairs = _pairs_in_budget(
+                model, guide, probe, particle_dim, max_pairs, memory_budget, dev
+            )
+        points = max(1, min(total, max_pairs // num_samples))  # data points per chunk
+        samples = max(1, min(num_samples, max_pairs // points))  # samples per forward pass
         for start in range(0, total, points):
             stop = min(total, start + points)
             chunk = to_device(take(batch, slice(start, stop)), dev)
@@ -208,6 +235,41 @@ def _iter_log_weights(
                     for k0 in range(0, num_samples, samples)
                 ]
             yield stop, torch.cat(parts, dim=0)
+
+
+def _pairs_in_budget(
+    model, guide, probe: Batch, particle_dim: int, max_pairs, memory_budget, dev
+) -> int:
+    """``max_pairs`` (default: by device), checked against the memory budget: one probe pass of
+    a single (sample, point) pair is run with autograd on to measure what a pair holds."""
+    budget, what = _memory.budget_for(memory_budget, dev)
+    default = DEFAULT_MAX_PAIRS.get(dev.type, DEFAULT_MAX_PAIRS["cpu"])
+    if budget is None:
+        return max_pairs or default
+    # (under fork_rng: measuring must not shift the samples the evaluation draws)
+    with torch.enable_grad(), torch.random.fork_rng(devices=_cuda_devices()):
+        _, saved = _memory.measure_saved(
+            lambda: _log_weights_pass(model, guide, probe, 1, particle_dim)
+        )
+    params = [v.unconstrained() for _, v in pyro.get_param_store().items()]
+    for obj in (model, guide):
+        if isinstance(obj, torch.nn.Module):
+            params += list(obj.parameters())
+    per_pair = max(1, _memory.activation_bytes(saved, params))
+    fits = budget // per_pair
+    if fits < 1:
+        raise ValueError(
+            f"one (sample, data point) pair needs about {_memory.fmt(per_pair)} on {dev} "
+            f"(measured), more than {what} ({_memory.fmt(budget)}): evaluate on a device with "
+            "more memory, or give a larger memory_budget"
+        )
+    if max_pairs is not None and max_pairs > fits:
+        raise ValueError(
+            f"max_pairs={max_pairs} needs about {_memory.fmt(max_pairs * per_pair)} on {dev} "
+            f"({_memory.fmt(per_pair)} a pair, measured), more than {what} "
+            f"({_memory.fmt(budget)}): use max_pairs <= {fits}, or give a larger memory_budget"
+        )
+    return max_pairs or min(default, fits)
 
 
 def _paired_traces(model, guide, batch: Batch):

@@ -31,6 +31,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import nn
 from tqdm.auto import tqdm
 
+from lvmkit.inference import _memory
 from lvmkit.inference._data import (
     Batch,
     as_batch,
@@ -94,6 +95,7 @@ def fit(
     compile: bool | None = None,
     checkpoint_every: int | None = None,
     on_nonfinite: str = "raise",
+    memory_budget: int | str | None = None,
     progress: bool = True,
 ) -> FitResult:
     """Train ``model``/``guide`` by stochastic variational inference with Adam.
@@ -135,6 +137,10 @@ def fit(
             step and sample site where it appeared. ``"raise"``: raise
             :class:`NonFiniteLossError` naming them. ``"reduce_lr"``: multiply lr by
             :data:`LR_REDUCTION`, warn, and continue (at most :data:`MAX_LR_REDUCTIONS` times).
+        memory_budget: bytes (or a size such as ``"4GiB"``) one training step may use, data
+            included; ``None``: 90 % of the memory free on the device. The first step's
+            activations are measured; a step that would not fit is refused before training
+            starts, with the ``batch_size`` that would fit.
         progress: show a tqdm progress bar.
 
     Example::
@@ -168,6 +174,7 @@ def fit(
     if checkpoint_every is not None:
         checkpoint_every = check_int("checkpoint_every", checkpoint_every)
     check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
+    _memory.parse_budget(memory_budget)
     if compile is not None and not isinstance(compile, bool):
         raise TypeError(f"compile must be True, False or None (auto); got {compile!r}")
     if compile is None:
@@ -199,6 +206,9 @@ def fit(
     if resume and run_dir is None:
         raise ValueError("resume=True needs run_dir: the folder holding checkpoint.pt")
 
+    data_bytes = _memory.tensor_bytes([*train.values(), *(val or {}).values()])
+    if dev.type != "cpu":  # on the CPU the data are in memory already
+        _check_data_memory(data_bytes, memory_budget, dev)
     for obj in (model, guide):
         if isinstance(obj, nn.Module):
             obj.to(dev)
@@ -224,7 +234,18 @@ def fit(
     try:
         with param_scope(model, guide, publish=True):
             first = take(train, slice(0, batch_size))
-            params = _first_step(eager_loss, first, model, guide, dev, transform is not None)
+            params, activations = _first_step(
+                eager_loss, first, model, guide, dev, transform is not None
+            )
+            _check_step_memory(
+                activations,
+                params.values(),
+                data_bytes if memory_budget is not None else 0,
+                memory_budget,
+                dev,
+                batch_size=min(batch_size, settings["num_points"]),
+                num_particles=num_particles,
+            )
             optimizer = make_optimizer(params.values(), lr=lr)
             loop = _Loop(
                 params=params,
@@ -575,11 +596,58 @@ def train_step(
     return loss.detach()
 
 
+def _check_data_memory(data_bytes: int, memory_budget: Any, dev: torch.device) -> None:
+    budget, what = _memory.budget_for(memory_budget, dev)
+    if budget is not None and data_bytes > budget:
+        raise ValueError(
+            f"the data need {_memory.fmt(data_bytes)} on {dev}, more than {what} "
+            f"({_memory.fmt(budget)}); train on a subset, or on a device with more memory"
+        )
+
+
+def _check_step_memory(
+    activations: int,
+    params: Iterable[torch.Tensor],
+    data_bytes: int,
+    memory_budget: Any,
+    dev: torch.device,
+    *,
+    batch_size: int,
+    num_particles: int,
+) -> None:
+    """Refuse a step that cannot fit: activations (measured) + parameters, gradients and Adam's
+    two moments + the data when the budget is the caller's total."""
+    budget, what = _memory.budget_for(memory_budget, dev)
+    fixed = 4 * _memory.tensor_bytes(params) + data_bytes
+    if budget is None or activations + fixed <= budget:
+        return
+    # activations grow about linearly with the batch; 10 % margin for what does not scale
+    fits = int(0.9 * batch_size * (budget - fixed) / max(activations, 1))
+    advice = (
+        f"Use batch_size <= {fits} or fewer num_particles"
+        if fits >= 1
+        else "The parameters and data alone take more than that: use a smaller model or data set"
+    )
+    raise ValueError(
+        f"one training step needs about {_memory.fmt(activations + fixed)} on {dev}: "
+        f"{_memory.fmt(activations)} of activations for a minibatch of {batch_size} × "
+        f"{num_particles} particle(s) (measured on the first step), "
+        f"{_memory.fmt(fixed - data_bytes)} for parameters, gradients and Adam's state"
+        + (f", {_memory.fmt(data_bytes)} of data" if data_bytes else "")
+        + f" — more than {what} ({_memory.fmt(budget)}). {advice}, or give a larger "
+        "memory_budget (nothing was trained)."
+    )
+
+
 def _first_step(eager_loss, first: Batch, model, guide, dev, transformed: bool):
     """Run the set-up step that finds the parameters; a failure there is a data/model mismatch,
-    reported as a ValueError that names the data's shapes (the original error is chained)."""
+    reported as a ValueError that names the data's shapes (the original error is chained).
+    Returns the parameters and the bytes of activations the step saved for backward."""
     try:
-        return collect_params(eager_loss, first, model, guide, dev)
+        params, saved = _memory.measure_saved(
+            lambda: collect_params(eager_loss, first, model, guide, dev)
+        )
+        return params, _memory.activation_bytes(saved, params.values())
     except (ValueError, TypeError):
         raise
     except Exception as err:

@@ -1,0 +1,117 @@
+"""Memory budgets: estimate what a training step or an evaluation pass needs, and refuse early.
+
+A step that does not fit in memory should fail in a second with advice (a smaller ``batch_size``,
+``max_pairs``), not after minutes of swapping or with a CUDA out-of-memory error half-way through
+an epoch. The estimates are measured, not guessed: the set-up step of ``fit`` runs with
+``torch.autograd.graph.saved_tensors_hooks`` and adds up the tensors autograd keeps for the
+backward pass (the activations, which dominate), and evaluation measures the same on a probe pass
+of one (sample, point) pair. The budget is what the caller gives (``memory_budget``: bytes or a
+string such as ``"4GiB"``), else the memory the device has free (CUDA: ``torch.cuda.mem_get_info``;
+CPU: ``MemAvailable`` in ``/proc/meminfo``; no check where neither is known).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import torch
+
+from lvmkit.models._checks import check_int
+
+T = TypeVar("T")
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+HEADROOM = 0.9  # of the free memory: leave some for the allocator, the OS and everything else
+
+
+def parse_budget(value: Any, name: str = "memory_budget") -> int | None:
+    """``None``, a positive int of bytes, or a string like ``"512MiB"`` / ``"4 GB"`` → bytes."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _UNITS:
+            raise ValueError(
+                f"{name} must be bytes (an int) or a size such as '512MiB' or '4GB'; got {value!r}"
+            )
+        size = int(float(match.group(1)) * _UNITS[unit])
+        if size < 1:
+            raise ValueError(f"{name} must be at least 1 byte; got {value!r}")
+        return size
+    return check_int(name, value)
+
+
+def available(dev: torch.device) -> int | None:
+    """Bytes free on ``dev`` now (CUDA: the driver's count; CPU: MemAvailable), or None."""
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def budget_for(value: Any, dev: torch.device) -> tuple[int | None, str]:
+    """The budget in bytes and how to name it in a message."""
+    given = parse_budget(value)
+    if given is not None:
+        return given, "memory_budget"
+    free = available(dev)
+    if free is None:
+        return None, ""
+    return int(free * HEADROOM), f"{HEADROOM:.0%} of the memory free on {dev.type}"
+
+
+def measure_saved(fn: Callable[[], T]) -> tuple[T, dict[int, int]]:
+    """Run ``fn``; return its result and the tensors autograd saved for backward, as
+    ``{storage pointer: bytes}`` (each storage once; drop the parameters' with :func:`storages`)."""
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = fn()
+    return result, saved
+
+
+def storages(tensors: Iterable[torch.Tensor]) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in tensors}
+
+
+def activation_bytes(saved: dict[int, int], params: Iterable[torch.Tensor]) -> int:
+    """Bytes of the saved tensors that are not parameters."""
+    own = storages(params)
+    return sum(size for ptr, size in saved.items() if ptr not in own)
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def fmt(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1024
+    return f"{size:.2f} GiB"  # pragma: no cover
