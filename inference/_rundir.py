@@ -179,6 +179,10 @@ class RunDir:
             atomic_write_text(self.path / HISTORY_FILE, text)
 
 
+class RunDirInUseError(RuntimeError):
+    """Another live process holds the run directory's lock."""
+
+
 class RunLock:
     """An exclusive ``flock`` on ``RUN_DIR/.lock``, shared by nested holders in one process.
 
@@ -203,7 +207,7 @@ class RunLock:
             except BlockingIOError:
                 holder = os.read(fd, 256).decode("utf-8", "replace").strip() or "unknown pid"
                 os.close(fd)
-                raise RuntimeError(
+                raise RunDirInUseError(
                     f"run_dir {self.key} is in use by a live process ({holder}); wait for it to "
                     "finish or stop it, or choose another run_dir (nothing was touched)"
                 ) from None

@@ -1,6 +1,7 @@
 """The ``lvmkit`` command: ``train``, ``evaluate`` and ``sample``.
 
-Bad arguments end with ``lvmkit: error: …`` on stderr and exit status 2, as argparse does.
+Bad arguments — and a corrupt checkpoint, a run directory in use, a full disk, a NaN loss — end
+with ``lvmkit: error: …`` on stderr and exit status 2, as argparse does.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from lvmkit import runs
+from lvmkit.inference._rundir import RunDirInUseError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -93,6 +95,19 @@ def _parser() -> argparse.ArgumentParser:
         help="trace the loss with the PyTorch JIT (default: on for the built-in VAE with "
         "objective elbo)",
     )
+    train.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        metavar="STEPS",
+        help="also checkpoint every STEPS steps inside an epoch (default: at epoch ends)",
+    )
+    train.add_argument(
+        "--on-nonfinite",
+        default=defaults.on_nonfinite,
+        help="raise | reduce_lr: after a NaN/inf loss, roll back and stop, or roll back, halve "
+        "lr and go on (default: %(default)s)",
+    )
     train.add_argument("--quiet", action="store_true", help="no progress bars")
 
     ev = commands.add_parser("evaluate", help="evaluate a run's checkpoint on the MNIST test set")
@@ -151,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = runs.sample_run(args.run_dir, n=args.n, seed=args.seed, out=args.out)
         print(path)
         return 0
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError) as err:
+    except (ValueError, TypeError, OSError, ImportError, RunDirInUseError) as err:
         parser.exit(2, f"lvmkit: error: {err}\n")
     return 0  # unreachable: parser.exit raises SystemExit
 

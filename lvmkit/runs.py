@@ -25,6 +25,7 @@ from lvmkit.inference import evaluate, fit, summarize
 from lvmkit.inference._data import resolve_device
 from lvmkit.inference._rundir import CHECKPOINT_FILE, CONFIG_FILE, RunLock
 from lvmkit.inference.checkpoint import atomic_write_text, load_checkpoint, read_json
+from lvmkit.inference.train import NONFINITE_POLICIES
 from lvmkit.models import LIKELIHOODS, VAE, VAEConfig
 from lvmkit.models._checks import check_choice, check_float, check_int, check_sizes
 from lvmkit.models._mlp import ACTIVATIONS
@@ -79,6 +80,8 @@ class TrainSpec:
     train_points: int | None = None  # None: the whole 50,000-image training split
     valid_points: int | None = 2000  # held-out ELBO per epoch on the first images of "valid"
     compile: bool | None = None  # JIT-trace the loss; None: fit decides (on for the built-in VAE)
+    checkpoint_every: int | None = None  # steps between mid-epoch checkpoints; None: epoch ends
+    on_nonfinite: str = "raise"  # or "reduce_lr": halve lr after a NaN and go on (fit's option)
 
     def __post_init__(self) -> None:
         check_choice("family", self.family, FAMILIES)
@@ -88,7 +91,8 @@ class TrainSpec:
         object.__setattr__(self, "hidden_dims", check_sizes("hidden_dims", self.hidden_dims))
         for name in ("latent_dim", "epochs", "batch_size", "eval_samples"):
             check_int(name, getattr(self, name))
-        for name in ("eval_points", "train_points", "valid_points"):
+        check_choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
+        for name in ("eval_points", "train_points", "valid_points", "checkpoint_every"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name))
         check_float("lr", self.lr)
@@ -258,6 +262,8 @@ def _train_locked(spec, run_dir, model, guide, train, valid, resume, metadata, p
         seed=spec.seed,
         device=spec.device,
         compile=spec.compile,
+        checkpoint_every=spec.checkpoint_every,
+        on_nonfinite=spec.on_nonfinite,
         validation_data=valid.x,
         transform=binarize if spec.binarization == "dynamic" else None,
         run_dir=run_dir,

@@ -91,8 +91,19 @@ def test_same_arguments_same_numbers(tmp_path, capsys):
         (["train", "--epochs", "0"], "epochs must be an int >= 1; got 0"),
         (["evaluate", "no/such/run"], "does not exist"),
         (["sample", "no/such/run", "-n", "0"], "n must be an int >= 1"),
+        (["train", "--on-nonfinite", "reduce"], "Did you mean 'reduce_lr'"),
+        (["train", "--checkpoint-every", "0"], "checkpoint_every must be an int >= 1; got 0"),
     ],
-    ids=["likelihood", "objective", "gaussian-dynamic", "epochs", "missing-run", "n"],
+    ids=[
+        "likelihood",
+        "objective",
+        "gaussian-dynamic",
+        "epochs",
+        "missing-run",
+        "n",
+        "on-nonfinite",
+        "checkpoint-every",
+    ],
 )
 def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -107,6 +118,31 @@ def test_existing_run_directory_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", *TINY, "--out", str(run)])
     assert "already holds a run" in capsys.readouterr().err
+
+
+def test_corrupt_checkpoint_and_busy_run_directory_are_clear_errors(tmp_path, capsys):
+    import fcntl
+    import os
+
+    run = tmp_path / "run"
+    assert (
+        main(["train", *TINY, "--epochs", "1", "--checkpoint-every", "2", "--out", str(run)]) == 0
+    )
+    fd = os.open(run / ".lock", os.O_RDWR)  # another open file description: as another process
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", "--resume", str(run), "--epochs", "2", "--quiet"])
+    finally:
+        os.close(fd)
+    assert exit_info.value.code == 2
+    assert "is in use by a live process" in capsys.readouterr().err
+    checkpoint = run / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:-10])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--resume", str(run), "--epochs", "2", "--quiet"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "truncated" in err and "checkpoint.prev.pt" in err
 
 
 def test_console_script_runs():
