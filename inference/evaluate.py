@@ -251,7 +251,7 @@ def _pairs_in_budget(
         _, saved = _memory.measure_saved(
             lambda: _log_weights_pass(model, guide, probe, 1, particle_dim)
         )
-    params = [v.unconstrained() for _, v in pyro.get_param_store().items()]
+    params = [value for _, value in pyro.get_param_store().named_parameters()]  # unconstrained
     for obj in (model, guide):
         if isinstance(obj, torch.nn.Module):
             params += list(obj.parameters())

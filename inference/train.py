@@ -243,7 +243,7 @@ def fit(
                 data_bytes if memory_budget is not None else 0,
                 memory_budget,
                 dev,
-                batch_size=min(batch_size, settings["num_points"]),
+                batch_size=min(batch_size, num_points(train)),
                 num_particles=num_particles,
             )
             optimizer = make_optimizer(params.values(), lr=lr)
