@@ -62,7 +62,8 @@ def test_chunking_is_exact_and_bounds_each_pass():
     counting_model = _counting(model, seen)
     lw = lvmkit.log_weights(counting_model, guide, x, num_samples=40, max_pairs=64)
     assert lw.shape == (40, 37)
-    assert max(seen[1:]) <= 64 and sum(seen[1:]) == 40 * 37  # seen[0] is the one-point probe
+    # seen[:2] are the one-pair probes: the plate check and the memory measurement
+    assert seen[:2] == [1, 1] and max(seen[2:]) <= 64 and sum(seen[2:]) == 40 * 37
     assert_close(lw, model.exact_log_prob(x).expand(40, -1), atol=1e-4, rtol=0)
 
 
