@@ -264,7 +264,7 @@ def fit(
                 val_elbo=(lambda: float(mean_elbo(model, guide, val))) if val is not None else None,
             )
             if run is not None and resume:
-                loop.resume(run.load(settings, {k: tuple(v.shape) for k, v in params.items()}))
+                loop.restore(run.load(settings, {k: tuple(v.shape) for k, v in params.items()}))
             elif run is not None:
                 run.start(settings, metadata)
             loop.run(epochs, progress=progress)
@@ -356,9 +356,6 @@ class _Loop:
             "rng": rng_state(self.dev),
             "history": [dict(row) for row in self.rows],
         }
-
-    def resume(self, state: dict[str, Any]) -> None:
-        self.restore(state)
 
     def restore(self, state: dict[str, Any]) -> None:
         with torch.no_grad():
