@@ -1,8 +1,9 @@
 """Benchmark suites, each a function returning a pandas DataFrame.
 
-``BENCHMARKS`` maps a suite's name to its ``run(profile, device=...)``; every suite has a "quick"
-profile (run by the tests) and a "full" one. :func:`write_results` stores a table as CSV and
-Markdown.
+``BENCHMARKS`` maps a suite's name to its ``run(profile, device=..., figures_dir=...)``; every
+suite has a "quick" profile (run by the tests) and a "full" one, and draws its figures into
+``figures_dir`` when given (the speed suite has none). :func:`write_results` stores a table as
+CSV and Markdown.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from lvmkit.benchmarks import speed
+from lvmkit.benchmarks import gmm, speed
 from lvmkit.inference.checkpoint import atomic_write_text
 
-BENCHMARKS: dict[str, Callable[..., pd.DataFrame]] = {"speed": speed.run}
+BENCHMARKS: dict[str, Callable[..., pd.DataFrame]] = {"gmm": gmm.run, "speed": speed.run}
 
 
 def write_results(frame: pd.DataFrame, out_dir: str | Path, name: str) -> tuple[Path, Path]:

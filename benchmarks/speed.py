@@ -91,7 +91,11 @@ Step = Callable[[torch.Tensor], torch.Tensor]
 
 
 def run(
-    profile: str = "full", *, device: str = "auto", config: SpeedConfig | None = None
+    profile: str = "full",
+    *,
+    device: str = "auto",
+    config: SpeedConfig | None = None,
+    figures_dir: object = None,  # no figures: a table says it all
 ) -> pd.DataFrame:
     """Measure every contender on ``device``; one row per (task, batch size, contender)."""
     cfg = config or PROFILES[check_choice("profile", profile, PROFILES)]

@@ -7,8 +7,9 @@ in a private param store:
 - when model and guide are both ``nn.Module``s (PyroModules included), the private store starts
   empty and is dropped afterwards: the parameters live in the modules only;
 - when either is a plain function (``pyro.module`` / ``pyro.param`` statements), the private store
-  starts as a copy of the global one, as Pyro users expect, and ``fit`` writes the trained entries
-  back to the global store when it ends.
+  starts as a copy of the global one, as Pyro users expect — less the names the pair's own
+  PyroModules hold, which keep their own values — and ``fit`` writes the trained entries back to
+  the global store when it ends.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.nn import PyroModule
 from torch import nn
 
 
@@ -32,7 +34,10 @@ def param_scope(model: Any, guide: Any, *, publish: bool) -> Iterator[None]:
     """Run the block in a private param store (see the module docstring)."""
     store = pyro.get_param_store()
     modules_only = is_module_pair(model, guide)
-    start: Any = {"params": {}, "constraints": {}} if modules_only else store.get_state()
+    owned = _owned_names(model, guide)
+    start: Any = (
+        {"params": {}, "constraints": {}} if modules_only else _without(store.get_state(), owned)
+    )
     inner: Any = None
     with store.scope(state=start):
         try:
@@ -40,7 +45,32 @@ def param_scope(model: Any, guide: Any, *, publish: bool) -> Iterator[None]:
         finally:
             inner = store.get_state()
     if publish and not modules_only and inner is not None:
-        store.set_state(inner)
+        # the plain-function entries go back to the global store; the PyroModules' own stay theirs
+        merged = store.get_state()
+        trained = _without(inner, owned)
+        merged["params"].update(trained["params"])
+        merged["constraints"].update(trained["constraints"])
+        store.set_state(merged)
+
+
+def _owned_names(model: Any, guide: Any) -> set[str]:
+    """Names under which the pair's PyroModules keep parameters in the store. A PyroModule reads
+    its parameters from the store by name, so another model's same-named entry (a second
+    mixture's ``"locs"``, say) would silently replace its own values: such entries are kept out
+    of the private store, and the modules' own are never published."""
+    owned: set[str] = set()
+    for obj in (model, guide):
+        if isinstance(obj, PyroModule):
+            owned.update(name for name, _ in obj.named_pyro_params())
+    return owned
+
+
+def _without(state: Any, owned: set[str]) -> Any:
+    keep = [name for name in state["params"] if name.replace("$$$", ".") not in owned]
+    return {
+        "params": {name: state["params"][name] for name in keep},
+        "constraints": {name: state["constraints"][name] for name in keep},
+    }
 
 
 def collect_params(

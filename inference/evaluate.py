@@ -272,29 +272,46 @@ def _pairs_in_budget(
     return max_pairs or min(default, fits)
 
 
-def _paired_traces(model, guide, batch: Batch):
-    """Trace the guide, replay the model on its draws; return both traces and its latents."""
+def _paired_traces(model, guide, batch: Batch, enum_dim: int | None = None):
+    """Trace the guide, replay the model on its draws; return both traces and its latents.
+
+    With ``enum_dim``, model sites marked ``infer={"enumerate": "parallel"}`` that the guide does
+    not propose are enumerated (their whole support, in dims left of ``enum_dim`` + 1) instead of
+    sampled, so that the weights can sum them out exactly.
+    """
     guide_trace = poutine.trace(guide).get_trace(**batch)
-    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(**batch)
+    replayed = poutine.replay(model, trace=guide_trace)
+    if enum_dim is not None:
+        replayed = poutine.enum(replayed, first_available_dim=enum_dim)
+    model_trace = poutine.trace(replayed).get_trace(**batch)
     latents = {name for name, site in guide_trace.nodes.items() if _is_sample(site)}
     return guide_trace, model_trace, latents
 
 
+def _is_enumerated(site: Any) -> bool:
+    return site["infer"].get("_enumerate_dim") is not None
+
+
 def _scored_sites(model_trace, latents: set[str]) -> Iterator[tuple[str, Any]]:
-    """The model sites in the weight: observed ones and latents the guide proposes (model latents
-    the guide does not propose are drawn from their prior, so they cancel)."""
+    """The model sites in the weight: observed ones, latents the guide proposes, and enumerated
+    discrete latents (summed out). Other model latents the guide does not propose are drawn from
+    their prior, so they cancel."""
     for name, site in model_trace.nodes.items():
-        if _is_sample(site) and (site["is_observed"] or name in latents):
+        if _is_sample(site) and (site["is_observed"] or name in latents or _is_enumerated(site)):
             yield name, site
 
 
 def _log_weights_pass(model, guide, chunk: Batch, k: int, particle_dim: int) -> torch.Tensor:
     with pyro.plate("_lvmkit_particles", k, dim=particle_dim):
-        guide_trace, model_trace, latents = _paired_traces(model, guide, chunk)
+        guide_trace, model_trace, latents = _paired_traces(
+            model, guide, chunk, enum_dim=particle_dim - 1
+        )
     n = num_points(chunk)
     lw = torch.zeros(k, n, device=next(iter(chunk.values())).device)
     for name, site in _scored_sites(model_trace, latents):
         lw = lw + _per_point_log_prob(name, site, particle_dim, k, n)
+    if lw.dim() > 2:  # enumerated sites: sum them out, exactly
+        lw = lw.reshape(-1, k, n).logsumexp(dim=0)
     for name in latents:
         if name in model_trace.nodes:  # auxiliary guide sites are not part of the weight
             lw = lw - _per_point_log_prob(name, guide_trace.nodes[name], particle_dim, k, n)
@@ -306,17 +323,22 @@ def _is_sample(site: Any) -> bool:
 
 
 def _per_point_log_prob(name: str, site: dict, particle_dim: int, k: int, n: int) -> torch.Tensor:
-    """The site's unscaled log-density summed to shape ``(k, n)``: particles × data points."""
+    """The site's unscaled log-density summed to shape ``(k, n)``: particles × data points
+    (``(*enum, k, n)`` when enumerated values give it dims left of the particle dim)."""
     frames = [f for f in site["cond_indep_stack"] if f.name == DATA_PLATE]
     assert frames, f"site {name} left the data plate after the probe"
     log_prob = scale_and_mask(site["fn"].log_prob(site["value"]), mask=site["mask"])
     ndim = -particle_dim
-    log_prob = log_prob.reshape((1,) * (ndim - log_prob.dim()) + tuple(log_prob.shape))
-    data_axis = ndim + frames[0].dim
-    other = [axis for axis in range(1, ndim) if axis != data_axis]
+    if log_prob.dim() < ndim:
+        log_prob = log_prob.reshape((1,) * (ndim - log_prob.dim()) + tuple(log_prob.shape))
+    enum_shape = tuple(log_prob.shape[:-ndim])
+    data_axis = log_prob.dim() + frames[0].dim  # plate dims count from the right
+    particle_axis = log_prob.dim() - ndim
+    other = [axis for axis in range(particle_axis + 1, log_prob.dim()) if axis != data_axis]
     if other:
         log_prob = log_prob.sum(dim=other, keepdim=True)
-    return log_prob.reshape(log_prob.shape[0], log_prob.shape[data_axis]).expand(k, n)
+    shape = (*enum_shape, log_prob.shape[particle_axis], log_prob.shape[data_axis])
+    return log_prob.reshape(shape).expand(*enum_shape, k, n)
 
 
 def _probe(model, guide, probe: Batch, dev: torch.device) -> int:

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import pyro
 import pyro.infer
+import pyro.poutine as poutine
 import torch
 from pyro.poutine.util import site_is_subsample
 from torch import nn
@@ -246,6 +247,7 @@ def fit(
                 batch_size=min(batch_size, num_points(train)),
                 num_particles=num_particles,
             )
+            loss_scale = _data_plate_scale(model, lambda: prepare(first))
             optimizer = make_optimizer(params.values(), lr=lr)
             loop = _Loop(
                 params=params,
@@ -262,6 +264,7 @@ def fit(
                 step_loss=step_loss,
                 diagnose=lambda batch: _first_nonfinite_site(elbo, model, guide, prepare(batch)),
                 val_elbo=(lambda: float(mean_elbo(model, guide, val))) if val is not None else None,
+                loss_scale=loss_scale,
             )
             if run is not None and resume:
                 loop.restore(run.load(settings, {k: tuple(v.shape) for k, v in params.items()}))
@@ -317,6 +320,7 @@ class _Loop:
         step_loss,
         diagnose,
         val_elbo,
+        loss_scale=1.0,
     ) -> None:
         self.params: dict[str, torch.Tensor] = params
         self.optimizer: torch.optim.Optimizer = optimizer
@@ -328,6 +332,7 @@ class _Loop:
             on_nonfinite,
         )
         self.step_loss, self.diagnose, self.val_elbo = step_loss, diagnose, val_elbo
+        self.loss_scale = loss_scale  # a subsampling data plate's N / n: undone in train_loss
         self.total = num_points(train)
         self.steps_per_epoch = -(-self.total // batch_size)
         self.epoch = 0  # epochs completed
@@ -434,7 +439,8 @@ class _Loop:
         return bool(ok) and math.isfinite(running)
 
     def _end_epoch(self, bar) -> None:
-        row = {"epoch": self.epoch + 1, "train_loss": self.running_value / self.total}
+        per_point = self.running_value / (self.total * self.loss_scale)
+        row = {"epoch": self.epoch + 1, "train_loss": per_point}
         if self.val_elbo is not None:
             row["val_elbo"] = self.val_elbo()
         row.update(lr=self.lr, seconds=self.elapsed, examples_per_s=self.total / self.elapsed)
@@ -634,6 +640,29 @@ def _check_step_memory(
         + f" — more than {what} ({_memory.fmt(budget)}). {advice}, or give a larger "
         "memory_budget (nothing was trained)."
     )
+
+
+def _data_plate_scale(model, first_batch: Callable[[], Batch]) -> float:
+    """The factor by which the model scales a minibatch's observed sites (N / n when its data
+    plate subsamples, as in ``pyro.plate("data", N, subsample=...)``; else 1), read from one
+    trace of the model on the first minibatch, drawn under a forked random state."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with (
+            torch.no_grad(),
+            torch.random.fork_rng(devices=devices),
+            pyro.validation_enabled(False),
+            poutine.block(),
+        ):
+            trace = poutine.trace(model).get_trace(**first_batch())
+    except Exception:  # a model that needs its guide's draws to run: assume no scaling
+        return 1.0
+    scales = [
+        float(site["scale"])
+        for site in trace.nodes.values()
+        if site["type"] == "sample" and site["is_observed"] and not site_is_subsample(site)
+    ]
+    return max(scales, default=1.0)
 
 
 def _first_step(eager_loss, first: Batch, model, guide, dev, transformed: bool):

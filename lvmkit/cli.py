@@ -125,14 +125,14 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true")
 
     bench = commands.add_parser("bench", help="run a benchmark suite; write CSV and Markdown")
-    bench.add_argument("suite", help="benchmark name: speed")
+    bench.add_argument("suite", help="benchmark name: gmm | speed")
     bench.add_argument("--profile", default="full", help="quick | full (default: %(default)s)")
     bench.add_argument("--device", default="auto", help="auto | cpu | cuda")
     bench.add_argument(
         "--out",
         type=Path,
         default=Path("benchmarks") / "results",
-        help="folder for SUITE-DEVICE.csv/.md (default: %(default)s)",
+        help="folder for SUITE-DEVICE-PROFILE.csv/.md and its -figures/ (default: %(default)s)",
     )
 
     sample = commands.add_parser("sample", help="draw images from a run's model into a PNG grid")
@@ -199,9 +199,10 @@ def _bench(args: argparse.Namespace) -> int:
     from lvmkit.models._checks import check_choice
 
     suite = BENCHMARKS[check_choice("suite", args.suite, BENCHMARKS)]
-    frame = suite(args.profile, device=args.device)
     tag = resolve_device(args.device).type
-    csv, markdown = write_results(frame, args.out, f"{args.suite}-{tag}-{args.profile}")
+    name = f"{args.suite}-{tag}-{args.profile}"
+    frame = suite(args.profile, device=args.device, figures_dir=args.out / f"{name}-figures")
+    csv, markdown = write_results(frame, args.out, name)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(frame.to_string(index=False, float_format=lambda v: f"{v:.3g}", na_rep=""))
     print(f"\nwritten: {csv} and {markdown}")
