@@ -13,10 +13,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from lvmkit.benchmarks import gmm, speed
+from lvmkit.benchmarks import gmm, nonlinear, speed
 from lvmkit.inference.checkpoint import atomic_write_text
 
-BENCHMARKS: dict[str, Callable[..., pd.DataFrame]] = {"gmm": gmm.run, "speed": speed.run}
+BENCHMARKS: dict[str, Callable[..., pd.DataFrame]] = {
+    "gmm": gmm.run,
+    "nonlinear": nonlinear.run,
+    "speed": speed.run,
+}
 
 
 def write_results(frame: pd.DataFrame, out_dir: str | Path, name: str) -> tuple[Path, Path]:

@@ -125,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true")
 
     bench = commands.add_parser("bench", help="run a benchmark suite; write CSV and Markdown")
-    bench.add_argument("suite", help="benchmark name: gmm | speed")
+    bench.add_argument("suite", help="benchmark name: gmm | nonlinear | speed")
     bench.add_argument("--profile", default="full", help="quick | full (default: %(default)s)")
     bench.add_argument("--device", default="auto", help="auto | cpu | cuda")
     bench.add_argument(

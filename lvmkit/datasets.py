@@ -6,6 +6,7 @@ Every generator takes a ``seed`` and returns the same draw for the same seed.
   the true components);
 - :func:`make_ring`: the seeds' ring, x = g(z) + ε with g(z) = z/10 + z/‖z‖, z ~ N(0, I₂);
 - :func:`make_spiral`: a 1-D-latent curve in 2-D, x = (t cos 3t, t sin 3t)/3 + ε, t ~ U(0.5, 3);
+- :func:`make_moons`: scikit-learn's two moons;
 - :func:`load_iris`, :func:`load_digits`: scikit-learn's bundled data (no download),
   standardised; digits projected on their first principal components.
 """
@@ -83,6 +84,17 @@ def make_spiral(n: int, *, noise: float = 0.05, seed: int = 0) -> Labelled:
     x = np.stack([t * np.cos(3 * t), t * np.sin(3 * t)], axis=1) / 3
     x = x + noise * rng.standard_normal((n, 2))
     return Labelled(x.astype(np.float32), np.full(n, -1), "spiral")
+
+
+def make_moons(n: int, *, noise: float = 0.05, seed: int = 0) -> Labelled:
+    """scikit-learn's two interleaved half circles (a 1-D-latent curve in 2-D, in two pieces);
+    labels say which moon."""
+    from sklearn.datasets import make_moons as sk_moons
+
+    check_int("n", n)
+    check_float("noise", noise)
+    x, y = sk_moons(n, noise=noise, random_state=seed)
+    return Labelled(x.astype(np.float32), y, "moons")
 
 
 def _standardise(x: np.ndarray) -> np.ndarray:

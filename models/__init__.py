@@ -7,6 +7,12 @@ from lvmkit.models.gmm import (
     GMMConfig,
     empty_guide,
 )
+from lvmkit.models.nonlinear import (
+    NonlinearConfig,
+    NonlinearLVM,
+    build_nonlinear,
+    exact_log_likelihood,
+)
 from lvmkit.models.vae import LIKELIHOODS, VAE, VAEConfig
 
 __all__ = [
@@ -16,6 +22,10 @@ __all__ = [
     "GMMConfig",
     "GaussianMixture",
     "GaussianMixtureModel",
+    "NonlinearConfig",
+    "NonlinearLVM",
     "VAEConfig",
+    "build_nonlinear",
     "empty_guide",
+    "exact_log_likelihood",
 ]

@@ -11,7 +11,8 @@ N is scaled by N / n, so minibatch SVI estimates the full-data objective without
 
 :class:`GaussianMixture` puts a scikit-learn face on it (``fit``, ``score``, ``score_samples``,
 ``predict``, ``predict_proba``, ``sample``, ``bic``, ``weights_``, ``means_``, ``covariances_``),
-with k-means initialisation and the best of ``n_init`` starts, as users of EM expect.
+with scikit-learn's k-means initialisation and the best of ``n_init`` starts, as users of EM
+expect.
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ class GaussianMixtureModel(PyroModule):
     """
 
     static_structure = False  # enumeration: not for the JIT-traced path
+    # PyroParams read back as constrained tensors
+    logits: torch.Tensor
+    locs: torch.Tensor
+    scale_tril: torch.Tensor
+    scales: torch.Tensor
 
     def __init__(
         self,
@@ -72,17 +78,19 @@ class GaussianMixtureModel(PyroModule):
         k, d = config.n_components, config.data_dim
         weights = torch.full((k,), 1.0 / k) if weights is None else torch.as_tensor(weights)
         means = torch.randn(k, d) if means is None else torch.as_tensor(means)
-        self.logits = PyroParam(weights.float().clamp_min(1e-12).log())
-        self.locs = PyroParam(means.float().clone())
+        self.logits = PyroParam(weights.float().clamp_min(1e-12).log())  # type: ignore[assignment]
+        self.locs = PyroParam(means.float().clone())  # type: ignore[assignment]
         reg = config.reg_covar
         if config.covariance_type == "full":
             cov = torch.eye(d).expand(k, d, d) if covariances is None else covariances
             cov = torch.as_tensor(cov).float() - reg * torch.eye(d)
             tril = torch.linalg.cholesky(cov + 1e-9 * torch.eye(d))
-            self.scale_tril = PyroParam(tril, constraint=dist.constraints.lower_cholesky)
+            self.scale_tril = PyroParam(  # type: ignore[assignment]
+                tril, constraint=dist.constraints.lower_cholesky
+            )
         else:
             var = torch.ones(k, d) if covariances is None else torch.as_tensor(covariances)
-            self.scales = PyroParam(
+            self.scales = PyroParam(  # type: ignore[assignment]
                 (var.float() - reg).clamp_min(1e-12).sqrt(), constraint=dist.constraints.positive
             )
 
@@ -141,7 +149,8 @@ class GaussianMixtureModel(PyroModule):
 
         with param_scope(self, empty_guide, publish=False), pyro.validation_enabled(False):
             trace = poutine.trace(poutine.enum(self, first_available_dim=-2)).get_trace(x)
-        y, obs = trace.nodes["y"], trace.nodes["x"]
+        y: Any = trace.nodes["y"]
+        obs: Any = trace.nodes["x"]
         joint = y["fn"].log_prob(y["value"]) + obs["fn"].log_prob(obs["value"])
         return joint.reshape(self.config.n_components, x.shape[0])
 
@@ -161,8 +170,8 @@ class GaussianMixture:
     Args:
         n_components: K.
         covariance_type: ``"full"`` or ``"diag"``.
-        n_init: starts (each a k-means++ initialisation with its own seed); the best by
-            training log-likelihood is kept.
+        n_init: starts (each a k-means clustering with its own seed, as scikit-learn's EM
+            starts); the best by training log-likelihood is kept.
         max_iter: full-batch Adam steps per start.
         lr: Adam's learning rate.
         reg_covar: added to the covariance diagonals.
@@ -205,7 +214,7 @@ class GaussianMixture:
     # -- fitting ----------------------------------------------------------------------------------
 
     def fit(self, X: Any, y: Any = None) -> GaussianMixture:
-        """Fit by SVI with ``TraceEnum_ELBO`` from ``n_init`` k-means++ starts; return self."""
+        """Fit by SVI with ``TraceEnum_ELBO`` from ``n_init`` k-means starts; return self."""
         from lvmkit.inference import fit as svi_fit
 
         x = self._check_X(X, fitting=True)
@@ -234,12 +243,13 @@ class GaussianMixture:
         return self
 
     def _initial_model(self, x: torch.Tensor, seed: int) -> GaussianMixtureModel:
-        """k-means++ centres, then one hard assignment: weights, means and covariances."""
-        from sklearn.cluster import kmeans_plusplus
+        """scikit-learn's default start: k-means (k-means++ seeding, seeded), then the weights,
+        means and covariances of its clusters."""
+        from sklearn.cluster import KMeans
 
         data = x.double().numpy()
-        centres, _ = kmeans_plusplus(data, self.n_components, random_state=seed)
-        labels = ((data[:, None, :] - centres[None]) ** 2).sum(-1).argmin(1)
+        kmeans = KMeans(self.n_components, n_init=1, random_state=seed).fit(data)
+        centres, labels = kmeans.cluster_centers_, kmeans.labels_
         k, d = self.n_components, data.shape[1]
         weights = np.bincount(labels, minlength=k) / len(data)
         covs = []
@@ -293,7 +303,8 @@ class GaussianMixture:
             pyro.validation_enabled(False),
         ):
             trace = poutine.trace(model).get_trace(batch_size=n_samples)
-        x, y = trace.nodes["x"]["value"], trace.nodes["y"]["value"]
+        x: Any = trace.nodes["x"]["value"]
+        y: Any = trace.nodes["y"]["value"]
         return x.double().numpy(), y.numpy()
 
     def bic(self, X: Any) -> float:

@@ -83,3 +83,25 @@ def test_unknown_suite_and_profile(capsys):
     assert "Did you mean 'speed'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown profile 'fast'"):
         speed.run("fast", device="cpu")
+
+
+def test_gmm_table_sets_svi_beside_em(tmp_path):
+    from lvmkit.benchmarks import gmm
+
+    frame = gmm.run("quick", figures_dir=tmp_path)
+    assert list(frame.method) == [gmm.EM, gmm.ENUMERATED, gmm.AMORTIZED]
+    enumerated = frame.set_index("method").loc[gmm.ENUMERATED]
+    assert enumerated.minus_em > -0.05 and enumerated.ari > 0.95
+    assert enumerated.heldout_elbo == enumerated.heldout_log_lik  # y summed out: no gap
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "gmm-blobs2d.png",
+        "gmm-log-likelihood.png",
+    ]
+
+
+def test_nonlinear_table_sets_is_beside_quadrature(tmp_path):
+    from lvmkit.benchmarks import nonlinear
+
+    row = nonlinear.run("quick", figures_dir=tmp_path).iloc[0]
+    assert abs(row.is_minus_exact) < 0.05 and row.elbo_minus_exact < 0
+    assert (tmp_path / "nonlinear-spiral.png").is_file()

@@ -12,6 +12,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCTEST_MODULES = [
     "lvmkit.models.vae",
+    "lvmkit.models.gmm",
+    "lvmkit.models.nonlinear",
+    "lvmkit.guides.categorical",
     "lvmkit.guides.gaussian",
     "lvmkit.inference.train",
     "lvmkit.inference.evaluate",

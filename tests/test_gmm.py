@@ -9,7 +9,6 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score
 from sklearn.mixture import GaussianMixture as SklearnGMM
-from sklearn.mixture._gaussian_mixture import _compute_precision_cholesky
 
 import lvmkit
 from lvmkit import datasets
@@ -45,7 +44,12 @@ def _by_hand(model: GaussianMixtureModel, x: torch.Tensor) -> torch.Tensor:
 def _sklearn_twin(gm: GaussianMixture) -> SklearnGMM:
     twin = SklearnGMM(gm.n_components, covariance_type=gm.covariance_type)
     twin.weights_, twin.means_, twin.covariances_ = gm.weights_, gm.means_, gm.covariances_
-    twin.precisions_cholesky_ = _compute_precision_cholesky(gm.covariances_, gm.covariance_type)
+    if gm.covariance_type == "full":  # what sklearn keeps: the Cholesky factor of Σ⁻¹
+        twin.precisions_cholesky_ = np.linalg.inv(np.linalg.cholesky(gm.covariances_)).swapaxes(
+            1, 2
+        )
+    else:
+        twin.precisions_cholesky_ = 1 / np.sqrt(gm.covariances_)
     return twin
 
 
