@@ -240,6 +240,7 @@ class GaussianMixture:
         assert best is not None
         self.model_ = best[1].cpu()
         self.n_iter_ = self.max_iter
+        self.lower_bound_ = -best[0]  # training log-likelihood per point at the last step
         return self
 
     def _initial_model(self, x: torch.Tensor, seed: int) -> GaussianMixtureModel:

@@ -86,6 +86,7 @@ def test_enumerated_svi_matches_em_on_separated_mixtures(cov_type):
     ours, theirs = gm.score(test.x), em.score(test.x)
     assert ours >= theirs - 0.02, (ours, theirs)
     assert adjusted_rand_score(test.y, gm.predict(test.x)) >= 0.95
+    assert gm.lower_bound_ == pytest.approx(gm.score(train.x), abs=0.01)
     assert gm.weights_.shape == (3,) and gm.means_.shape == (3, 2)
     expected = (3, 2, 2) if cov_type == "full" else (3, 2)
     assert gm.covariances_.shape == expected
