@@ -61,3 +61,20 @@ def check_sizes(name: str, value: Any) -> tuple[int, ...]:
     for size in sizes:
         check_int(f"each entry of {name}", size)
     return sizes
+
+
+def check_data_matrix(x: Any, data_dim: int, owner: str, config: str) -> None:
+    """Refuse data a model with ``data_dim`` features cannot score: missing, not floating point,
+    or not of shape (N, data_dim). ``owner`` and ``config`` name the model in the message."""
+    if x is None:
+        raise ValueError(f"data must provide 'x' for a {owner}; got no 'x'")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"data 'x' must be floating point for a {owner}; got dtype {x.dtype} "
+            "(convert it with x.float())"
+        )
+    if x.dim() != 2 or x.shape[-1] != data_dim:
+        raise ValueError(
+            f"data 'x' must have shape (N, {data_dim}) for this {owner} "
+            f"({config}.data_dim={data_dim}); got {tuple(x.shape)}"
+        )

@@ -27,7 +27,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.nn import PyroModule, PyroParam
 
-from lvmkit.models._checks import check_choice, check_float, check_int
+from lvmkit.models._checks import check_choice, check_data_matrix, check_float, check_int
 
 COVARIANCE_TYPES = ("full", "diag")
 
@@ -132,15 +132,7 @@ class GaussianMixtureModel(PyroModule):
 
     def validate_data(self, x: torch.Tensor | None = None, **_: object) -> None:
         """Raise when ``x`` cannot be scored by this mixture (called by ``fit``/``evaluate``)."""
-        if x is None:
-            raise ValueError("data must provide 'x' for a Gaussian mixture; got no 'x'")
-        if not x.is_floating_point():
-            raise TypeError(f"data 'x' must be floating point; got dtype {x.dtype}")
-        if x.dim() != 2 or x.shape[1] != self.config.data_dim:
-            raise ValueError(
-                f"data 'x' must have shape (N, {self.config.data_dim}) for this mixture "
-                f"(GMMConfig.data_dim={self.config.data_dim}); got {tuple(x.shape)}"
-            )
+        check_data_matrix(x, self.config.data_dim, "Gaussian mixture", "GMMConfig")
 
     @torch.no_grad()
     def log_joint(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,13 @@ import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 
-from lvmkit.models._checks import check_choice, check_float, check_int, check_sizes
+from lvmkit.models._checks import (
+    check_choice,
+    check_data_matrix,
+    check_float,
+    check_int,
+    check_sizes,
+)
 from lvmkit.models._mlp import ACTIVATIONS, mlp
 
 
@@ -85,15 +91,7 @@ class NonlinearLVM(PyroModule):
             return pyro.sample("x", dist.Normal(self.f(z), self.sigma()).to_event(1), obs=x)
 
     def validate_data(self, x: torch.Tensor | None = None, **_: object) -> None:
-        if x is None:
-            raise ValueError("data must provide 'x' for a NonlinearLVM; got no 'x'")
-        if not x.is_floating_point():
-            raise TypeError(f"data 'x' must be floating point; got dtype {x.dtype}")
-        if x.dim() != 2 or x.shape[1] != self.config.data_dim:
-            raise ValueError(
-                f"data 'x' must have shape (N, {self.config.data_dim}) for this model "
-                f"(NonlinearConfig.data_dim={self.config.data_dim}); got {tuple(x.shape)}"
-            )
+        check_data_matrix(x, self.config.data_dim, "NonlinearLVM", "NonlinearConfig")
 
 
 def build_nonlinear(config: NonlinearConfig, *, encoder_hidden: tuple[int, ...] | None = None):

@@ -19,7 +19,13 @@ import torch
 from pyro.nn import PyroModule
 from torch.nn import functional as F
 
-from lvmkit.models._checks import check_choice, check_float, check_int, check_sizes
+from lvmkit.models._checks import (
+    check_choice,
+    check_data_matrix,
+    check_float,
+    check_int,
+    check_sizes,
+)
 from lvmkit.models._mlp import ACTIVATIONS, mlp
 
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_fixed")
@@ -102,18 +108,8 @@ class VAE(PyroModule):
 
     def validate_data(self, x: torch.Tensor | None = None, **_: object) -> None:
         """Raise ``ValueError`` when ``x`` cannot be scored by this model (called by ``fit``)."""
-        if x is None:
-            raise ValueError("data must provide 'x' for a VAE; got no 'x'")
-        if not x.is_floating_point():
-            raise TypeError(
-                f"data 'x' must be floating point for a VAE; got dtype {x.dtype} "
-                "(convert it with x.float())"
-            )
-        if x.dim() != 2 or x.shape[-1] != self.config.data_dim:
-            raise ValueError(
-                f"data 'x' must have shape (N, {self.config.data_dim}) for this VAE "
-                f"(VAEConfig.data_dim={self.config.data_dim}); got {tuple(x.shape)}"
-            )
+        check_data_matrix(x, self.config.data_dim, "VAE", "VAEConfig")
+        assert x is not None
         if self.config.likelihood == "bernoulli":
             low, high = float(x.min()), float(x.max())
             if low < 0 or high > 1:
