@@ -83,8 +83,12 @@ class GaussianMixtureModel(PyroModule):
         reg = config.reg_covar
         if config.covariance_type == "full":
             cov = torch.eye(d).expand(k, d, d) if covariances is None else covariances
-            cov = torch.as_tensor(cov).float() - reg * torch.eye(d)
-            tril = torch.linalg.cholesky(cov + 1e-9 * torch.eye(d))
+            # Σ = LLᵀ + reg·I: L from Σ − reg·I, its eigenvalues floored so that a singular
+            # starting covariance (a cluster on a line, repeated points) still factorizes
+            values, vectors = torch.linalg.eigh(torch.as_tensor(cov).double() - reg * torch.eye(d))
+            floor = 1e-6 * max(1.0, float(values.abs().max()))
+            cov = vectors @ torch.diag_embed(values.clamp_min(floor)) @ vectors.transpose(-1, -2)
+            tril = torch.linalg.cholesky(cov).float()
             self.scale_tril = PyroParam(  # type: ignore[assignment]
                 tril, constraint=dist.constraints.lower_cholesky
             )

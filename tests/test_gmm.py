@@ -191,3 +191,15 @@ def test_data_sets_are_reproducible():
     assert digits.x.shape == (1797, 10) and len(set(digits.y)) == 10
     with pytest.raises(ValueError, match="probability vector"):
         datasets.make_mixture(10, [0.5, 0.6], [[0, 0], [1, 1]], [[1, 1], [1, 1]])
+
+
+def test_degenerate_data_still_fit():
+    """Fewer distinct points than components: k-means leaves singular clusters behind, and the
+    starting covariances must still factorize (found by the property tests' cousins)."""
+    import warnings
+
+    x = np.r_[np.zeros((5, 2)), np.ones((5, 2))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scikit-learn: fewer distinct clusters than n_clusters
+        gm = GaussianMixture(3, max_iter=20).fit(x)
+    assert np.isfinite(gm.score(x))

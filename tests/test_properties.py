@@ -203,3 +203,30 @@ def test_binarize_on_any_input(data):
 def test_binarize_names_the_range(bad):
     with pytest.raises(ValueError, match=r"probabilities in \[0, 1\]"):
         lvmkit.binarize(torch.tensor([0.2, bad]))
+
+
+@PROFILE
+@given(
+    data=DATA,
+    n_components=INTS(1, 4),
+    covariance_type=mostly(st.sampled_from(["full", "diag"]), st.sampled_from(["spherical", 0])),
+)
+def test_gaussian_mixture_on_any_data_and_options(data, n_components, covariance_type):
+    from lvmkit.models import GaussianMixture
+
+    def fit_and_score():
+        gm = GaussianMixture(n_components, covariance_type=covariance_type, max_iter=3)
+        gm.fit(data)
+        gm.score(data)
+        gm.predict(data)
+
+    _allowed(fit_and_score)
+
+
+@PROFILE
+@given(n=INTS(1, 50), noise=REALS, seed=INTS(0))
+def test_synthetic_data_sets_with_any_options(n, noise, seed):
+    from lvmkit import datasets
+
+    for make in (datasets.make_ring, datasets.make_spiral, datasets.make_moons):
+        _allowed(lambda make=make: make(n, noise=noise, seed=seed))
