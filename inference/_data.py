@@ -7,7 +7,8 @@ torch dtype, so float64 numpy arrays work with float32 networks.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -109,3 +110,25 @@ def resolve_device(device: str | torch.device) -> torch.device:
             "use device='auto' or 'cpu'"
         )
     return resolved
+
+
+@contextmanager
+def model_failures_as_data_errors(where: str, batch: Batch) -> Iterator[None]:
+    """Report the model/guide failing on ``batch`` (with anything but a ValueError/TypeError, e.g.
+    a shape error from deep inside torch) as a ValueError naming ``where`` and the data's shapes,
+    with the original error chained: on the first batch such a failure is a data/model mismatch."""
+    try:
+        yield
+    except (ValueError, TypeError):
+        raise
+    except Exception as err:
+        shapes = ", ".join(f"{k}: {tuple(v.shape)} {v.dtype}" for k, v in batch.items())
+        raise ValueError(
+            f"model/guide failed on {where} ({shapes}): "
+            f"{type(err).__name__}: {str(err).strip().splitlines()[0][:400]}"
+        ) from err
+
+
+def cuda_devices() -> list[int]:
+    """Every visible CUDA device, for ``torch.random.fork_rng`` (none without CUDA)."""
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []

@@ -37,6 +37,8 @@ from lvmkit.inference._data import (
     Batch,
     as_batch,
     check_with_model,
+    cuda_devices,
+    model_failures_as_data_errors,
     num_points,
     resolve_device,
     take,
@@ -141,7 +143,7 @@ def evaluate(
     check_with_model(model, batch)
     total = num_points(batch)
     rows: list[np.ndarray] = []
-    with torch.random.fork_rng(devices=_cuda_devices()):
+    with torch.random.fork_rng(devices=cuda_devices()):
         if seed is not None:
             pyro.set_rng_seed(check_int("seed", seed, minimum=0))
         chunks = _iter_log_weights(
@@ -247,7 +249,7 @@ def _pairs_in_budget(
     if budget is None:
         return max_pairs or default
     # (under fork_rng: measuring must not shift the samples the evaluation draws)
-    with torch.enable_grad(), torch.random.fork_rng(devices=_cuda_devices()):
+    with torch.enable_grad(), torch.random.fork_rng(devices=cuda_devices()):
         _, saved = _memory.measure_saved(
             lambda: _log_weights_pass(model, guide, probe, 1, particle_dim)
         )
@@ -342,18 +344,9 @@ def _per_point_log_prob(name: str, site: dict, particle_dim: int, k: int, n: int
 
 
 def _probe(model, guide, probe: Batch, dev: torch.device) -> int:
-    """:func:`_max_plate_nesting` on one data point; a failure there is a data/model mismatch,
-    reported as a ValueError naming the data's shapes (the original error is chained)."""
-    try:
+    """:func:`_max_plate_nesting` on one data point, a failure there reported as a mismatch."""
+    with model_failures_as_data_errors("the first data point", probe):
         return _max_plate_nesting(model, guide, probe, dev)
-    except (ValueError, TypeError):
-        raise
-    except Exception as err:
-        shapes = ", ".join(f"{k}: {tuple(v.shape[1:])} {v.dtype}" for k, v in probe.items())
-        raise ValueError(
-            f"model/guide failed on the first data point (per-point shapes {shapes}): "
-            f"{type(err).__name__}: {str(err).strip().splitlines()[0][:400]}"
-        ) from err
 
 
 def _max_plate_nesting(model, guide, probe: Batch, dev: torch.device) -> int:
@@ -428,7 +421,3 @@ def _eval_device(model, guide, device) -> torch.device:
     for _, value in pyro.get_param_store().items():
         return value.device
     return torch.device("cpu")
-
-
-def _cuda_devices() -> list[int]:
-    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []

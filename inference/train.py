@@ -37,6 +37,8 @@ from lvmkit.inference._data import (
     Batch,
     as_batch,
     check_with_model,
+    cuda_devices,
+    model_failures_as_data_errors,
     num_points,
     resolve_device,
     take,
@@ -457,7 +459,7 @@ class _Loop:
         """Roll back to the last good snapshot; find the step and site; raise or lower the lr."""
         bad_epoch = self.epoch + 1
         self.restore(self.good)
-        where = self._locate(until=(bad_epoch, self.steps_per_epoch))
+        where, epoch, step, site = self._locate(bad_epoch)
         self.restore(self.good)
         rolled = (
             "the start of training"
@@ -486,30 +488,25 @@ class _Loop:
             else "Lower lr, or pass on_nonfinite='reduce_lr' to lower it automatically"
         )
         saved = f" ({self.rundir.checkpoint} holds it)" if self.rundir is not None else ""
-        step = self._where_step
         raise NonFiniteLossError(
             f"{where}. The model, guide and optimizer were rolled back to {rolled}{saved}. "
             f"{advice} (now {self.lr:g}), or check the model "
             "for log(0), division by zero or overflow.",
-            epoch=self._where_epoch,
+            epoch=epoch,
             step=step,
-            site=self._where_site,
+            site=site,
         )
 
-    _where_epoch: int = 0
-    _where_step: int | None = None
-    _where_site: str | None = None
-
-    def _locate(self, until: tuple[int, int]) -> str:
-        """Replay the steps since the last snapshot one at a time, checking each on the host."""
-        self._where_epoch, self._where_step, self._where_site = until[0], None, None
-        while (self.epoch + 1, self.step) < until and self.epoch + 1 <= until[0]:
+    def _locate(self, bad_epoch: int) -> tuple[str, int, int | None, str | None]:
+        """Replay the steps from the last snapshot to the end of ``bad_epoch`` one at a time,
+        checking each on the host; return a description and the epoch, step and sample site of
+        the first non-finite value (step and site None where the replay cannot tell)."""
+        while self.epoch < bad_epoch:
             if self.order is None:
                 self.order = _epoch_permutation(self.seed, self.epoch + 1, self.total).to(self.dev)
             before = rng_state(self.dev)
             batch = self._batch()
             epoch, step = self.epoch + 1, self.step + 1
-            self._where_epoch, self._where_step = epoch, step
             at = f"epoch {epoch}, step {step} of {self.steps_per_epoch}"
             with pyro.validation_enabled(False):
                 loss = self.step_loss(batch)
@@ -530,21 +527,21 @@ class _Loop:
                         problem = f"the optimizer step made parameter {name!r} non-finite"
                         break
             if problem is not None:
-                after = rng_state(self.dev)
+                # draw this step's samples again; the caller restores the whole state after
                 set_rng_state(before, self.dev)
                 with torch.no_grad(), pyro.validation_enabled(False):
                     site = self.diagnose(batch)
-                set_rng_state(after, self.dev)
-                self._where_site = site[0] if site else None
                 found = f", first at sample site {site[0]!r} ({site[1]})" if site else ""
-                return f"non-finite values in {at}: {problem}{found}"
+                message = f"non-finite values in {at}: {problem}{found}"
+                return message, epoch, step, site[0] if site else None
             self.step += 1
             if self.step == self.steps_per_epoch:
                 self.epoch, self.step, self.order = self.epoch + 1, 0, None
-        return (
-            f"the loss or parameters became non-finite by the end of epoch {until[0]}, but "
+        message = (
+            f"the loss or parameters became non-finite by the end of epoch {bad_epoch}, but "
             "replaying the steps one by one did not reproduce it (non-deterministic kernels?)"
         )
+        return message, bad_epoch, None, None
 
 
 def _first_nonfinite_site(elbo, model, guide, batch: Batch) -> tuple[str, str] | None:
@@ -646,11 +643,10 @@ def _data_plate_scale(model, first_batch: Callable[[], Batch]) -> float:
     """The factor by which the model scales a minibatch's observed sites (N / n when its data
     plate subsamples, as in ``pyro.plate("data", N, subsample=...)``; else 1), read from one
     trace of the model on the first minibatch, drawn under a forked random state."""
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     try:
         with (
             torch.no_grad(),
-            torch.random.fork_rng(devices=devices),
+            torch.random.fork_rng(devices=cuda_devices()),
             pyro.validation_enabled(False),
             poutine.block(),
         ):
@@ -666,23 +662,14 @@ def _data_plate_scale(model, first_batch: Callable[[], Batch]) -> float:
 
 
 def _first_step(eager_loss, first: Batch, model, guide, dev, transformed: bool):
-    """Run the set-up step that finds the parameters; a failure there is a data/model mismatch,
-    reported as a ValueError that names the data's shapes (the original error is chained).
-    Returns the parameters and the bytes of activations the step saved for backward."""
-    try:
+    """Run the set-up step that finds the parameters (a failure there reported as a data/model
+    mismatch); return them and the bytes of activations the step saved for backward."""
+    where = "the first minibatch of data" + (" (after transform)" if transformed else "")
+    with model_failures_as_data_errors(where, first):
         params, saved = _memory.measure_saved(
             lambda: collect_params(eager_loss, first, model, guide, dev)
         )
-        return params, _memory.activation_bytes(saved, params.values())
-    except (ValueError, TypeError):
-        raise
-    except Exception as err:
-        shapes = ", ".join(f"{k}: {tuple(v.shape)} {v.dtype}" for k, v in first.items())
-        via = " (after transform)" if transformed else ""
-        raise ValueError(
-            f"model/guide failed on the first minibatch of data{via} ({shapes}): "
-            f"{type(err).__name__}: {str(err).strip().splitlines()[0][:400]}"
-        ) from err
+    return params, _memory.activation_bytes(saved, params.values())
 
 
 def _check_callable(name: str, obj: Any) -> None:

@@ -11,6 +11,7 @@ importance-sampled estimates are checked against.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -134,11 +135,8 @@ def exact_log_likelihood(
     step = float(axis[1] - axis[0])
     z = axis[:, None] if dz == 1 else torch.cartesian_prod(axis, axis)  # (G, Dz)
     device = next(model.f.parameters()).device
-    f = model.f.to(torch.float64)
-    try:
-        means = f(z.to(device)).cpu()  # (G, D)
-    finally:
-        model.f.to(torch.float32)
+    f64 = copy.deepcopy(model.f).to(torch.float64)  # the model itself keeps its dtype
+    means = f64(z.to(device)).cpu()  # (G, D)
     sigma = float(model.sigma())
     log_prior = (-0.5 * (z**2).sum(-1) - 0.5 * dz * math.log(2 * math.pi)).cpu()  # (G,)
     log_volume = dz * math.log(step)

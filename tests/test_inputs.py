@@ -159,3 +159,32 @@ def test_summarize_refuses_a_foreign_table():
 
     with pytest.raises(ValueError, match="columns"):
         lvmkit.summarize(pd.DataFrame({"a": [1.0]}))
+
+
+def test_a_model_failing_on_the_data_is_reported_as_a_mismatch():
+    """A model that breaks inside torch on the data (here: a Linear of the wrong width) gives a
+    ValueError naming the data's shapes, with the torch error chained, in fit and in evaluate."""
+    import pyro
+    import pyro.distributions as dist
+    from torch import nn
+
+    net = nn.Linear(5, 3)
+
+    def model(x):
+        pyro.module("net", net)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(net(x), 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        pass
+
+    x = torch.zeros(8, 3)
+    with pytest.raises(
+        ValueError, match=r"first minibatch of data \(x: \(8, 3\) torch.float32\)"
+    ) as info:
+        lvmkit.fit(model, guide, x, epochs=1, batch_size=8, device="cpu", progress=False)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    with pytest.raises(
+        ValueError, match=r"first data point \(x: \(1, 3\) torch.float32\): Runtime"
+    ):
+        lvmkit.evaluate(model, guide, x, 2, device="cpu")
