@@ -7,24 +7,42 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
+from lvmkit.inference.annealing import KLSchedule
 from lvmkit.inference.evaluate import (
+    ActiveUnits,
     EvaluationSummary,
+    active_units,
     evaluate,
     log_weights,
+    posterior_means,
+    reconstruction_error,
     summarize,
 )
-from lvmkit.inference.objectives import OBJECTIVES, TraceELBO, TraceMeanFieldELBO
+from lvmkit.inference.objectives import (
+    IWAE,
+    OBJECTIVES,
+    ReweightedWakeSleep,
+    TraceELBO,
+    TraceMeanFieldELBO,
+)
 from lvmkit.inference.train import FitResult, NonFiniteLossError, fit
 
 __all__ = [
+    "IWAE",
     "OBJECTIVES",
+    "ActiveUnits",
     "EvaluationSummary",
     "FitResult",
+    "KLSchedule",
     "NonFiniteLossError",
+    "ReweightedWakeSleep",
     "TraceELBO",
     "TraceMeanFieldELBO",
+    "active_units",
     "evaluate",
     "fit",
     "log_weights",
+    "posterior_means",
+    "reconstruction_error",
     "summarize",
 ]

@@ -120,3 +120,19 @@ def collect_params(
             "use PyroModules, pyro.module or pyro.param"
         )
     return params
+
+
+@contextmanager
+def eval_mode(*objects: Any) -> Iterator[None]:
+    """Put the ``nn.Module``s among ``objects`` in eval mode (no dropout, no training-only
+    corruption or penalties) for the block, and give each back its own mode afterwards."""
+    modules = [obj for obj in objects if isinstance(obj, nn.Module)]
+    modes = [{m: m.training for m in module.modules()} for module in modules]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for saved in modes:
+            for m, training in saved.items():
+                m.training = training

@@ -42,12 +42,21 @@ CHECKPOINT_FILE = "checkpoint.pt"
 HISTORY_FILE = "history.csv"
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
-_RESUMABLE = ("objective", "num_particles", "batch_size", "lr", "seed", "num_points")
+_RESUMABLE = (
+    "objective",
+    "num_particles",
+    "batch_size",
+    "lr",
+    "seed",
+    "num_points",
+    "kl_schedule",
+)
 
 
-def history_columns(with_val: bool) -> list[str]:
-    cols = ["epoch", "train_loss", "val_elbo", "lr", "seconds", "examples_per_s"]
-    return cols if with_val else [c for c in cols if c != "val_elbo"]
+def history_columns(with_val: bool, with_kl: bool = False) -> list[str]:
+    cols = ["epoch", "train_loss", "kl_weight", "val_elbo", "lr", "seconds", "examples_per_s"]
+    drop = {name for name, keep in (("val_elbo", with_val), ("kl_weight", with_kl)) if not keep}
+    return [c for c in cols if c not in drop]
 
 
 def rng_state(dev: torch.device) -> dict[str, Any]:
@@ -174,7 +183,7 @@ class RunDir:
 
     def write_history(self, rows: list[dict[str, float]]) -> None:
         if rows:
-            columns = history_columns("val_elbo" in rows[0])
+            columns = history_columns("val_elbo" in rows[0], "kl_weight" in rows[0])
             text = pd.DataFrame(rows, columns=columns).to_csv(index=False)
             atomic_write_text(self.path / HISTORY_FILE, text)
 

@@ -44,7 +44,7 @@ from lvmkit.inference._data import (
     take,
     to_device,
 )
-from lvmkit.inference._params import param_scope
+from lvmkit.inference._params import eval_mode, param_scope
 from lvmkit.models._checks import check_int
 
 DATA_PLATE = "data"
@@ -197,6 +197,187 @@ def mean_elbo(model, guide, batch: Batch, *, max_pairs: int | None = None) -> to
     return torch.stack(sums).sum() / num_points(batch)
 
 
+# -- codes: posterior means, active units, reconstructions ------------------------------------
+
+ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016): unit u is active if Cov_x(E_q[z_u]) > 0.01
+
+
+@dataclass(frozen=True)
+class ActiveUnits:
+    """Which latent units the guide uses (Burda, Grosse & Salakhutdinov, "Importance Weighted
+    Autoencoders", ICLR 2016, section 5.2): a unit is *active* when the variance over data points
+    of its posterior mean E_q[z_u | x] exceeds ``threshold``. Units that are not active carry no
+    information about x — the signature of posterior collapse."""
+
+    count: int  # active units
+    total: int  # latent units
+    variances: np.ndarray  # Cov_x(E_q[z_u | x]) per unit, shape (total,)
+    threshold: float
+
+
+def posterior_means(
+    guide: Callable[..., Any],
+    data: Any,
+    *,
+    site: str = "z",
+    num_samples: int = 64,
+    max_pairs: int | None = None,
+    seed: int | None = 0,
+) -> torch.Tensor:
+    """E_q[z | x] for every data point, shape ``(N, *event_shape)`` (the codes of an encoder).
+
+    Exact when ``site`` is the guide's only sample site and its distribution has a mean (a
+    Gaussian's loc, a Delta's value); otherwise the average of ``num_samples`` draws (e.g. M2's
+    z, whose distribution depends on a drawn label). ``seed`` as in :func:`evaluate`.
+    """
+    batch = as_batch(data)
+    num_samples = check_int("num_samples", num_samples)
+    dev = _eval_device(guide, guide, None)
+    pairs = max_pairs or DEFAULT_MAX_PAIRS.get(dev.type, DEFAULT_MAX_PAIRS["cpu"])
+    out: list[torch.Tensor] = []
+    with (
+        torch.no_grad(),
+        torch.random.fork_rng(devices=cuda_devices()),
+        pyro.validation_enabled(False),
+        param_scope(guide, guide, publish=False),
+        eval_mode(guide),
+    ):
+        if seed is not None:
+            pyro.set_rng_seed(check_int("seed", seed, minimum=0))
+        chunk = max(1, pairs // num_samples)
+        for start in range(0, num_points(batch), chunk):
+            part = to_device(take(batch, slice(start, start + chunk)), dev)
+            trace = poutine.trace(guide).get_trace(**part)
+            sites = [name for name, s in trace.nodes.items() if _is_sample(s)]
+            if site not in sites:
+                raise ValueError(
+                    f"the guide has no sample site {site!r} (its sample sites: {sites}); pass "
+                    "site= the name of the continuous latent"
+                )
+            mean = _site_mean(trace.nodes[site]) if sites == [site] else None
+            if mean is None:
+                dim = -(_guide_plate_nesting(trace) + 1)
+                with pyro.plate("_lvmkit_particles", num_samples, dim=dim):
+                    particles = poutine.trace(guide).get_trace(**part)
+                draws = torch.as_tensor(particles.nodes[site]["value"])
+                mean = draws.mean(dim=0)
+                shape = torch.as_tensor(trace.nodes[site]["value"]).shape
+                if mean.numel() != shape.numel():
+                    raise ValueError(
+                        f"cannot average the draws of site {site!r}: shape {tuple(draws.shape)} "
+                        f"does not reduce to {tuple(shape)}"
+                    )
+                mean = mean.reshape(shape)
+            out.append(mean)
+    return torch.cat(out)
+
+
+def active_units(
+    guide: Callable[..., Any],
+    data: Any,
+    *,
+    site: str = "z",
+    threshold: float = ACTIVE_UNIT_THRESHOLD,
+    num_samples: int = 64,
+) -> ActiveUnits:
+    """Count the active latent units of ``guide`` on ``data`` (see :class:`ActiveUnits`).
+
+    Example::
+
+        >>> import torch, lvmkit
+        >>> cfg = lvmkit.VAEConfig(data_dim=4, latent_dim=3, hidden_dims=(8,))
+        >>> model, guide = lvmkit.build_vae(cfg)
+        >>> lvmkit.active_units(guide, torch.rand(50, 4)).total
+        3
+    """
+    means = posterior_means(guide, data, site=site, num_samples=num_samples)
+    means = means.reshape(means.shape[0], -1).double()
+    if means.shape[0] < 2:
+        raise ValueError(f"active units need at least 2 data points; got {means.shape[0]}")
+    variances = means.var(dim=0, unbiased=False).cpu().numpy()
+    return ActiveUnits(int((variances > threshold).sum()), len(variances), variances, threshold)
+
+
+def reconstruction_error(
+    model: Callable[..., Any],
+    guide: Callable[..., Any],
+    data: Any,
+    *,
+    site: str = "z",
+    max_pairs: int | None = None,
+    seed: int | None = 0,
+) -> torch.Tensor:
+    """−log p(x | ẑ) per data point, with ẑ = E_q[z | x] the guide's mean code: the
+    reconstruction error in nats (the binary cross-entropy summed over pixels for a Bernoulli
+    decoder; ½‖x − x̂‖² + const for a unit-variance Gaussian one). Other guide sites keep a draw.
+    Returns a CPU tensor of shape ``(N,)``."""
+    batch = as_batch(data)
+    check_with_model(model, batch)
+    dev = _eval_device(model, guide, None)
+    pairs = max_pairs or DEFAULT_MAX_PAIRS.get(dev.type, DEFAULT_MAX_PAIRS["cpu"])
+    out: list[torch.Tensor] = []
+    with (
+        torch.no_grad(),
+        torch.random.fork_rng(devices=cuda_devices()),
+        param_scope(model, guide, publish=False),
+        eval_mode(model, guide),
+    ):
+        if seed is not None:
+            pyro.set_rng_seed(check_int("seed", seed, minimum=0))
+        with pyro.validation_enabled(False):
+            dim = particle_dim(model, guide, to_device(take(batch, slice(0, 1)), dev))
+            for start in range(0, num_points(batch), pairs):
+                part = to_device(take(batch, slice(start, start + pairs)), dev)
+                out.append(-_reconstruction_pass(model, guide, part, site, dim).cpu())
+    return torch.cat(out)
+
+
+def _reconstruction_pass(model, guide, chunk: Batch, site: str, dim: int) -> torch.Tensor:
+    n = num_points(chunk)
+    with pyro.plate("_lvmkit_particles", 1, dim=dim):
+        guide_trace = poutine.trace(guide).get_trace(**chunk)
+        if site not in guide_trace.nodes:
+            raise ValueError(f"the guide has no sample site {site!r}; pass site= its latent")
+        node = guide_trace.nodes[site]
+        mean = _site_mean(node)
+        if mean is None:
+            raise ValueError(f"the guide's site {site!r} has no mean ({type(node['fn']).__name__})")
+        node["value"] = mean.expand(node["value"].shape)
+        replayed = poutine.enum(
+            poutine.replay(model, trace=guide_trace), first_available_dim=dim - 1
+        )
+        model_trace = poutine.trace(replayed).get_trace(**chunk)
+    log_p = torch.zeros(1, n, device=next(iter(chunk.values())).device)
+    for name, s in model_trace.nodes.items():
+        if _is_sample(s) and s["is_observed"]:
+            log_p = log_p + _per_point_log_prob(name, s, dim, 1, n)
+    if log_p.dim() > 2:
+        log_p = log_p.reshape(-1, 1, n).logsumexp(dim=0)
+    return log_p[0]
+
+
+def _site_mean(site: Any) -> torch.Tensor | None:
+    fn = site["fn"]
+    while hasattr(fn, "base_dist") and isinstance(fn, pyro.distributions.Independent):
+        fn = fn.base_dist
+    if isinstance(fn, pyro.distributions.Delta):
+        return fn.v
+    if isinstance(fn, (pyro.distributions.Normal, pyro.distributions.LogNormal)):
+        return fn.mean
+    return None
+
+
+def _guide_plate_nesting(trace) -> int:
+    dims = [
+        -frame.dim
+        for site in trace.nodes.values()
+        if _is_sample(site)
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized
+    ]
+    return max(dims, default=0)
+
+
 # -- the primitive ---------------------------------------------------------------------------
 
 
@@ -216,7 +397,7 @@ def _iter_log_weights(
     _memory.parse_budget(memory_budget)
     dev = _eval_device(model, guide, device)
     total = num_points(batch)
-    with torch.no_grad(), param_scope(model, guide, publish=False):
+    with torch.no_grad(), param_scope(model, guide, publish=False), eval_mode(model, guide):
         probe = to_device(take(batch, slice(0, 1)), dev)
         with pyro.validation_enabled(True):  # one checked pass, then Pyro's checks stay off
             particle_dim = -(_probe(model, guide, probe, dev) + 1)
@@ -274,14 +455,19 @@ def _pairs_in_budget(
     return max_pairs or min(default, fits)
 
 
-def _paired_traces(model, guide, batch: Batch, enum_dim: int | None = None):
+def _paired_traces(model, guide, batch: Batch, enum_dim: int | None = None, detach: bool = False):
     """Trace the guide, replay the model on its draws; return both traces and its latents.
 
     With ``enum_dim``, model sites marked ``infer={"enumerate": "parallel"}`` that the guide does
     not propose are enumerated (their whole support, in dims left of ``enum_dim`` + 1) instead of
-    sampled, so that the weights can sum them out exactly.
+    sampled, so that the weights can sum them out exactly. With ``detach``, the guide's draws are
+    cut from the graph before the model sees them (no gradient through the samples: wake-sleep).
     """
     guide_trace = poutine.trace(guide).get_trace(**batch)
+    if detach:
+        for site in guide_trace.nodes.values():
+            if site["type"] == "sample" and torch.is_tensor(site["value"]):
+                site["value"] = site["value"].detach()
     replayed = poutine.replay(model, trace=guide_trace)
     if enum_dim is not None:
         replayed = poutine.enum(replayed, first_available_dim=enum_dim)
@@ -304,20 +490,39 @@ def _scored_sites(model_trace, latents: set[str]) -> Iterator[tuple[str, Any]]:
 
 
 def _log_weights_pass(model, guide, chunk: Batch, k: int, particle_dim: int) -> torch.Tensor:
+    log_p, log_q, _ = log_density_pass(model, guide, chunk, k, particle_dim)
+    return log_p - log_q
+
+
+def log_density_pass(
+    model, guide, chunk: Batch, k: int, particle_dim: int, *, detach: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One vectorised pass of ``k`` guide draws per point: ``(log p(x, z), log q(z | x), scale)``.
+
+    The first two are ``(k, n)`` (enumerated model sites summed out of log p); ``scale`` is the
+    factor the model applies to its observed sites (``N / n`` for a subsampling data plate, else
+    1), for objectives that sum the points of a minibatch. Differentiable unless called under
+    ``no_grad``; ``detach`` cuts the draws from the graph (see :func:`_paired_traces`). The
+    training objectives of :mod:`lvmkit.inference.objectives` and :func:`evaluate` share it.
+    """
     with pyro.plate("_lvmkit_particles", k, dim=particle_dim):
         guide_trace, model_trace, latents = _paired_traces(
-            model, guide, chunk, enum_dim=particle_dim - 1
+            model, guide, chunk, enum_dim=particle_dim - 1, detach=detach
         )
     n = num_points(chunk)
-    lw = torch.zeros(k, n, device=next(iter(chunk.values())).device)
+    log_p = torch.zeros(k, n, device=next(iter(chunk.values())).device)
+    scale = 1.0
     for name, site in _scored_sites(model_trace, latents):
-        lw = lw + _per_point_log_prob(name, site, particle_dim, k, n)
-    if lw.dim() > 2:  # enumerated sites: sum them out, exactly
-        lw = lw.reshape(-1, k, n).logsumexp(dim=0)
+        log_p = log_p + _per_point_log_prob(name, site, particle_dim, k, n)
+        if site["is_observed"]:
+            scale = max(scale, float(site["scale"]))
+    if log_p.dim() > 2:  # enumerated sites: sum them out, exactly
+        log_p = log_p.reshape(-1, k, n).logsumexp(dim=0)
+    log_q = torch.zeros_like(log_p)
     for name in latents:
         if name in model_trace.nodes:  # auxiliary guide sites are not part of the weight
-            lw = lw - _per_point_log_prob(name, guide_trace.nodes[name], particle_dim, k, n)
-    return lw
+            log_q = log_q + _per_point_log_prob(name, guide_trace.nodes[name], particle_dim, k, n)
+    return log_p, log_q, scale
 
 
 def _is_sample(site: Any) -> bool:
@@ -341,6 +546,19 @@ def _per_point_log_prob(name: str, site: dict, particle_dim: int, k: int, n: int
         log_prob = log_prob.sum(dim=other, keepdim=True)
     shape = (*enum_shape, log_prob.shape[particle_axis], log_prob.shape[data_axis])
     return log_prob.reshape(shape).expand(*enum_shape, k, n)
+
+
+def particle_dim(model, guide, batch: Batch) -> int:
+    """The plate dim left of every plate the pair uses (checked on the batch's first point)."""
+    probe = take(batch, slice(0, 1))
+    dev = next(iter(batch.values())).device
+    with (
+        torch.no_grad(),
+        pyro.validation_enabled(False),
+        poutine.block(),
+        torch.random.fork_rng(devices=cuda_devices()),
+    ):
+        return -(_probe(model, guide, probe, dev) + 1)
 
 
 def _probe(model, guide, probe: Batch, dev: torch.device) -> int:

@@ -1,4 +1,4 @@
-"""Training objectives: Pyro's ELBOs, computed without a device→host sync per step.
+"""Training objectives: Pyro's ELBOs without a device→host sync per step; IWAE and RWS.
 
 Pyro 1.9's ``Trace_ELBO.differentiable_loss`` calls ``.item()`` on every sample site and checks the
 loss for NaN on the host, so every SVI step waits for the device. The two classes here are Pyro's
@@ -6,18 +6,29 @@ loss for NaN on the host, so every SVI step waits for the device. The two classe
 device; tracing, validation, particles and Rao-Blackwellisation of score-function terms are Pyro's
 own. ``Objective()(model, guide)`` is a ``torch.nn.Module`` whose forward is the loss, as in Pyro.
 Non-finite losses are caught by ``fit`` once per epoch instead of once per step.
+
+:class:`IWAE` and :class:`ReweightedWakeSleep` are written on the per-point log-density pass that
+evaluation uses (:func:`lvmkit.inference.evaluate.log_density_pass`): K draws per data point,
+vectorised with a particle plate, a logsumexp over K per point.
 """
 
 from __future__ import annotations
 
+import math
+
+import pyro
 import pyro.infer
+import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer.trace_elbo import _compute_log_r  # Pyro's own Rao-Blackwellised log-ratio
 from pyro.infer.util import check_fully_reparametrized, is_validation_enabled
+from pyro.poutine.util import site_is_subsample
 from torch.distributions import kl_divergence
 
-from lvmkit.models._checks import check_choice, check_int
+from lvmkit.inference._data import cuda_devices
+from lvmkit.inference.evaluate import log_density_pass, particle_dim
+from lvmkit.models._checks import check_choice, check_float, check_int
 
 
 class _OnDeviceLoss:
@@ -96,15 +107,151 @@ class TraceMeanFieldELBO(_OnDeviceLoss, pyro.infer.TraceMeanField_ELBO):
         return elbo.detach(), elbo  # type: ignore[union-attr]
 
 
+class _PerPointBound(pyro.infer.Trace_ELBO):
+    """Shared set-up of the K-sample objectives: keyword data only, the particle dim found once
+    per (model, guide) pair, and Trace_ELBO's single-trace ``_get_traces`` kept for ``fit``'s
+    non-finite diagnosis."""
+
+    needs_reparam = True
+
+    def __init__(self, num_particles: int = 5) -> None:
+        super().__init__(num_particles=check_int("num_particles", num_particles))
+        self._dims: dict[tuple[int, int], int] = {}
+
+    def _particle_dim(self, model, guide, batch) -> int:
+        key = (id(model), id(guide))
+        if key not in self._dims:
+            if self.needs_reparam:
+                _check_reparameterized(guide, batch, type(self).__name__)
+            self._dims[key] = particle_dim(model, guide, batch)
+        return self._dims[key]
+
+    def _batch(self, args, kwargs) -> dict:
+        if args:
+            raise TypeError(
+                f"{type(self).__name__} takes the data as keywords (x=..., ...), as fit passes them"
+            )
+        return kwargs
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        with torch.no_grad():
+            return float(self.differentiable_loss(model, guide, *args, **kwargs))
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        loss.backward()
+        return float(loss.detach())
+
+
+class IWAE(_PerPointBound):
+    """The importance-weighted bound of Burda, Grosse & Salakhutdinov (ICLR 2016), as a loss:
+
+        −Σ_n [logsumexp_k (log p(x_n, z_nk) − log q(z_nk | x_n)) − log K],  z_nk ~ q(z | x_n),
+
+    reparameterized (the guide's latent sites must have ``rsample``; discrete latents that the
+    model enumerates are summed out exactly). K = 1 is the ELBO; the bound rises with K towards
+    log p(x). For any model/guide pair whose sites sit in ``pyro.plate("data", N)``; the sum is
+    scaled like the model's observed sites (N / n under a subsampling plate). Site scales
+    (``KLSchedule``) do not enter: the bound uses unscaled densities.
+    """
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        batch = self._batch(args, kwargs)
+        dim = self._particle_dim(model, guide, batch)
+        k = self.num_particles
+        log_p, log_q, scale = log_density_pass(model, guide, batch, k, dim)
+        bound = torch.logsumexp(log_p - log_q, dim=0) - math.log(k)  # (n,)
+        return -bound.sum() * scale
+
+
+class ReweightedWakeSleep(_PerPointBound):
+    """Reweighted wake-sleep (Bornschein & Bengio, ICLR 2015), per data point.
+
+    With K draws z_nk ~ q(z | x_n) cut from the graph and normalized weights w̃_nk ∝ p(x_n, z_nk)
+    / q(z_nk | x_n): the model follows the IWAE bound's gradient (wake-θ), the guide minimises
+    −Σ w̃_nk log q(z_nk | x_n) (wake-φ) and, with ``insomnia < 1``, also −log q(z | x) on
+    (x, z) dreamt from the model (sleep-φ), mixed as ``insomnia · wake + (1 − insomnia) · sleep``.
+    The loss's value is the negative IWAE bound, so ``fit``'s ``train_loss`` is comparable with
+    the other objectives'; its gradient is the sum of both phases' (they touch disjoint
+    parameters). No reparameterization is needed, so discrete latents work.
+
+    Pyro's ``ReweightedWakeSleep`` normalizes the weights over the whole minibatch (one
+    logsumexp of the minibatch's summed log-weights), not per data point; this one does it per
+    point, as the paper and the IWAE bound do.
+    """
+
+    needs_reparam = False
+
+    def __init__(self, num_particles: int = 5, insomnia: float = 1.0) -> None:
+        super().__init__(num_particles)
+        insomnia = check_float("insomnia", insomnia, positive=False)
+        if not 0 <= insomnia <= 1:
+            raise ValueError(f"insomnia must be in [0, 1]; got {insomnia}")
+        self.insomnia = insomnia
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        batch = self._batch(args, kwargs)
+        dim = self._particle_dim(model, guide, batch)
+        k = self.num_particles
+        log_p, log_q, scale = log_density_pass(model, guide, batch, k, dim, detach=True)
+        log_w = log_p - log_q.detach()
+        lse = torch.logsumexp(log_w, dim=0)
+        wake_theta = -(lse - math.log(k)).sum()
+        phi = torch.zeros((), device=log_p.device)
+        if self.insomnia > 0:
+            normalized = torch.exp(log_w - lse).detach()
+            phi = phi - self.insomnia * (normalized * log_q).sum()
+        if self.insomnia < 1:
+            phi = phi + (1 - self.insomnia) * _sleep_phi(model, guide, batch)
+        return (wake_theta + phi - phi.detach()) * scale
+
+
+def _sleep_phi(model, guide, batch) -> torch.Tensor:
+    """−log q(z | x) for one (x, z) drawn from the model (observed sites unconditioned; batch
+    entries named like a model site are replaced by its dreamt value)."""
+    with torch.no_grad():
+        dream = poutine.trace(poutine.uncondition(model)).get_trace(**batch)
+    dreamt = {
+        key: dream.nodes[key]["value"].detach() if key in dream.nodes else value
+        for key, value in batch.items()
+    }
+    trace = poutine.trace(poutine.replay(guide, trace=dream)).get_trace(**dreamt)
+    trace.compute_log_prob()
+    return -sum(
+        site["log_prob"].sum()
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+        and not site["is_observed"]
+        and not site_is_subsample(site)
+        and site["name"] in dream.nodes
+    )
+
+
+def _check_reparameterized(guide, batch, who: str) -> None:
+    with torch.no_grad(), poutine.block(), torch.random.fork_rng(devices=cuda_devices()):
+        trace = poutine.trace(guide).get_trace(**batch)
+    for name, site in trace.nodes.items():
+        latent = site["type"] == "sample" and not site["is_observed"]
+        if latent and not site_is_subsample(site) and not getattr(site["fn"], "has_rsample", False):
+            raise ValueError(
+                f"{who} needs a reparameterized guide, but guide site {name!r} "
+                f"({type(site['fn']).__name__}) has no rsample: use objective='rws' "
+                "(reweighted wake-sleep), or enumerate the discrete latent in the model"
+            )
+
+
 OBJECTIVES: dict[str, type[pyro.infer.ELBO]] = {
     "elbo": TraceELBO,
     "mean_field": TraceMeanFieldELBO,
+    "iwae": IWAE,
+    "rws": ReweightedWakeSleep,
 }
 
 
 def make_objective(objective: str | pyro.infer.ELBO, *, num_particles: int = 1) -> pyro.infer.ELBO:
     """Return an ELBO instance from a name in :data:`OBJECTIVES` or a ready Pyro ELBO.
 
+    ``"iwae"`` and ``"rws"`` take ``num_particles`` as their K (importance samples per point).
     A Pyro ELBO passed in is used as it is (e.g. ``TraceEnum_ELBO(max_plate_nesting=1)``); note
     that Pyro's own classes sync with the host every step.
     """
@@ -112,4 +259,6 @@ def make_objective(objective: str | pyro.infer.ELBO, *, num_particles: int = 1) 
         return objective
     name = check_choice("objective", objective, OBJECTIVES)
     check_int("num_particles", num_particles)
+    if name in ("iwae", "rws"):
+        return OBJECTIVES[name](num_particles=num_particles)
     return OBJECTIVES[name](num_particles=num_particles, vectorize_particles=num_particles > 1)

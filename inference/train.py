@@ -46,6 +46,7 @@ from lvmkit.inference._data import (
 )
 from lvmkit.inference._params import collect_params, param_scope
 from lvmkit.inference._rundir import RunDir, history_columns, rng_state, set_rng_state
+from lvmkit.inference.annealing import KLSchedule, LatentScale
 from lvmkit.inference.compiled import CompiledLoss
 from lvmkit.inference.evaluate import mean_elbo
 from lvmkit.inference.objectives import make_objective
@@ -99,6 +100,7 @@ def fit(
     checkpoint_every: int | None = None,
     on_nonfinite: str = "raise",
     memory_budget: int | str | None = None,
+    kl_schedule: KLSchedule | None = None,
     progress: bool = True,
 ) -> FitResult:
     """Train ``model``/``guide`` by stochastic variational inference with Adam.
@@ -109,8 +111,11 @@ def fit(
         data: a tensor passed as ``x``, or a dict of equal-length tensors passed as keywords.
         epochs: total epochs; with ``resume=True`` training continues up to this number.
         batch_size, lr: minibatch size and Adam's learning rate.
-        objective: ``"elbo"`` (Trace_ELBO), ``"mean_field"`` (analytic KL) or a Pyro ELBO.
-        num_particles: samples of z per data point in the objective (vectorised).
+        objective: ``"elbo"`` (Trace_ELBO), ``"mean_field"`` (analytic KL), ``"iwae"`` (the
+            importance-weighted bound), ``"rws"`` (reweighted wake-sleep), or a Pyro ELBO
+            (e.g. ``TraceEnum_ELBO`` for discrete latents the guide enumerates).
+        num_particles: samples of z per data point in the objective (vectorised); the K of
+            ``"iwae"`` and ``"rws"``.
         seed: seeds Pyro, torch, numpy and ``random`` before training; with the same seed, the
             same initial modules and the same device, the same numbers come out. (Modules are
             initialised when you build them: seed that too, e.g. ``pyro.set_rng_seed``.)
@@ -144,7 +149,16 @@ def fit(
             included; ``None``: 90 % of the memory free on the device. The first step's
             activations are measured; a step that would not fit is refused before training
             starts, with the ``batch_size`` that would fit.
+        kl_schedule: a :class:`lvmkit.KLSchedule` weighting the latent sites (β-VAE, KL
+            warm-up); the weight is logged per epoch as ``kl_weight`` and ``train_loss`` is the
+            weighted objective, while ``val_elbo`` stays the unweighted ELBO.
         progress: show a tqdm progress bar.
+
+    A model or guide with an ``adversary`` attribute (an ``nn.Module``, e.g. the AAE's
+    discriminator) gets a second Adam for that module's parameters, with learning rate
+    ``adversary_lr`` if it defines one; the objective's gradient must reach those parameters only
+    through the adversary's own loss (see :mod:`lvmkit.models.autoencoder`). Modules are put in
+    training mode for the steps and in eval mode for validation and evaluation.
 
     Example::
 
@@ -177,17 +191,29 @@ def fit(
     if checkpoint_every is not None:
         checkpoint_every = check_int("checkpoint_every", checkpoint_every)
     check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
+    if kl_schedule is not None and not isinstance(kl_schedule, KLSchedule):
+        raise TypeError(
+            f"kl_schedule must be a lvmkit.KLSchedule or None; got {type(kl_schedule).__name__}"
+        )
+    annealed = kl_schedule is not None and not kl_schedule.constant
     _memory.parse_budget(memory_budget)
     if compile is not None and not isinstance(compile, bool):
         raise TypeError(f"compile must be True, False or None (auto); got {compile!r}")
     if compile is None:
-        compile = objective == "elbo" and all(
-            getattr(obj, "static_structure", False) is True for obj in (model, guide)
+        compile = (
+            objective == "elbo"
+            and not annealed
+            and all(getattr(obj, "static_structure", False) is True for obj in (model, guide))
         )
     if compile and objective != "elbo":
         raise ValueError(
             f"compile=True traces the 'elbo' objective only; got objective={objective!r} "
             "(use objective='elbo', or compile=False)"
+        )
+    if compile and annealed:
+        raise ValueError(
+            "compile=True freezes the KL weight into the traced graph, but kl_schedule changes it "
+            "every step (warmup_epochs > 0): use compile=False, or a constant schedule"
         )
     dev = resolve_device(device)
     elbo = make_objective(objective, num_particles=num_particles)
@@ -198,6 +224,7 @@ def fit(
         "lr": lr,
         "seed": seed,
         "compile": bool(compile),
+        "kl_schedule": kl_schedule.to_dict() if kl_schedule is not None else None,
     }
     tensor_data = isinstance(data, (torch.Tensor, np.ndarray))
     train = as_batch(data, name="data")
@@ -215,9 +242,23 @@ def fit(
     for obj in (model, guide):
         if isinstance(obj, nn.Module):
             obj.to(dev)
+            obj.train()
     train, val = to_device(train, dev), (to_device(val, dev) if val is not None else None)
     pyro.set_rng_seed(seed)
-    loss_fn = elbo(model, guide)
+    scalers = (LatentScale(), LatentScale()) if kl_schedule is not None else None
+
+    def set_kl_weight(epochs_done: float) -> float:
+        assert kl_schedule is not None and scalers is not None
+        weight = kl_schedule.weight(epochs_done)
+        for scaler in scalers:
+            scaler.weight = weight
+        return weight
+
+    if scalers is not None:  # a constant weight is set once here, a warm-up every step
+        set_kl_weight(0.0)
+        loss_fn = elbo(scalers[0](model), scalers[1](guide))
+    else:
+        loss_fn = elbo(model, guide)
 
     def prepare(batch: Batch) -> Batch:
         if transform is None:
@@ -228,7 +269,8 @@ def fit(
     def eager_loss(batch: Batch) -> torch.Tensor:
         return loss_fn(**prepare(batch))
 
-    traced = CompiledLoss(model, guide, list(train), lambda b: loss_fn(**b)) if compile else None
+    scored = (scalers[0](model), scalers[1](guide)) if scalers is not None else (model, guide)
+    traced = CompiledLoss(*scored, list(train), lambda b: loss_fn(**b)) if compile else None
 
     def step_loss(batch: Batch) -> torch.Tensor:
         return eager_loss(batch) if traced is None else traced(prepare(batch))
@@ -250,7 +292,7 @@ def fit(
                 num_particles=num_particles,
             )
             loss_scale = _data_plate_scale(model, lambda: prepare(first))
-            optimizer = make_optimizer(params.values(), lr=lr)
+            optimizer = _optimizers(params, model, guide, lr=lr)
             loop = _Loop(
                 params=params,
                 optimizer=optimizer,
@@ -267,6 +309,7 @@ def fit(
                 diagnose=lambda batch: _first_nonfinite_site(elbo, model, guide, prepare(batch)),
                 val_elbo=(lambda: float(mean_elbo(model, guide, val))) if val is not None else None,
                 loss_scale=loss_scale,
+                on_step=set_kl_weight if kl_schedule is not None else None,
             )
             if run is not None and resume:
                 loop.restore(run.load(settings, {k: tuple(v.shape) for k, v in params.items()}))
@@ -276,7 +319,8 @@ def fit(
     finally:
         if run is not None:
             run.close()
-    history = pd.DataFrame(loop.rows, columns=history_columns(val is not None))
+    columns = history_columns(val is not None, kl_schedule is not None)
+    history = pd.DataFrame(loop.rows, columns=columns)
     compiled = traced is not None and traced.failure is None
     return FitResult(model, guide, history, dict(params), dev, run.path if run else None, compiled)
 
@@ -323,6 +367,7 @@ class _Loop:
         diagnose,
         val_elbo,
         loss_scale=1.0,
+        on_step=None,
     ) -> None:
         self.params: dict[str, torch.Tensor] = params
         self.optimizer: torch.optim.Optimizer = optimizer
@@ -335,6 +380,8 @@ class _Loop:
         )
         self.step_loss, self.diagnose, self.val_elbo = step_loss, diagnose, val_elbo
         self.loss_scale = loss_scale  # a subsampling data plate's N / n: undone in train_loss
+        self.on_step = on_step  # sets the KL weight for the coming step; returns it
+        self.kl_weight: float | None = None
         self.total = num_points(train)
         self.steps_per_epoch = -(-self.total // batch_size)
         self.epoch = 0  # epochs completed
@@ -381,9 +428,9 @@ class _Loop:
         self.good = state
 
     def _set_lr(self, lr: float) -> None:
-        self.lr = lr
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        factor, self.lr = lr / self.lr, lr
+        for group in self.optimizer.param_groups:  # an adversary's own lr keeps its ratio
+            group["lr"] = group["lr"] * factor
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -404,6 +451,7 @@ class _Loop:
             tic = time.perf_counter()
             rolled_back = False
             while self.step < self.steps_per_epoch:
+                self._before_step()
                 with pyro.validation_enabled(self.validate or first_step):
                     self.running += train_step(self.step_loss, self.optimizer, self._batch())
                 first_step = False
@@ -428,6 +476,10 @@ class _Loop:
                 bar.reset(total=(epochs - self.epoch) * self.steps_per_epoch - self.step)
         bar.close()
 
+    def _before_step(self) -> None:
+        if self.on_step is not None:
+            self.kl_weight = self.on_step(self.epoch + self.step / self.steps_per_epoch)
+
     def _batch(self) -> Batch:
         assert self.order is not None
         index = self.order[self.step * self.batch_size : (self.step + 1) * self.batch_size]
@@ -443,6 +495,8 @@ class _Loop:
     def _end_epoch(self, bar) -> None:
         per_point = self.running_value / (self.total * self.loss_scale)
         row = {"epoch": self.epoch + 1, "train_loss": per_point}
+        if self.kl_weight is not None:
+            row["kl_weight"] = self.kl_weight  # at the epoch's last step
         if self.val_elbo is not None:
             row["val_elbo"] = self.val_elbo()
         row.update(lr=self.lr, seconds=self.elapsed, examples_per_s=self.total / self.elapsed)
@@ -505,6 +559,7 @@ class _Loop:
             if self.order is None:
                 self.order = _epoch_permutation(self.seed, self.epoch + 1, self.total).to(self.dev)
             before = rng_state(self.dev)
+            self._before_step()
             batch = self._batch()
             epoch, step = self.epoch + 1, self.step + 1
             at = f"epoch {epoch}, step {step} of {self.steps_per_epoch}"
@@ -574,6 +629,57 @@ def _cpu(obj: Any) -> Any:
     if isinstance(obj, list):
         return [_cpu(v) for v in obj]
     return obj
+
+
+class _TwoOptimizers:
+    """The pair's Adam and the adversary's, stepped together after one backward pass (the
+    objective routes each parameter's gradient from its own loss); one state dict for both."""
+
+    def __init__(self, main: torch.optim.Optimizer, adversary: torch.optim.Optimizer) -> None:
+        self.optimizers = (main, adversary)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [group for opt in self.optimizers for group in opt.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "main": self.optimizers[0].state_dict(),
+            "adversary": self.optimizers[1].state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != {"main", "adversary"}:
+            raise ValueError("the checkpoint's optimizer state has no adversary optimizer")
+        self.optimizers[0].load_state_dict(state["main"])
+        self.optimizers[1].load_state_dict(state["adversary"])
+
+
+def _optimizers(params: dict[str, torch.Tensor], model, guide, *, lr: float):
+    """Adam over the parameters; a second Adam for an ``adversary`` module's, if there is one."""
+    owners = [
+        obj for obj in (model, guide) if isinstance(getattr(obj, "adversary", None), nn.Module)
+    ]
+    if not owners:
+        return make_optimizer(params.values(), lr=lr)
+    if len(owners) > 1:
+        raise ValueError("only one of model and guide may define an adversary")
+    owner = owners[0]
+    adversary_ids = {id(p) for p in owner.adversary.parameters()}
+    adversary = [p for p in params.values() if id(p) in adversary_ids]
+    main = [p for p in params.values() if id(p) not in adversary_ids]
+    if not adversary or not main:
+        raise ValueError("the adversary must own some, but not all, of the trainable parameters")
+    adversary_lr = check_float("adversary_lr", getattr(owner, "adversary_lr", lr))
+    return _TwoOptimizers(make_optimizer(main, lr=lr), make_optimizer(adversary, lr=adversary_lr))
 
 
 def make_optimizer(params: Iterable[torch.Tensor], *, lr: float) -> torch.optim.Adam:

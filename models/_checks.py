@@ -13,6 +13,8 @@ import numbers
 from collections.abc import Iterable
 from typing import Any
 
+import torch
+
 
 def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
     """Return ``value`` if it is one of ``choices``, else raise with a "did you mean" hint."""
@@ -63,18 +65,21 @@ def check_sizes(name: str, value: Any) -> tuple[int, ...]:
     return sizes
 
 
-def check_data_matrix(x: Any, data_dim: int, owner: str, config: str) -> None:
+def check_data_matrix(x: Any, data_dim: int, owner: str, config: str, key: str = "x") -> None:
     """Refuse data a model with ``data_dim`` features cannot score: missing, not floating point,
-    or not of shape (N, data_dim). ``owner`` and ``config`` name the model in the message."""
+    or not of shape (N, data_dim). ``owner`` and ``config`` name the model in the message, ``key``
+    the data entry."""
     if x is None:
-        raise ValueError(f"data must provide 'x' for a {owner}; got no 'x'")
+        raise ValueError(f"data must provide {key!r} for a {owner}; got no {key!r}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"data {key!r} must be a tensor for a {owner}; got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(
-            f"data 'x' must be floating point for a {owner}; got dtype {x.dtype} "
-            "(convert it with x.float())"
+            f"data {key!r} must be floating point for a {owner}; got dtype {x.dtype} "
+            f"(convert it with {key}.float())"
         )
     if x.dim() != 2 or x.shape[-1] != data_dim:
         raise ValueError(
-            f"data 'x' must have shape (N, {data_dim}) for this {owner} "
+            f"data {key!r} must have shape (N, {data_dim}) for this {owner} "
             f"({config}.data_dim={data_dim}); got {tuple(x.shape)}"
         )
