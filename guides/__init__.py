@@ -1,11 +1,17 @@
 """Amortized guides q(z | x): one family per file."""
 
 from lvmkit.guides.categorical import CategoricalEncoder, CategoricalEncoderConfig
+from lvmkit.guides.conditional import ConditionalEncoder
+from lvmkit.guides.deterministic import DeterministicEncoder
 from lvmkit.guides.gaussian import GaussianEncoder, GaussianEncoderConfig
+from lvmkit.guides.semisupervised import SemiSupervisedEncoder
 
 __all__ = [
     "CategoricalEncoder",
     "CategoricalEncoderConfig",
+    "ConditionalEncoder",
+    "DeterministicEncoder",
     "GaussianEncoder",
     "GaussianEncoderConfig",
+    "SemiSupervisedEncoder",
 ]

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from lvmkit.models._checks import check_float, check_int
 
@@ -119,3 +120,78 @@ def load_digits(n_components: int = 10) -> Labelled:
     data = sk_digits()
     x = PCA(n_components=n_components, random_state=0).fit_transform(data.data)
     return Labelled(_standardise(x), data.target, f"digits-pca{n_components}")
+
+
+# -- task builders for the conditional and semi-supervised VAEs (torch tensors in, dicts out) --
+
+QUADRANTS_GIVEN = {  # quadrants 0 1 / 2 3 in reading order; which ones the condition shows
+    1: (2,),  # bottom left
+    2: (2, 3),  # bottom half
+    3: (1, 2, 3),  # all but the top left
+}
+
+
+def quadrant_mask(num_given: int, side: int = 28) -> torch.Tensor:
+    """Bool image ``(side * side,)``: True on the pixels of the quadrants *not* given."""
+    if check_int("num_given", num_given) not in QUADRANTS_GIVEN:
+        raise ValueError(f"num_given must be 1, 2 or 3 quadrants; got {num_given}")
+    half = side // 2
+    hidden = torch.ones(side, side, dtype=torch.bool)
+    for q in QUADRANTS_GIVEN[num_given]:
+        row, col = divmod(q, 2)
+        hidden[row * half : (row + 1) * half, col * half : (col + 1) * half] = False
+    return hidden.reshape(-1)
+
+
+def quadrants(images: torch.Tensor, num_given: int) -> dict[str, torch.Tensor]:
+    """The MNIST quadrant-completion task of Sohn et al. (2015): given ``num_given`` quadrants of
+    a (binary) image, predict the others.
+
+    Returns ``{"x": images, "c": images with the hidden quadrants set to −1, "mask": True on the
+    hidden pixels}`` — the data dict of :class:`lvmkit.models.CVAE` and its baseline, whose
+    likelihood scores the hidden pixels only. Quadrants shown (:data:`QUADRANTS_GIVEN`): 1 → the
+    bottom left, 2 → the bottom half, 3 → all but the top left.
+    """
+    if not isinstance(images, torch.Tensor) or images.dim() != 2:
+        raise ValueError(f"images must be a (N, side²) tensor; got {type(images).__name__}")
+    side = round(images.shape[1] ** 0.5)
+    if side * side != images.shape[1] or side % 2:
+        raise ValueError(f"images must be square with an even side; got {images.shape[1]} pixels")
+    hidden = quadrant_mask(num_given, side).to(images.device)
+    c = images.clone()
+    c[:, hidden] = -1.0
+    return {"x": images, "c": c, "mask": hidden.expand(images.shape[0], -1).clone()}
+
+
+def semi_supervised(
+    x: torch.Tensor, y: torch.Tensor, num_labelled: int, *, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Split ``(x, y)`` into the labelled and unlabelled parts of M2's data dict.
+
+    ``num_labelled`` points are drawn with classes balanced (as in Kingma et al., 2014:
+    ``num_labelled / C`` per class); the rest are the unlabelled ``x``. The labelled ``xl``, ``yl``
+    are cycled — in a fresh random order each round — to the length of ``x``, so that every
+    minibatch of :func:`lvmkit.fit` pairs unlabelled and labelled points.
+    """
+    num_labelled = check_int("num_labelled", num_labelled)
+    labels = y.cpu().numpy()
+    classes = np.unique(labels)
+    if num_labelled % len(classes) or num_labelled >= len(labels):
+        raise ValueError(
+            f"num_labelled must be a multiple of the {len(classes)} classes and below the "
+            f"{len(labels)} points; got {num_labelled}"
+        )
+    rng = np.random.default_rng(seed)
+    per_class = num_labelled // len(classes)
+    chosen = []
+    for c in classes:
+        members = np.flatnonzero(labels == c)
+        if len(members) < per_class:
+            raise ValueError(f"class {c} has {len(members)} points, fewer than {per_class}")
+        chosen.append(rng.choice(members, per_class, replace=False))
+    labelled = np.concatenate(chosen)
+    unlabelled = np.setdiff1d(np.arange(len(labels)), labelled)
+    rounds = -(-len(unlabelled) // num_labelled)
+    cycled = np.concatenate([rng.permutation(labelled) for _ in range(rounds)])[: len(unlabelled)]
+    idx_u, idx_l = torch.from_numpy(unlabelled), torch.from_numpy(cycled)
+    return {"x": x[idx_u], "xl": x[idx_l], "yl": y[idx_l].long()}

@@ -1,5 +1,12 @@
 """Generative models p(x, z): one family per file."""
 
+from lvmkit.models.autoencoder import (
+    KINDS,
+    Autoencoder,
+    AutoencoderConfig,
+    build_autoencoder,
+)
+from lvmkit.models.cvae import CVAE, ConditionalBaseline, CVAEConfig, build_cvae
 from lvmkit.models.gmm import (
     COVARIANCE_TYPES,
     GaussianMixture,
@@ -7,6 +14,7 @@ from lvmkit.models.gmm import (
     GMMConfig,
     empty_guide,
 )
+from lvmkit.models.m2 import M2, M2Config, build_m2
 from lvmkit.models.nonlinear import (
     NonlinearConfig,
     NonlinearLVM,
@@ -17,14 +25,25 @@ from lvmkit.models.vae import LIKELIHOODS, VAE, VAEConfig
 
 __all__ = [
     "COVARIANCE_TYPES",
+    "CVAE",
+    "KINDS",
     "LIKELIHOODS",
+    "M2",
     "VAE",
+    "Autoencoder",
+    "AutoencoderConfig",
+    "CVAEConfig",
+    "ConditionalBaseline",
     "GMMConfig",
     "GaussianMixture",
     "GaussianMixtureModel",
+    "M2Config",
     "NonlinearConfig",
     "NonlinearLVM",
     "VAEConfig",
+    "build_autoencoder",
+    "build_cvae",
+    "build_m2",
     "build_nonlinear",
     "empty_guide",
     "exact_log_likelihood",

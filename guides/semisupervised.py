@@ -1,0 +1,58 @@
+"""M2's guide: the classifier q(y | x) and the style encoder q(z | x, y)."""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule
+from torch.nn import functional as F
+
+from lvmkit.models._mlp import mlp
+from lvmkit.models.m2 import M2Config, joint_input
+
+
+class SemiSupervisedEncoder(PyroModule):
+    """q(y | x) q(z | x, y) for :class:`lvmkit.models.M2`, with its signature.
+
+    For unlabelled points (plate ``"data"``) y is marked for parallel enumeration: with
+    ``TraceEnum_ELBO`` the loss sums over the C classes weighted by q(y | x) (Kingma et al.'s
+    U(x), entropy of q(y | x) included); other objectives draw it. Labelled points (plate
+    ``"labelled"``) get q(z | x, y) at their label.
+    """
+
+    static_structure = False
+
+    def __init__(self, config: M2Config) -> None:
+        if not isinstance(config, M2Config):
+            raise TypeError(f"config must be an M2Config; got {type(config).__name__}")
+        super().__init__()
+        self.config = config
+        h, act = config.hidden_dims, config.activation
+        self.classifier = mlp(config.data_dim, h, config.num_classes, act)
+        self.encoder = mlp(config.data_dim + config.num_classes, h, 2 * config.latent_dim, act)
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """The most probable class under q(y | x), shape ``(N,)``."""
+        return self.classifier(x).argmax(dim=-1)
+
+    def _z(self, x: torch.Tensor, y: torch.Tensor, name: str):
+        one_hot = F.one_hot(y.long(), self.config.num_classes).to(x.dtype)
+        loc, log_var = self.encoder(joint_input(x, one_hot)).split(self.config.latent_dim, -1)
+        return pyro.sample(name, dist.Normal(loc, torch.exp(0.5 * log_var)).to_event(1))
+
+    def forward(self, x=None, xl=None, yl=None, *, y=None, batch_size=None):
+        if x is None:
+            raise ValueError("SemiSupervisedEncoder needs data: x (and optionally xl, yl)")
+        with pyro.plate("data", x.shape[0]):
+            label = y
+            if label is None:
+                label = pyro.sample(  # batch (N,)
+                    "y",
+                    dist.Categorical(logits=self.classifier(x)),
+                    infer={"enumerate": "parallel"},
+                )
+            self._z(x, label, "z")  # batch (N,) event (Dz,)
+        if xl is not None and yl is not None:
+            with pyro.plate("labelled", xl.shape[0]):
+                self._z(xl, yl, "z_labelled")  # batch (Nl,) event (Dz,)
