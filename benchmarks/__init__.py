@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from lvmkit.benchmarks import gmm, nonlinear, speed
+from lvmkit.benchmarks import gmm, nonlinear, speed, vae
 from lvmkit.inference.checkpoint import atomic_write_text
 
 BENCHMARKS: dict[str, Callable[..., pd.DataFrame]] = {
     "gmm": gmm.run,
     "nonlinear": nonlinear.run,
     "speed": speed.run,
+    **{f"vae-{name}": run for name, run in vae.SUITES.items()},
 }
 
 

@@ -53,7 +53,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--batch-size", type=int, default=defaults.batch_size)
     train.add_argument("--lr", type=float, default=defaults.lr)
-    train.add_argument("--objective", default=defaults.objective, help="elbo | mean_field")
+    train.add_argument(
+        "--objective", default=defaults.objective, help="elbo | mean_field | iwae | rws"
+    )
+    train.add_argument(
+        "--num-particles",
+        type=int,
+        default=defaults.num_particles,
+        help="samples per image in the objective; K of iwae / rws (default: %(default)s)",
+    )
+    train.add_argument(
+        "--beta", type=float, default=defaults.beta, help="KL weight (β-VAE; default: 1)"
+    )
+    train.add_argument(
+        "--warmup-epochs",
+        type=float,
+        default=defaults.warmup_epochs,
+        help="epochs of linear KL warm-up from 0 to beta (default: none)",
+    )
     train.add_argument("--device", default=defaults.device, help="auto | cpu | cuda")
     train.add_argument("--seed", type=int, default=defaults.seed)
     train.add_argument(
@@ -125,7 +142,14 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true")
 
     bench = commands.add_parser("bench", help="run a benchmark suite; write CSV and Markdown")
-    bench.add_argument("suite", help="benchmark name: gmm | nonlinear | speed")
+    bench.add_argument(
+        "suite", help="benchmark name: gmm | nonlinear | speed | vae (with a part, below)"
+    )
+    bench.add_argument(
+        "part",
+        nargs="?",
+        help="for `bench vae`: latent | iwae | m2 | cvae | variants",
+    )
     bench.add_argument("--profile", default="full", help="quick | full (default: %(default)s)")
     bench.add_argument("--device", default="auto", help="auto | cpu | cuda")
     bench.add_argument(
@@ -198,9 +222,19 @@ def _bench(args: argparse.Namespace) -> int:
     from lvmkit.inference._data import resolve_device
     from lvmkit.models._checks import check_choice
 
-    suite = BENCHMARKS[check_choice("suite", args.suite, BENCHMARKS)]
+    key = args.suite
+    if args.suite == "vae":
+        if args.part is None:
+            raise ValueError(
+                "bench vae needs a part: latent | iwae | m2 | cvae | variants "
+                "(e.g. `lvmkit bench vae iwae --profile quick`)"
+            )
+        key = f"vae-{args.part}"
+    elif args.part is not None:
+        raise ValueError(f"bench {args.suite} takes no part; got {args.part!r}")
+    suite = BENCHMARKS[check_choice("suite", key, BENCHMARKS)]
     tag = resolve_device(args.device).type
-    name = f"{args.suite}-{tag}-{args.profile}"
+    name = f"{key}-{tag}-{args.profile}"
     frame = suite(args.profile, device=args.device, figures_dir=args.out / f"{name}-figures")
     csv, markdown = write_results(frame, args.out, name)
     with pd.option_context("display.width", 200, "display.max_columns", 20):

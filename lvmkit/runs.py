@@ -21,7 +21,7 @@ import torch
 from lvmkit import _figures
 from lvmkit.data import MNIST_IMAGE_SHAPE, Dataset, binarize, load_mnist
 from lvmkit.guides import GaussianEncoder, GaussianEncoderConfig
-from lvmkit.inference import evaluate, fit, summarize
+from lvmkit.inference import OBJECTIVES, KLSchedule, active_units, evaluate, fit, summarize
 from lvmkit.inference._data import resolve_device
 from lvmkit.inference._rundir import CHECKPOINT_FILE, CONFIG_FILE, RunLock
 from lvmkit.inference.checkpoint import atomic_write_text, load_checkpoint, read_json
@@ -72,7 +72,10 @@ class TrainSpec:
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3
-    objective: str = "elbo"
+    objective: str = "elbo"  # or "mean_field", "iwae", "rws" (lvmkit.OBJECTIVES)
+    num_particles: int = 1  # samples per point in the objective; the K of iwae / rws
+    beta: float = 1.0  # weight of the KL term (β-VAE); with warmup_epochs, its final value
+    warmup_epochs: float = 0.0  # epochs of linear KL warm-up from 0 to beta
     device: str = "auto"
     seed: int = 0
     eval_samples: int = 5000  # the standard K for published IS log-likelihoods
@@ -83,13 +86,21 @@ class TrainSpec:
     checkpoint_every: int | None = None  # steps between mid-epoch checkpoints; None: epoch ends
     on_nonfinite: str = "raise"  # or "reduce_lr": halve lr after a NaN and go on (fit's option)
 
+    def kl_schedule(self) -> KLSchedule | None:
+        """The KL weighting of this run (None for the plain ELBO)."""
+        if self.beta == 1.0 and self.warmup_epochs == 0:
+            return None
+        return KLSchedule(beta=self.beta, warmup_epochs=self.warmup_epochs)
+
     def __post_init__(self) -> None:
         check_choice("family", self.family, FAMILIES)
         check_choice("likelihood", self.likelihood, LIKELIHOODS)
         check_choice("activation", self.activation, ACTIVATIONS)
         check_choice("binarization", self.binarization, TRAIN_BINARIZATIONS)
         object.__setattr__(self, "hidden_dims", check_sizes("hidden_dims", self.hidden_dims))
-        for name in ("latent_dim", "epochs", "batch_size", "eval_samples"):
+        check_choice("objective", self.objective, OBJECTIVES)
+        self.kl_schedule()  # checks beta and warmup_epochs
+        for name in ("latent_dim", "epochs", "batch_size", "eval_samples", "num_particles"):
             check_int(name, getattr(self, name))
         check_choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
         for name in ("eval_points", "train_points", "valid_points", "checkpoint_every"):
@@ -259,6 +270,8 @@ def _train_locked(spec, run_dir, model, guide, train, valid, resume, metadata, p
         batch_size=spec.batch_size,
         lr=spec.lr,
         objective=spec.objective,
+        num_particles=spec.num_particles,
+        kl_schedule=spec.kl_schedule(),
         seed=spec.seed,
         device=spec.device,
         compile=spec.compile,
@@ -322,6 +335,7 @@ def _evaluate_and_write(spec: TrainSpec, run_dir: Path, model, guide, history, p
         "log_likelihood_se": summary.log_likelihood_se,
         "eval_points": summary.num_points,
         "frac_pareto_k_above_0_7": summary.frac_pareto_k_above_0_7,
+        "active_units": active_units(guide, test.x).count,
     }
     rows = [ours]
     if spec.likelihood == "bernoulli":  # published NLLs are for binary MNIST only
