@@ -73,6 +73,18 @@ def test_compiled_training_from_the_cli(tmp_path):
     assert config["fit"]["compile"] is True and config["metadata"]["spec"]["compile"] is True
 
 
+def test_iwae_and_kl_warmup_from_the_cli(tmp_path):
+    run = tmp_path / "w"
+    argv = ["train", *TINY, "--epochs", "2", "--objective", "iwae", "--num-particles", "3"]
+    assert main([*argv, "--beta", "0.5", "--warmup-epochs", "1", "--out", str(run)]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["fit"]["objective"] == "iwae" and config["fit"]["num_particles"] == 3
+    assert config["fit"]["kl_schedule"] == {"beta": 0.5, "warmup_epochs": 1.0, "start": 0.0}
+    # 3 steps an epoch: epoch 1 ends at step 3, 2/3 of the way up the one-epoch ramp to 0.5
+    assert pd.read_csv(run / "history.csv").kl_weight.tolist() == pytest.approx([1 / 3, 0.5])
+    assert pd.read_csv(run / "results.csv").iloc[0]["active_units"] >= 0
+
+
 def test_same_arguments_same_numbers(tmp_path, capsys):
     for name in ("a", "b"):
         assert main(["train", *TINY, "--epochs", "1", "--out", str(tmp_path / name)]) == 0
@@ -86,7 +98,12 @@ def test_same_arguments_same_numbers(tmp_path, capsys):
     ("argv", "message"),
     [
         (["train", "--likelihood", "bernouli"], "Did you mean 'bernoulli'"),
-        (["train", "--objective", "iwae"], "unknown objective 'iwae'"),
+        (["train", "--objective", "iwea"], "Did you mean 'iwae'"),
+        (["train", "--beta", "-1"], "KLSchedule.beta must be >= 0; got -1"),
+        (["train", "--num-particles", "0"], "num_particles must be an int >= 1; got 0"),
+        (["bench", "vae"], "bench vae needs a part: latent | iwae | m2 | cvae | variants"),
+        (["bench", "vae", "iwea"], "Did you mean 'vae-iwae'"),
+        (["bench", "gmm", "iwae"], "bench gmm takes no part"),
         (["train", "--likelihood", "gaussian"], "use binarization='none'"),
         (["train", "--epochs", "0"], "epochs must be an int >= 1; got 0"),
         (["evaluate", "no/such/run"], "does not exist"),
@@ -97,6 +114,11 @@ def test_same_arguments_same_numbers(tmp_path, capsys):
     ids=[
         "likelihood",
         "objective",
+        "beta",
+        "num-particles",
+        "bench-vae-no-part",
+        "bench-vae-bad-part",
+        "bench-part-not-taken",
         "gaussian-dynamic",
         "epochs",
         "missing-run",
