@@ -133,8 +133,9 @@ def fit(
         compile: trace the ``"elbo"`` loss with the PyTorch JIT, once per batch shape
             (:mod:`lvmkit.inference.compiled`); for models whose structure is the same every
             step. A model that cannot be traced trains uncompiled, with a warning saying why.
-            ``None`` (default): compile when the objective is ``"elbo"`` and both model and
-            guide declare ``static_structure = True`` (the built-in VAE and encoder do); user
+            ``None`` (default): compile when the objective is ``"elbo"`` with one particle and
+            no KL warm-up, and model and guide declare ``static_structure = True`` (the
+            built-in VAE and encoder do); user
             models stay uncompiled unless asked, since tracing would freeze data-dependent
             control flow without a word.
         checkpoint_every: also check and checkpoint every this many steps inside an epoch
@@ -203,12 +204,18 @@ def fit(
         compile = (
             objective == "elbo"
             and not annealed
+            and num_particles == 1
             and all(getattr(obj, "static_structure", False) is True for obj in (model, guide))
         )
     if compile and objective != "elbo":
         raise ValueError(
             f"compile=True traces the 'elbo' objective only; got objective={objective!r} "
             "(use objective='elbo', or compile=False)"
+        )
+    if compile and num_particles != 1:
+        raise ValueError(
+            f"compile=True traces a one-particle loss; got num_particles={num_particles} "
+            "(use compile=False, which vectorises the particles)"
         )
     if compile and annealed:
         raise ValueError(

@@ -441,3 +441,13 @@ def test_m2_refuses_bad_labels(change, message):
         lvmkit.fit(
             model, guide, data, objective=TraceEnum_ELBO(max_plate_nesting=1), progress=False
         )
+
+
+def test_particles_are_never_silently_dropped_by_compile():
+    """A traced loss has one particle: fit must not compile when asked for more."""
+    x = _binary(128)
+    model, guide = lvmkit.build_vae(SMALL)
+    result = lvmkit.fit(model, guide, x, epochs=1, num_particles=5, progress=False, device="cpu")
+    assert not result.compiled
+    with pytest.raises(ValueError, match="compile=True traces a one-particle loss"):
+        lvmkit.fit(model, guide, x, num_particles=5, compile=True, progress=False)
