@@ -207,7 +207,7 @@ def run_latent(profile="full", *, device="cpu", figures_dir=None, scale=None) ->
 
 IWAE_PROFILES = _scales(
     Scale(n_train=500, n_test=100, n_is=20, epochs=1, num_samples=100),
-    Scale(n_train=10_000, n_test=10_000, n_is=500, epochs=3, num_samples=5000),
+    Scale(n_train=None, n_test=10_000, n_is=1000, epochs=10, num_samples=5000),
     Scale(n_train=None, n_test=10_000, n_is=10_000, epochs=3280, num_samples=5000),
 )
 IWAE_PAPER = {  # Burda, Grosse & Salakhutdinov (ICLR 2016), Table 1, MNIST, one stochastic layer
