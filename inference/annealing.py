@@ -43,9 +43,7 @@ class KLSchedule:
 
     def __post_init__(self) -> None:
         for name in ("beta", "warmup_epochs", "start"):
-            value = check_float(name, getattr(self, name), positive=False)
-            if value < 0:
-                raise ValueError(f"KLSchedule.{name} must be >= 0; got {value}")
+            value = check_float(f"KLSchedule.{name}", getattr(self, name), nonnegative=True)
             object.__setattr__(self, name, value)
 
     @property

@@ -43,14 +43,20 @@ def check_int(name: str, value: Any, *, minimum: int = 1) -> int:
     return value
 
 
-def check_float(name: str, value: Any, *, positive: bool = True) -> float:
-    """Return ``value`` as a float if it is a finite real number (and > 0 when ``positive``)."""
+def check_float(
+    name: str, value: Any, *, positive: bool = True, nonnegative: bool = False
+) -> float:
+    """Return ``value`` as a float if it is a finite real number: >= 0 when ``nonnegative``, else
+    > 0 when ``positive``."""
     if _is_bool(value) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number; got {type(value).__name__} {value!r}")
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite; got {value}")
-    if positive and value <= 0:
+    if nonnegative:
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0; got {value}")
+    elif positive and value <= 0:
         raise ValueError(f"{name} must be > 0; got {value}")
     return value
 
@@ -82,4 +88,15 @@ def check_data_matrix(x: Any, data_dim: int, owner: str, config: str, key: str =
         raise ValueError(
             f"data {key!r} must have shape (N, {data_dim}) for this {owner} "
             f"({config}.data_dim={data_dim}); got {tuple(x.shape)}"
+        )
+
+
+def check_bernoulli_data(x: torch.Tensor, key: str = "x") -> None:
+    """Refuse data a Bernoulli likelihood cannot score: values outside [0, 1]."""
+    low, high = float(x.min()), float(x.max())
+    if low < 0 or high > 1:
+        raise ValueError(
+            f"data {key!r} must be in [0, 1] (a Bernoulli decoder needs data in [0, 1]: binary, "
+            "or grey levels to binarize with transform=lvmkit.data.binarize); got values in "
+            f"[{low:g}, {high:g}]"
         )

@@ -62,12 +62,12 @@ class AutoencoderConfig:
         corruption = check_float("corruption", self.corruption, positive=False)
         if not 0 <= corruption < 1:
             raise ValueError(f"corruption must be in [0, 1); got {corruption}")
-        check_float("contraction", self.contraction, positive=False)
+        check_float("contraction", self.contraction, nonnegative=True)
         object.__setattr__(
             self, "adversary_hidden", check_sizes("adversary_hidden", self.adversary_hidden)
         )
         check_float("adversary_lr", self.adversary_lr)
-        check_float("adversarial_weight", self.adversarial_weight, positive=False)
+        check_float("adversarial_weight", self.adversarial_weight, nonnegative=True)
 
 
 class Autoencoder(VAE):

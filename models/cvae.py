@@ -26,7 +26,13 @@ import torch
 from pyro.nn import PyroModule
 from torch.nn import functional as F
 
-from lvmkit.models._checks import check_choice, check_data_matrix, check_int, check_sizes
+from lvmkit.models._checks import (
+    check_bernoulli_data,
+    check_choice,
+    check_data_matrix,
+    check_int,
+    check_sizes,
+)
 from lvmkit.models._mlp import ACTIVATIONS, mlp
 
 
@@ -60,14 +66,14 @@ class _Conditional(PyroModule):
         check_data_matrix(c, cfg.cond_dim, name, "CVAEConfig.cond_dim: CVAEConfig", key="c")
         if x is not None:
             check_data_matrix(x, cfg.data_dim, name, "CVAEConfig")
-            low, high = float(x.min()), float(x.max())
-            if low < 0 or high > 1:
-                raise ValueError(f"x must be binary (in [0, 1]); got values in [{low:g}, {high:g}]")
-        if mask is not None and (mask.dtype != torch.bool or mask.shape != (len(c), cfg.data_dim)):
-            raise ValueError(
-                f"mask must be a bool tensor of shape (N, {cfg.data_dim}); got "
-                f"{mask.dtype} {tuple(mask.shape)}"
-            )
+            check_bernoulli_data(x)
+        if mask is not None and (
+            not isinstance(mask, torch.Tensor)
+            or mask.dtype != torch.bool
+            or mask.shape != (len(c), cfg.data_dim)
+        ):
+            got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else mask
+            raise ValueError(f"mask must be a bool tensor of shape (N, {cfg.data_dim}); got {got}")
 
     @staticmethod
     def _likelihood(logits: torch.Tensor, mask: torch.Tensor | None):

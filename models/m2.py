@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lvmkit.models._checks import (
+    check_bernoulli_data,
     check_choice,
     check_data_matrix,
     check_float,
@@ -61,9 +62,7 @@ class M2Config:
         object.__setattr__(self, "hidden_dims", check_sizes("hidden_dims", self.hidden_dims))
         check_choice("activation", self.activation, ACTIVATIONS)
         check_float("labelled_weight", self.labelled_weight)
-        check_float("aux_weight", self.aux_weight, positive=False)
-        if self.aux_weight < 0:
-            raise ValueError(f"aux_weight must be >= 0; got {self.aux_weight}")
+        check_float("aux_weight", self.aux_weight, nonnegative=True)
 
 
 def joint_input(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -143,16 +142,10 @@ class M2(PyroModule):
     def validate_data(self, x=None, xl=None, yl=None, y=None, **_: object) -> None:
         cfg = self.config
         check_data_matrix(x, cfg.data_dim, "M2", "M2Config")
-        for key, value in (("x", x), ("xl", xl)):
-            if value is not None:
-                if key == "xl":
-                    check_data_matrix(value, cfg.data_dim, "M2", "M2Config", key="xl")
-                low, high = float(value.min()), float(value.max())
-                if low < 0 or high > 1:
-                    raise ValueError(
-                        f"data {key!r} must be in [0, 1] for M2's Bernoulli decoder; got values "
-                        f"in [{low:g}, {high:g}]"
-                    )
+        check_bernoulli_data(x)
+        if xl is not None:
+            check_data_matrix(xl, cfg.data_dim, "M2", "M2Config", key="xl")
+            check_bernoulli_data(xl, "xl")
         if (xl is None) != (yl is None):
             raise ValueError(
                 "data must give both 'xl' and 'yl' (labelled images and labels), or neither"

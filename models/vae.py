@@ -20,6 +20,7 @@ from pyro.nn import PyroModule
 from torch.nn import functional as F
 
 from lvmkit.models._checks import (
+    check_bernoulli_data,
     check_choice,
     check_data_matrix,
     check_float,
@@ -111,12 +112,7 @@ class VAE(PyroModule):
         check_data_matrix(x, self.config.data_dim, "VAE", "VAEConfig")
         assert x is not None
         if self.config.likelihood == "bernoulli":
-            low, high = float(x.min()), float(x.max())
-            if low < 0 or high > 1:
-                raise ValueError(
-                    "a Bernoulli decoder needs data in [0, 1] (binary, or grey levels to binarize "
-                    f"with transform=lvmkit.data.binarize); got values in [{low:g}, {high:g}]"
-                )
+            check_bernoulli_data(x)
 
 
 def _num_points(x: torch.Tensor | None, batch_size: int | None) -> int:
