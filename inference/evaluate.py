@@ -45,7 +45,7 @@ from lvmkit.inference._data import (
     to_device,
 )
 from lvmkit.inference._params import eval_mode, param_scope
-from lvmkit.models._checks import check_int
+from lvmkit.models._checks import check_float, check_int
 
 DATA_PLATE = "data"
 DEFAULT_MAX_PAIRS = {  # (sample, point) pairs per forward pass, by device type
@@ -232,8 +232,9 @@ def posterior_means(
     """
     batch = as_batch(data)
     num_samples = check_int("num_samples", num_samples)
+    _check_site(site)
     dev = _eval_device(guide, guide, None)
-    pairs = max_pairs or DEFAULT_MAX_PAIRS.get(dev.type, DEFAULT_MAX_PAIRS["cpu"])
+    pairs = check_int("max_pairs", max_pairs) if max_pairs is not None else _default_max_pairs(dev)
     out: list[torch.Tensor] = []
     with (
         torch.no_grad(),
@@ -256,7 +257,7 @@ def posterior_means(
                 )
             mean = _site_mean(trace.nodes[site]) if sites == [site] else None
             if mean is None:
-                dim = -(_guide_plate_nesting(trace) + 1)
+                dim = -(_plate_nesting(trace) + 1)
                 with pyro.plate("_lvmkit_particles", num_samples, dim=dim):
                     particles = poutine.trace(guide).get_trace(**part)
                 draws = torch.as_tensor(particles.nodes[site]["value"])
@@ -290,6 +291,7 @@ def active_units(
         >>> lvmkit.active_units(guide, torch.rand(50, 4)).total
         3
     """
+    threshold = check_float("threshold", threshold, nonnegative=True)
     means = posterior_means(guide, data, site=site, num_samples=num_samples)
     means = means.reshape(means.shape[0], -1).double()
     if means.shape[0] < 2:
@@ -313,8 +315,9 @@ def reconstruction_error(
     Returns a CPU tensor of shape ``(N,)``."""
     batch = as_batch(data)
     check_with_model(model, batch)
+    _check_site(site)
     dev = _eval_device(model, guide, None)
-    pairs = max_pairs or DEFAULT_MAX_PAIRS.get(dev.type, DEFAULT_MAX_PAIRS["cpu"])
+    pairs = check_int("max_pairs", max_pairs) if max_pairs is not None else _default_max_pairs(dev)
     out: list[torch.Tensor] = []
     with (
         torch.no_grad(),
@@ -367,15 +370,26 @@ def _site_mean(site: Any) -> torch.Tensor | None:
     return None
 
 
-def _guide_plate_nesting(trace) -> int:
+def _plate_nesting(*traces) -> int:
+    """How many vectorized plate dims the traces' sample sites use, at most."""
     dims = [
         -frame.dim
+        for trace in traces
         for site in trace.nodes.values()
         if _is_sample(site)
         for frame in site["cond_indep_stack"]
         if frame.vectorized
     ]
     return max(dims, default=0)
+
+
+def _check_site(site: Any) -> None:
+    if not isinstance(site, str):
+        raise TypeError(f"site must be the name of a sample site (a str); got {site!r}")
+
+
+def _default_max_pairs(dev: torch.device) -> int:
+    return DEFAULT_MAX_PAIRS.get(dev.type, DEFAULT_MAX_PAIRS["cpu"])
 
 
 # -- the primitive ---------------------------------------------------------------------------
@@ -426,7 +440,7 @@ def _pairs_in_budget(
     """``max_pairs`` (default: by device), checked against the memory budget: one probe pass of
     a single (sample, point) pair is run with autograd on to measure what a pair holds."""
     budget, what = _memory.budget_for(memory_budget, dev)
-    default = DEFAULT_MAX_PAIRS.get(dev.type, DEFAULT_MAX_PAIRS["cpu"])
+    default = _default_max_pairs(dev)
     if budget is None:
         return max_pairs or default
     # (under fork_rng: measuring must not shift the samples the evaluation draws)
@@ -586,15 +600,7 @@ def _max_plate_nesting(model, guide, probe: Batch, dev: torch.device) -> int:
                 f'latent and observed site inside pyro.plate("{DATA_PLATE}", N); its plates are '
                 f"{plates}"
             )
-    dims = [
-        -frame.dim
-        for trace in (guide_trace, model_trace)
-        for site in trace.nodes.values()
-        if _is_sample(site)
-        for frame in site["cond_indep_stack"]
-        if frame.vectorized
-    ]
-    return max(dims, default=0)
+    return _plate_nesting(guide_trace, model_trace)
 
 
 def _score_chunk(lw: torch.Tensor) -> np.ndarray:

@@ -237,6 +237,21 @@ def test_active_units_finds_a_collapsed_unit():
     assert 1 <= result.count <= 2
 
 
+def test_code_functions_refuse_bad_arguments():
+    model, guide = lvmkit.build_vae(SMALL)
+    x = _binary(8)
+    with pytest.raises(TypeError, match="site must be the name of a sample site"):
+        lvmkit.posterior_means(guide, x, site=3)
+    with pytest.raises(ValueError, match="the guide has no sample site 'w'"):
+        lvmkit.posterior_means(guide, x, site="w")
+    with pytest.raises(ValueError, match="max_pairs must be an int >= 1; got 0"):
+        lvmkit.reconstruction_error(model, guide, x, max_pairs=0)
+    with pytest.raises(ValueError, match="threshold must be >= 0; got -1"):
+        lvmkit.active_units(guide, x, threshold=-1.0)
+    with pytest.raises(ValueError, match="active units need at least 2 data points; got 1"):
+        lvmkit.active_units(guide, x[:1])
+
+
 def test_reconstruction_error_is_the_squared_error_for_unit_gaussian_decoders():
     cfg = lvmkit.AutoencoderConfig(
         lvmkit.VAEConfig(data_dim=6, latent_dim=2, hidden_dims=(8,), likelihood="gaussian_fixed")
@@ -329,6 +344,9 @@ def test_autoencoder_config_refuses_bad_values():
         lvmkit.AutoencoderConfig(SMALL, kind="vae")
     with pytest.raises(ValueError, match=r"corruption must be in \[0, 1\); got 1.0"):
         lvmkit.AutoencoderConfig(SMALL, kind="dae", corruption=1.0)
+    for field in ("contraction", "adversarial_weight"):
+        with pytest.raises(ValueError, match=f"{field} must be >= 0; got -0.1"):
+            lvmkit.AutoencoderConfig(SMALL, **{field: -0.1})
     with pytest.raises(TypeError, match="vae must be a VAEConfig"):
         lvmkit.AutoencoderConfig({"data_dim": 6})
 
