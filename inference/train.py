@@ -252,20 +252,19 @@ def fit(
             obj.train()
     train, val = to_device(train, dev), (to_device(val, dev) if val is not None else None)
     pyro.set_rng_seed(seed)
-    scalers = (LatentScale(), LatentScale()) if kl_schedule is not None else None
+    scaler = LatentScale() if kl_schedule is not None else None
 
     def set_kl_weight(epochs_done: float) -> float:
-        assert kl_schedule is not None and scalers is not None
-        weight = kl_schedule.weight(epochs_done)
-        for scaler in scalers:
-            scaler.weight = weight
-        return weight
+        assert kl_schedule is not None and scaler is not None
+        scaler.weight = kl_schedule.weight(epochs_done)
+        return scaler.weight
 
-    if scalers is not None:  # a constant weight is set once here, a warm-up every step
+    # what the loss sees: the pair, or the pair with its latent sites weighted (one messenger,
+    # entered by the guide and then by the model, never both at once)
+    scored = (scaler(model), scaler(guide)) if scaler is not None else (model, guide)
+    if scaler is not None:  # a constant weight is set once here, a warm-up every step
         set_kl_weight(0.0)
-        loss_fn = elbo(scalers[0](model), scalers[1](guide))
-    else:
-        loss_fn = elbo(model, guide)
+    loss_fn = elbo(*scored)
 
     def prepare(batch: Batch) -> Batch:
         if transform is None:
@@ -276,7 +275,6 @@ def fit(
     def eager_loss(batch: Batch) -> torch.Tensor:
         return loss_fn(**prepare(batch))
 
-    scored = (scalers[0](model), scalers[1](guide)) if scalers is not None else (model, guide)
     traced = CompiledLoss(*scored, list(train), lambda b: loss_fn(**b)) if compile else None
 
     def step_loss(batch: Batch) -> torch.Tensor:
