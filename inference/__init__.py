@@ -8,6 +8,13 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 from lvmkit.inference.annealing import KLSchedule
+from lvmkit.inference.callbacks import (
+    Callback,
+    EarlyStopping,
+    FitInfo,
+    MLflowLogger,
+    TensorBoardLogger,
+)
 from lvmkit.inference.evaluate import (
     ActiveUnits,
     EvaluationSummary,
@@ -31,11 +38,16 @@ __all__ = [
     "IWAE",
     "OBJECTIVES",
     "ActiveUnits",
+    "Callback",
+    "EarlyStopping",
     "EvaluationSummary",
+    "FitInfo",
     "FitResult",
     "KLSchedule",
+    "MLflowLogger",
     "NonFiniteLossError",
     "ReweightedWakeSleep",
+    "TensorBoardLogger",
     "TraceELBO",
     "TraceMeanFieldELBO",
     "active_units",

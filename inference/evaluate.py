@@ -45,6 +45,7 @@ from lvmkit.inference._data import (
     to_device,
 )
 from lvmkit.inference._params import eval_mode, param_scope
+from lvmkit.inference.callbacks import check_callbacks, notify
 from lvmkit.models._checks import check_float, check_int
 
 DATA_PLATE = "data"
@@ -117,6 +118,8 @@ def evaluate(
     device: str | torch.device | None = None,
     memory_budget: int | str | None = None,
     progress: bool = False,
+    callbacks: list[Any] | None = None,
+    label: str = "test",
 ) -> pd.DataFrame:
     """Score each data point: ELBO, importance-sampled log-likelihood, Pareto k̂ and ESS.
 
@@ -128,6 +131,8 @@ def evaluate(
     90 % of the memory free on the device; what a pair needs is measured on a probe pass, and
     a ``max_pairs`` that cannot fit is refused at once with the largest one that can).
     ``seed`` fixes the samples without disturbing the caller's random state (``None``: use it).
+    ``callbacks`` (e.g. an :class:`lvmkit.MLflowLogger` that logged the training) get the
+    :func:`summarize` of the table through ``on_evaluation(summary, label)``.
 
     Example::
 
@@ -139,6 +144,9 @@ def evaluate(
         ['elbo', 'log_likelihood', 'pareto_k', 'ess']
     """
     check_int("num_samples", num_samples)
+    callbacks = check_callbacks(callbacks)
+    if not isinstance(label, str) or not label:
+        raise TypeError(f"label must be a non-empty str naming the data set; got {label!r}")
     batch = as_batch(data)
     check_with_model(model, batch)
     total = num_points(batch)
@@ -161,6 +169,8 @@ def evaluate(
         np.concatenate(rows), columns=["elbo", "log_likelihood", "pareto_k", "ess"]
     )
     scores.attrs["num_samples"] = num_samples
+    if callbacks:
+        notify(callbacks, "on_evaluation", summarize(scores), label)
     return scores
 
 

@@ -12,6 +12,7 @@ parameters as an uninterrupted run with the same seed.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -47,6 +48,7 @@ from lvmkit.inference._data import (
 from lvmkit.inference._params import collect_params, param_scope
 from lvmkit.inference._rundir import RunDir, history_columns, rng_state, set_rng_state
 from lvmkit.inference.annealing import KLSchedule, LatentScale
+from lvmkit.inference.callbacks import FitInfo, check_callbacks, notify
 from lvmkit.inference.compiled import CompiledLoss
 from lvmkit.inference.evaluate import mean_elbo
 from lvmkit.inference.objectives import make_objective
@@ -76,6 +78,7 @@ class FitResult:
     device: torch.device
     run_dir: Path | None
     compiled: bool = False
+    stopped_early: bool = False  # a callback (e.g. EarlyStopping) ended training before ``epochs``
 
 
 def fit(
@@ -101,6 +104,7 @@ def fit(
     on_nonfinite: str = "raise",
     memory_budget: int | str | None = None,
     kl_schedule: KLSchedule | None = None,
+    callbacks: list[Any] | None = None,
     progress: bool = True,
 ) -> FitResult:
     """Train ``model``/``guide`` by stochastic variational inference with Adam.
@@ -198,6 +202,7 @@ def fit(
         )
     annealed = kl_schedule is not None and not kl_schedule.constant
     _memory.parse_budget(memory_budget)
+    callbacks = check_callbacks(callbacks)
     if compile is not None and not isinstance(compile, bool):
         raise TypeError(f"compile must be True, False or None (auto); got {compile!r}")
     if compile is None:
@@ -315,19 +320,36 @@ def fit(
                 val_elbo=(lambda: float(mean_elbo(model, guide, val))) if val is not None else None,
                 loss_scale=loss_scale,
                 on_step=set_kl_weight if kl_schedule is not None else None,
+                callbacks=callbacks,
             )
             if run is not None and resume:
                 loop.restore(run.load(settings, {k: tuple(v.shape) for k, v in params.items()}))
             elif run is not None:
                 run.start(settings, metadata)
-            loop.run(epochs, progress=progress)
+            columns = history_columns(val is not None, kl_schedule is not None)
+            info = FitInfo(settings, dict(metadata or {}), epochs, run.path if run else None)
+            notify(callbacks, "on_fit_start", dataclasses.replace(info, history=list(loop.rows)))
+            try:
+                loop.run(epochs, progress=progress)
+            except BaseException as err:
+                notify(callbacks, "on_fit_end", pd.DataFrame(loop.rows, columns=columns), err)
+                raise
     finally:
         if run is not None:
             run.close()
-    columns = history_columns(val is not None, kl_schedule is not None)
     history = pd.DataFrame(loop.rows, columns=columns)
+    notify(callbacks, "on_fit_end", history, None)
     compiled = traced is not None and traced.failure is None
-    return FitResult(model, guide, history, dict(params), dev, run.path if run else None, compiled)
+    return FitResult(
+        model,
+        guide,
+        history,
+        dict(params),
+        dev,
+        run.path if run else None,
+        compiled,
+        stopped_early=loop.stopped,
+    )
 
 
 class NonFiniteLossError(FloatingPointError, ValueError):
@@ -373,6 +395,7 @@ class _Loop:
         val_elbo,
         loss_scale=1.0,
         on_step=None,
+        callbacks=(),
     ) -> None:
         self.params: dict[str, torch.Tensor] = params
         self.optimizer: torch.optim.Optimizer = optimizer
@@ -387,6 +410,8 @@ class _Loop:
         self.loss_scale = loss_scale  # a subsampling data plate's N / n: undone in train_loss
         self.on_step = on_step  # sets the KL weight for the coming step; returns it
         self.kl_weight: float | None = None
+        self.callbacks = list(callbacks)
+        self.stopped = False  # a callback asked to stop
         self.total = num_points(train)
         self.steps_per_epoch = -(-self.total // batch_size)
         self.epoch = 0  # epochs completed
@@ -450,7 +475,7 @@ class _Loop:
             dynamic_ncols=True,
         )
         first_step = True
-        while self.epoch < epochs:
+        while self.epoch < epochs and not self.stopped:
             if self.order is None:
                 self.order = _epoch_permutation(self.seed, self.epoch + 1, self.total).to(self.dev)
             tic = time.perf_counter()
@@ -474,7 +499,18 @@ class _Loop:
                     self.good = self.snapshot()
                     if self.rundir is not None:
                         self.rundir.save(self.good)
+                        notify(
+                            self.callbacks,
+                            "on_checkpoint",
+                            self.rundir.checkpoint,
+                            self.epoch,
+                            self.step,
+                        )
                     if end:
+                        replies = notify(
+                            self.callbacks, "on_epoch_end", self.epoch, dict(self.rows[-1])
+                        )
+                        self.stopped = any(reply is True for reply in replies)
                         break
                     tic = time.perf_counter()
             if rolled_back:
