@@ -50,7 +50,9 @@ _RESUMABLE = (
     "seed",
     "num_points",
     "kl_schedule",
+    "world_size",
 )
+_SETTING_DEFAULTS = {"world_size": 1}  # what checkpoints older than the setting mean
 
 
 def history_columns(with_val: bool, with_kl: bool = False) -> list[str]:
@@ -97,8 +99,9 @@ def set_rng_state(state: dict[str, Any], dev: torch.device) -> None:
 class RunDir:
     """The files ``fit`` keeps in a run directory; holds its lock until :meth:`close`."""
 
-    def __init__(self, path: str | Path, *, resume: bool) -> None:
+    def __init__(self, path: str | Path, *, resume: bool, read_only: bool = False) -> None:
         self.path = Path(path)
+        self.read_only = read_only  # another process (rank 0) owns the folder: read, never write
         self.settings: dict[str, Any] = {}
         self.checkpoint = self.path / CHECKPOINT_FILE
         if self.path.exists() and not self.path.is_dir():
@@ -110,8 +113,11 @@ class RunDir:
                 f"{self.path} already holds a run ({CHECKPOINT_FILE}); pass resume=True to "
                 "continue it, or choose another run_dir (nothing was overwritten)"
             )
+        self._lock: RunLock | None = None
+        if read_only:
+            return
         self.path.mkdir(parents=True, exist_ok=True)
-        self._lock: RunLock | None = RunLock(self.path)
+        self._lock = RunLock(self.path)
         self._remove_stale_temporaries()
 
     def close(self) -> None:
@@ -150,9 +156,11 @@ class RunDir:
         except CheckpointError as err:
             raise CheckpointError(f"cannot resume {self.path}: {err}{self._prev_hint()}") from err
         saved = state["settings"]
-        changed = {
-            k: (saved.get(k), settings[k]) for k in _RESUMABLE if saved.get(k) != settings[k]
-        }
+
+        def before(key: str) -> Any:
+            return saved.get(key, _SETTING_DEFAULTS.get(key))
+
+        changed = {k: (before(k), settings[k]) for k in _RESUMABLE if before(k) != settings[k]}
         if changed:
             diff = ", ".join(f"{k}: run has {a!r}, now {b!r}" for k, (a, b) in changed.items())
             raise ValueError(f"cannot resume {self.path} with different settings ({diff})")
@@ -163,7 +171,8 @@ class RunDir:
                 f"{_describe(shapes)}, this model/guide has {_describe(param_shapes)}"
             )
         self.settings = saved
-        self.write_history(state["history"])  # it may lag the checkpoint after a kill
+        if not self.read_only:
+            self.write_history(state["history"])  # it may lag the checkpoint after a kill
         return state
 
     def _prev_hint(self) -> str:

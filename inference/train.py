@@ -33,7 +33,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import nn
 from tqdm.auto import tqdm
 
-from lvmkit.inference import _memory
+from lvmkit.inference import _distributed, _memory
 from lvmkit.inference._data import (
     Batch,
     as_batch,
@@ -205,9 +205,20 @@ def fit(
     callbacks = check_callbacks(callbacks)
     if compile is not None and not isinstance(compile, bool):
         raise TypeError(f"compile must be True, False or None (auto); got {compile!r}")
+    distributed = _distributed.launched() or (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
+    if compile and distributed:
+        raise ValueError(
+            "compile=True is not supported with several processes (torchrun): "
+            "DistributedDataParallel wraps the eager loss; use compile=False"
+        )
     if compile is None:
         compile = (
-            objective == "elbo"
+            not distributed
+            and objective == "elbo"
             and not annealed
             and num_particles == 1
             and all(getattr(obj, "static_structure", False) is True for obj in (model, guide))
@@ -228,6 +239,9 @@ def fit(
             "every step (warmup_epochs > 0): use compile=False, or a constant schedule"
         )
     dev = resolve_device(device)
+    world = _distributed.SINGLE
+    if distributed:
+        world, dev = _distributed.join(dev)
     elbo = make_objective(objective, num_particles=num_particles)
     settings = {
         "objective": objective if isinstance(objective, str) else type(objective).__name__,
@@ -237,6 +251,7 @@ def fit(
         "seed": seed,
         "compile": bool(compile),
         "kl_schedule": kl_schedule.to_dict() if kl_schedule is not None else None,
+        "world_size": world.size,
     }
     tensor_data = isinstance(data, (torch.Tensor, np.ndarray))
     train = as_batch(data, name="data")
@@ -256,7 +271,7 @@ def fit(
             obj.to(dev)
             obj.train()
     train, val = to_device(train, dev), (to_device(val, dev) if val is not None else None)
-    pyro.set_rng_seed(seed)
+    pyro.set_rng_seed(seed + world.rank)  # each process its own draws; rank 0 as one process
     scaler = LatentScale() if kl_schedule is not None else None
 
     def set_kl_weight(epochs_done: float) -> float:
@@ -270,6 +285,11 @@ def fit(
     if scaler is not None:  # a constant weight is set once here, a warm-up every step
         set_kl_weight(0.0)
     loss_fn = elbo(*scored)
+    # what a step calls: the loss module, wrapped in DDP once the parameters exist. Under DDP
+    # each process's loss is multiplied by the number of processes, so that the averaged
+    # gradient is the gradient of the loss summed over every process's minibatch — the same as
+    # one process with the whole effective batch.
+    active: dict[str, Any] = {"loss": loss_fn, "factor": 1}
 
     def prepare(batch: Batch) -> Batch:
         if transform is None:
@@ -278,15 +298,25 @@ def fit(
         return {"x": out} if tensor_data else out
 
     def eager_loss(batch: Batch) -> torch.Tensor:
-        return loss_fn(**prepare(batch))
+        loss = active["loss"](**prepare(batch))
+        return loss * active["factor"] if active["factor"] != 1 else loss
 
     traced = CompiledLoss(*scored, list(train), lambda b: loss_fn(**b)) if compile else None
 
     def step_loss(batch: Batch) -> torch.Tensor:
         return eager_loss(batch) if traced is None else traced(prepare(batch))
 
-    run = RunDir(run_dir, resume=resume) if run_dir is not None else None
+    run: RunDir | None = None
+    reader: RunDir | None = None  # ranks other than 0 only read the checkpoint
     try:
+        try:
+            if run_dir is not None and world.main:
+                run = RunDir(run_dir, resume=resume)
+            elif run_dir is not None and resume:
+                reader = RunDir(run_dir, resume=True, read_only=True)
+        except BaseException:
+            _distributed.agree(world, False, "set-up")
+            raise
         with param_scope(model, guide, publish=True):
             first = take(train, slice(0, batch_size))
             params, activations = _first_step(
@@ -303,6 +333,9 @@ def fit(
             )
             loss_scale = _data_plate_scale(model, lambda: prepare(first))
             optimizer = _optimizers(params, model, guide, lr=lr)
+            val_points = num_points(val) if val is not None else 0
+            if val is not None and world.distributed:  # each process scores its share
+                val = take(val, torch.arange(world.rank, val_points, world.size, device=dev))
             loop = _Loop(
                 params=params,
                 optimizer=optimizer,
@@ -317,28 +350,50 @@ def fit(
                 on_nonfinite=on_nonfinite,
                 step_loss=step_loss,
                 diagnose=lambda batch: _first_nonfinite_site(elbo, model, guide, prepare(batch)),
-                val_elbo=(lambda: float(mean_elbo(model, guide, val))) if val is not None else None,
+                val_elbo=(
+                    (lambda: _val_elbo(world, model, guide, val, val_points))
+                    if val is not None
+                    else None
+                ),
                 loss_scale=loss_scale,
                 on_step=set_kl_weight if kl_schedule is not None else None,
-                callbacks=callbacks,
+                callbacks=callbacks if world.main else [],
+                world=world,
             )
-            if run is not None and resume:
-                loop.restore(run.load(settings, {k: tuple(v.shape) for k, v in params.items()}))
-            elif run is not None:
-                run.start(settings, metadata)
-            columns = history_columns(val is not None, kl_schedule is not None)
-            info = FitInfo(settings, dict(metadata or {}), epochs, run.path if run else None)
-            notify(callbacks, "on_fit_start", dataclasses.replace(info, history=list(loop.rows)))
+            shapes = {k: tuple(v.shape) for k, v in params.items()}
             try:
-                loop.run(epochs, progress=progress)
+                if run is not None and resume:
+                    loop.restore(run.load(settings, shapes))
+                elif reader is not None:
+                    loop.restore(reader.load(settings, shapes))
+                elif run is not None:
+                    run.start(settings, metadata)
+            except BaseException:
+                _distributed.agree(world, False, "set-up")
+                raise
+            _distributed.agree(world, True, "set-up")
+            if world.distributed:
+                active["loss"], average = _distributed.wrap_loss(world, loss_fn, params, dev)
+                active["factor"] = world.size
+                if average:
+                    loop.optimizer = _GradAveraging(world, optimizer, params.values())
+            columns = history_columns(val is not None, kl_schedule is not None)
+            info = FitInfo(
+                settings, dict(metadata or {}), epochs, run.path if run else None, [], world.size
+            )
+            notify(loop.callbacks, "on_fit_start", dataclasses.replace(info, history=loop.rows))
+            try:
+                loop.run(epochs, progress=progress and world.main)
             except BaseException as err:
-                notify(callbacks, "on_fit_end", pd.DataFrame(loop.rows, columns=columns), err)
+                history = pd.DataFrame(loop.rows, columns=columns)
+                notify(loop.callbacks, "on_fit_end", history, err)
                 raise
     finally:
         if run is not None:
             run.close()
+        _distributed.leave(world)
     history = pd.DataFrame(loop.rows, columns=columns)
-    notify(callbacks, "on_fit_end", history, None)
+    notify(loop.callbacks, "on_fit_end", history, None)
     compiled = traced is not None and traced.failure is None
     return FitResult(
         model,
@@ -396,9 +451,10 @@ class _Loop:
         loss_scale=1.0,
         on_step=None,
         callbacks=(),
+        world=_distributed.SINGLE,
     ) -> None:
         self.params: dict[str, torch.Tensor] = params
-        self.optimizer: torch.optim.Optimizer = optimizer
+        self.optimizer: Any = optimizer  # Adam, or _TwoOptimizers / _GradAveraging around it
         self.dev, self.rundir, self.lr = dev, run, lr
         self.train, self.batch_size, self.seed = train, batch_size, seed
         self.validate, self.checkpoint_every, self.on_nonfinite = (
@@ -412,8 +468,10 @@ class _Loop:
         self.kl_weight: float | None = None
         self.callbacks = list(callbacks)
         self.stopped = False  # a callback asked to stop
-        self.total = num_points(train)
-        self.steps_per_epoch = -(-self.total // batch_size)
+        self.world: _distributed.World = world
+        self.total = num_points(train)  # over all processes
+        self.shard = _distributed.shard_size(world, self.total)  # this process's points an epoch
+        self.steps_per_epoch = -(-self.shard // batch_size)
         self.epoch = 0  # epochs completed
         self.step = 0  # steps completed in epoch ``self.epoch + 1``
         self.order: torch.Tensor | None = None  # that epoch's data order, once drawn
@@ -439,6 +497,11 @@ class _Loop:
             "optimizer": copy.deepcopy(_cpu(self.optimizer.state_dict())),
             "rng": rng_state(self.dev),
             "history": [dict(row) for row in self.rows],
+            **(
+                {"rank_rng": _distributed.gather(self.world, rng_state(self.dev))}
+                if self.world.distributed
+                else {}
+            ),
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -454,7 +517,8 @@ class _Loop:
         self.elapsed = float(state["elapsed"])
         self.lr, self.lr_reductions = float(state["lr"]), int(state["lr_reductions"])
         self.rows = [dict(row) for row in state["history"]]
-        set_rng_state(state["rng"], self.dev)
+        rank_rng = state.get("rank_rng")  # one per process when training was distributed
+        set_rng_state(rank_rng[self.world.rank] if rank_rng else state["rng"], self.dev)
         self.good = state
 
     def _set_lr(self, lr: float) -> None:
@@ -477,7 +541,7 @@ class _Loop:
         first_step = True
         while self.epoch < epochs and not self.stopped:
             if self.order is None:
-                self.order = _epoch_permutation(self.seed, self.epoch + 1, self.total).to(self.dev)
+                self.order = self._epoch_order()
             tic = time.perf_counter()
             rolled_back = False
             while self.step < self.steps_per_epoch:
@@ -510,12 +574,19 @@ class _Loop:
                         replies = notify(
                             self.callbacks, "on_epoch_end", self.epoch, dict(self.rows[-1])
                         )
-                        self.stopped = any(reply is True for reply in replies)
+                        stop = any(reply is True for reply in replies)  # (rank 0's callbacks)
+                        self.stopped = _distributed.any_rank(self.world, stop)
                         break
                     tic = time.perf_counter()
             if rolled_back:
                 bar.reset(total=(epochs - self.epoch) * self.steps_per_epoch - self.step)
         bar.close()
+
+    def _epoch_order(self) -> torch.Tensor:
+        epoch = self.epoch + 1
+        if self.world.distributed:
+            return _distributed.epoch_order(self.world, self.seed, epoch, self.total).to(self.dev)
+        return _epoch_permutation(self.seed, epoch, self.total).to(self.dev)
 
     def _before_step(self) -> None:
         if self.on_step is not None:
@@ -529,12 +600,17 @@ class _Loop:
     def _finite(self) -> bool:
         """One host sync: read the running loss, and check it and every parameter are finite."""
         finite = torch.stack([torch.isfinite(p).all() for p in self.params.values()]).all()
-        running, ok = torch.stack([self.running, finite.to(self.running.dtype)]).tolist()
-        self.running_value = running
-        return bool(ok) and math.isfinite(running)
+        bad = (~finite).to(self.running.dtype)
+        running, bad_ranks = _distributed.all_sum(self.world, torch.stack([self.running, bad]))
+        running, bad_ranks = torch.stack([running, bad_ranks]).tolist()  # the one host sync
+        self.running_value = running  # summed over the processes
+        return not bad_ranks and math.isfinite(running)
 
     def _end_epoch(self, bar) -> None:
-        per_point = self.running_value / (self.total * self.loss_scale)
+        # step losses are summed over the processes, each multiplied by their number (so that
+        # DDP's averaged gradient is the whole effective batch's): undo both
+        points = self.shard * self.world.size
+        per_point = self.running_value / (points * self.world.size * self.loss_scale)
         row = {"epoch": self.epoch + 1, "train_loss": per_point}
         if self.kl_weight is not None:
             row["kl_weight"] = self.kl_weight  # at the epoch's last step
@@ -554,8 +630,17 @@ class _Loop:
         """Roll back to the last good snapshot; find the step and site; raise or lower the lr."""
         bad_epoch = self.epoch + 1
         self.restore(self.good)
-        where, epoch, step, site = self._locate(bad_epoch)
-        self.restore(self.good)
+        if self.world.distributed:  # a replay step by step would need every process in step
+            where, epoch, step, site = (
+                f"the loss or parameters became non-finite in epoch {bad_epoch} (not located to a "
+                f"step: training runs in {self.world.size} processes)",
+                bad_epoch,
+                None,
+                None,
+            )
+        else:
+            where, epoch, step, site = self._locate(bad_epoch)
+            self.restore(self.good)
         rolled = (
             "the start of training"
             if not self.rows and not self.step and not self.epoch
@@ -598,7 +683,7 @@ class _Loop:
         the first non-finite value (step and site None where the replay cannot tell)."""
         while self.epoch < bad_epoch:
             if self.order is None:
-                self.order = _epoch_permutation(self.seed, self.epoch + 1, self.total).to(self.dev)
+                self.order = self._epoch_order()
             before = rng_state(self.dev)
             self._before_step()
             batch = self._batch()
@@ -638,6 +723,37 @@ class _Loop:
             "replaying the steps one by one did not reproduce it (non-deterministic kernels?)"
         )
         return message, bad_epoch, None, None
+
+
+def _val_elbo(world: _distributed.World, model, guide, val: Batch, total: int) -> float:
+    """The one-sample validation ELBO per point; each process scores its share."""
+    local = mean_elbo(model, guide, val) * num_points(val)
+    return float(_distributed.all_sum(world, local)) / total
+
+
+class _GradAveraging:
+    """An optimizer that first averages the gradients over the processes (for pairs whose
+    parameters DDP cannot see: see :mod:`lvmkit.inference._distributed`)."""
+
+    def __init__(self, world: _distributed.World, optimizer, params: Iterable[torch.Tensor]):
+        self.world, self.optimizer, self.params = world, optimizer, list(params)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        _distributed.average_grads(self.world, self.params)
+        self.optimizer.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
 
 
 def _first_nonfinite_site(elbo, model, guide, batch: Batch) -> tuple[str, str] | None:

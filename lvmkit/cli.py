@@ -125,6 +125,22 @@ def _parser() -> argparse.ArgumentParser:
         help="raise | reduce_lr: after a NaN/inf loss, roll back and stop, or roll back, halve "
         "lr and go on (default: %(default)s)",
     )
+    train.add_argument(
+        "--mlflow",
+        metavar="TRACKING_URI",
+        default=None,
+        help="log to MLflow, e.g. sqlite:///mlflow.db (needs the mlflow extra)",
+    )
+    train.add_argument(
+        "--mlflow-experiment", default="lvmkit", help="MLflow experiment (default: %(default)s)"
+    )
+    train.add_argument(
+        "--tensorboard",
+        metavar="LOG_DIR",
+        type=Path,
+        default=None,
+        help="write TensorBoard event files to LOG_DIR (needs the tensorboard extra)",
+    )
     train.add_argument("--quiet", action="store_true", help="no progress bars")
 
     ev = commands.add_parser("evaluate", help="evaluate a run's checkpoint on the MNIST test set")
@@ -196,8 +212,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    callbacks = _loggers(args)
     if args.resume is not None:
-        result = runs.resume_run(args.resume, epochs=args.epochs, progress=not args.quiet)
+        result = runs.resume_run(
+            args.resume, epochs=args.epochs, progress=not args.quiet, callbacks=callbacks
+        )
     else:
         # every TrainSpec field has an option of the same name
         fields = {
@@ -211,10 +230,30 @@ def _train(args: argparse.Namespace) -> int:
             args.out
             or Path("runs") / f"{spec.family}-{spec.likelihood}-{time.strftime('%Y%m%d-%H%M%S')}"
         )
-        result = runs.train_run(spec, out, progress=not args.quiet)
+        result = runs.train_run(spec, out, progress=not args.quiet, callbacks=callbacks)
+    for logger in callbacks:
+        if hasattr(logger, "close"):
+            logger.close()
+    if result is None:  # a torchrun process other than rank 0: rank 0 reports
+        return 0
     print(runs.format_results(result.results))
     print(f"\nrun directory: {result.run_dir}")
     return 0
+
+
+def _loggers(args: argparse.Namespace) -> list:
+    """The experiment loggers asked for on the command line (rank 0 only under torchrun)."""
+    from lvmkit.inference._distributed import env_rank
+    from lvmkit.inference.callbacks import MLflowLogger, TensorBoardLogger
+
+    if env_rank() != 0:
+        return []
+    loggers: list = []
+    if args.mlflow is not None:
+        loggers.append(MLflowLogger(args.mlflow, experiment=args.mlflow_experiment))
+    if args.tensorboard is not None:
+        loggers.append(TensorBoardLogger(args.tensorboard))
+    return loggers
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ from lvmkit.data import MNIST_IMAGE_SHAPE, Dataset, binarize, load_mnist
 from lvmkit.guides import GaussianEncoder, GaussianEncoderConfig
 from lvmkit.inference import OBJECTIVES, KLSchedule, active_units, evaluate, fit, summarize
 from lvmkit.inference._data import resolve_device
+from lvmkit.inference._distributed import env_rank
 from lvmkit.inference._rundir import CHECKPOINT_FILE, CONFIG_FILE, RunLock
 from lvmkit.inference.checkpoint import atomic_write_text, load_checkpoint, read_json
 from lvmkit.inference.train import NONFINITE_POLICIES
@@ -155,26 +156,42 @@ def model_config(spec: TrainSpec, data_dim: int) -> VAEConfig:
     )
 
 
-def train_run(spec: TrainSpec, run_dir: str | Path, *, progress: bool = True) -> RunResult:
-    """Train ``spec`` into a new ``run_dir``; evaluate on the test set; write results, figures."""
+def train_run(
+    spec: TrainSpec,
+    run_dir: str | Path,
+    *,
+    progress: bool = True,
+    callbacks: list[Any] | None = None,
+) -> RunResult | None:
+    """Train ``spec`` into a new ``run_dir``; evaluate on the test set; write results, figures.
+
+    Under ``torchrun`` every process trains and rank 0 alone evaluates, writes and draws; the
+    other ranks return None. ``callbacks`` go to ``fit`` and to the test-set ``evaluate``.
+    """
     run_dir = Path(run_dir)
     if (run_dir / CHECKPOINT_FILE).exists():
         raise FileExistsError(
             f"{run_dir} already holds a run; use `lvmkit train --resume {run_dir}` or another --out"
         )
     metadata = {"spec": dataclasses.asdict(spec), "image_shape": list(MNIST_IMAGE_SHAPE)}
-    return _train(spec, run_dir, resume=False, metadata=metadata, progress=progress)
+    return _train(
+        spec, run_dir, resume=False, metadata=metadata, progress=progress, callbacks=callbacks
+    )
 
 
 def resume_run(
-    run_dir: str | Path, *, epochs: int | None = None, progress: bool = True
-) -> RunResult:
+    run_dir: str | Path,
+    *,
+    epochs: int | None = None,
+    progress: bool = True,
+    callbacks: list[Any] | None = None,
+) -> RunResult | None:
     """Continue the run in ``run_dir`` (to ``epochs`` in all, default: its own), then evaluate."""
     run_dir = Path(run_dir)
     spec = read_spec(run_dir)
     if epochs is not None:
         spec = dataclasses.replace(spec, epochs=check_int("epochs", epochs))
-    return _train(spec, run_dir, resume=True, metadata=None, progress=progress)
+    return _train(spec, run_dir, resume=True, metadata=None, progress=progress, callbacks=callbacks)
 
 
 def read_spec(run_dir: str | Path) -> TrainSpec:
@@ -251,17 +268,29 @@ def sample_run(
 
 
 def _train(
-    spec: TrainSpec, run_dir: Path, *, resume: bool, metadata: dict[str, Any] | None, progress: bool
-) -> RunResult:
+    spec: TrainSpec,
+    run_dir: Path,
+    *,
+    resume: bool,
+    metadata: dict[str, Any] | None,
+    progress: bool,
+    callbacks: list[Any] | None,
+) -> RunResult | None:
     train, valid = _train_data(spec)
     pyro.set_rng_seed(spec.seed)  # initial weights too: the same spec gives the same numbers
     model, guide = build_vae(model_config(spec, train.x.shape[1]))
+    if env_rank() != 0:  # under torchrun: rank 0 owns the folder, evaluates and draws
+        _fit(spec, run_dir, model, guide, train, valid, resume, metadata, False, callbacks)
+        return None
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir):  # held through evaluation and figures, not only fit
-        return _train_locked(spec, run_dir, model, guide, train, valid, resume, metadata, progress)
+        history = _fit(
+            spec, run_dir, model, guide, train, valid, resume, metadata, progress, callbacks
+        )
+        return _finish(spec, run_dir, model, guide, history, progress=progress, callbacks=callbacks)
 
 
-def _train_locked(spec, run_dir, model, guide, train, valid, resume, metadata, progress):
+def _fit(spec, run_dir, model, guide, train, valid, resume, metadata, progress, callbacks):
     result = fit(
         model,
         guide,
@@ -283,8 +312,9 @@ def _train_locked(spec, run_dir, model, guide, train, valid, resume, metadata, p
         resume=resume,
         metadata=metadata,
         progress=progress,
+        callbacks=callbacks,
     )
-    return _finish(spec, run_dir, model, guide, result.history, progress=progress)
+    return result.history
 
 
 def _train_data(spec: TrainSpec) -> tuple[Dataset, Dataset]:
@@ -296,8 +326,8 @@ def _train_data(spec: TrainSpec) -> tuple[Dataset, Dataset]:
     return train, valid
 
 
-def _finish(spec, run_dir: Path, model, guide, history, *, progress: bool) -> RunResult:
-    results = _evaluate_and_write(spec, run_dir, model, guide, history, progress)
+def _finish(spec, run_dir: Path, model, guide, history, *, progress: bool, callbacks) -> RunResult:
+    results = _evaluate_and_write(spec, run_dir, model, guide, history, progress, callbacks)
     figures = run_dir / "figures"
     figures.mkdir(exist_ok=True)
     _figures.elbo_curve(history, figures / "elbo.png")
@@ -317,11 +347,21 @@ def _finish(spec, run_dir: Path, model, guide, history, *, progress: bool) -> Ru
     return RunResult(run_dir, history, results)
 
 
-def _evaluate_and_write(spec: TrainSpec, run_dir: Path, model, guide, history, progress):
+def _evaluate_and_write(
+    spec: TrainSpec, run_dir: Path, model, guide, history, progress, callbacks=None
+):
     test = load_mnist(
         "test", binarization=spec.eval_binarization, seed=spec.seed, limit=spec.eval_points
     )
-    scores = evaluate(model, guide, test.x, spec.eval_samples, seed=spec.seed, progress=progress)
+    scores = evaluate(
+        model,
+        guide,
+        test.x,
+        spec.eval_samples,
+        seed=spec.seed,
+        progress=progress,
+        callbacks=callbacks,
+    )
     summary = summarize(scores)
     ours = {
         "source": f"lvmkit (this run: {run_dir.name})",
