@@ -32,6 +32,7 @@ from lvmkit.inference.objectives import (
     TraceELBO,
     TraceMeanFieldELBO,
 )
+from lvmkit.inference.posterior import to_inference_data
 from lvmkit.inference.train import FitResult, NonFiniteLossError, fit
 
 __all__ = [
@@ -57,4 +58,5 @@ __all__ = [
     "posterior_means",
     "reconstruction_error",
     "summarize",
+    "to_inference_data",
 ]

@@ -533,13 +533,15 @@ def log_density_pass(
         guide_trace, model_trace, latents = _paired_traces(
             model, guide, chunk, enum_dim=particle_dim - 1, detach=detach
         )
-    n = num_points(chunk)
-    log_p = torch.zeros(k, n, device=next(iter(chunk.values())).device)
-    scale = 1.0
-    for name, site in _scored_sites(model_trace, latents):
-        log_p = log_p + _per_point_log_prob(name, site, particle_dim, k, n)
-        if site["is_observed"]:
-            scale = max(scale, float(site["scale"]))
+    return log_densities(guide_trace, model_trace, latents, particle_dim, k, num_points(chunk))
+
+
+def log_densities(
+    guide_trace, model_trace, latents: set[str], particle_dim: int, k: int, n: int
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(log p(x, z), log q(z | x), scale)`` per particle and point from a guide trace and the
+    model replayed on it (see :func:`log_density_pass`)."""
+    log_p, scale = enumerated_log_joint(model_trace, latents, particle_dim, k, n)
     if log_p.dim() > 2:  # enumerated sites: sum them out, exactly
         log_p = log_p.reshape(-1, k, n).logsumexp(dim=0)
     log_q = torch.zeros_like(log_p)
@@ -547,6 +549,27 @@ def log_density_pass(
         if name in model_trace.nodes:  # auxiliary guide sites are not part of the weight
             log_q = log_q + _per_point_log_prob(name, guide_trace.nodes[name], particle_dim, k, n)
     return log_p, log_q, scale
+
+
+def enumerated_log_joint(
+    model_trace, latents: set[str], particle_dim: int, k: int, n: int
+) -> tuple[torch.Tensor, float]:
+    """log p(x, z) per particle and point, shape ``(*enum, k, n)`` (one dim per value of the
+    model's enumerated sites, left of the particle dim), and the observed sites' scale."""
+    log_p = torch.zeros(k, n, device=_trace_device(model_trace))
+    scale = 1.0
+    for name, site in _scored_sites(model_trace, latents):
+        log_p = log_p + _per_point_log_prob(name, site, particle_dim, k, n)
+        if site["is_observed"]:
+            scale = max(scale, float(site["scale"]))
+    return log_p, scale
+
+
+def _trace_device(trace) -> torch.device:
+    for site in trace.nodes.values():
+        if torch.is_tensor(site.get("value")):
+            return site["value"].device
+    return torch.device("cpu")
 
 
 def _is_sample(site: Any) -> bool:

@@ -37,6 +37,7 @@ from lvmkit.inference import (
     posterior_means,
     reconstruction_error,
     summarize,
+    to_inference_data,
 )
 from lvmkit.inference.checkpoint import CheckpointError
 from lvmkit.models import (
@@ -116,4 +117,5 @@ __all__ = [
     "posterior_means",
     "reconstruction_error",
     "summarize",
+    "to_inference_data",
 ]
