@@ -33,6 +33,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -42,6 +43,7 @@ import pyro.optim
 import torch
 from torch.nn import functional as F
 
+from lvmkit import plots
 from lvmkit.data import load_mnist
 from lvmkit.guides import GaussianEncoder, GaussianEncoderConfig
 from lvmkit.inference import evaluate
@@ -95,7 +97,7 @@ def run(
     *,
     device: str = "auto",
     config: SpeedConfig | None = None,
-    figures_dir: object = None,  # no figures: a table says it all
+    figures_dir: str | Path | None = None,
 ) -> pd.DataFrame:
     """Measure every contender on ``device``; one row per (task, batch size, contender)."""
     cfg = config or PROFILES[check_choice("profile", profile, PROFILES)]
@@ -109,7 +111,29 @@ def run(
     frame = pd.DataFrame(rows)
     frame["batch_size"] = frame["batch_size"].astype("Int64")  # empty for the evaluate row
     frame.insert(0, "device", _device_name(dev))
+    if figures_dir is not None:
+        speed_figure(frame, Path(figures_dir) / "speed-step-time.png")
     return frame
+
+
+def speed_figure(frame: pd.DataFrame, path: Path):
+    """Median step time of each contender relative to hand-written PyTorch, per batch size."""
+    plt = plots.pyplot()
+    steps = frame[frame["task"] == "svi_step"]
+    sizes = sorted(steps["batch_size"].dropna().unique())
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 3.4), squeeze=False)
+    for ax, size in zip(axes[0], sizes, strict=True):
+        part = steps[steps["batch_size"] == size]
+        ax.barh(part["contender"], part["ratio_to_pytorch"], color="C0")
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.axvline(1.1, color="C3", lw=0.8, ls="--", label="1.10× target")
+        ax.set_xlabel("median step time / hand-written PyTorch")
+        ax.set_title(f"batch {int(size)}", fontsize=9)
+        ax.invert_yaxis()
+        ax.legend(fontsize=7)
+    fig.suptitle(f"SVI step time on {frame['device'].iloc[0]}", fontsize=9)
+    fig.tight_layout()
+    return plots.save(fig, path)
 
 
 def _networks(cfg: SpeedConfig, data_dim: int, dev: torch.device) -> tuple[VAE, GaussianEncoder]:

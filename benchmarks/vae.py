@@ -36,8 +36,8 @@ import pyro
 import torch
 from pyro.infer import TraceEnum_ELBO
 
-from lvmkit import datasets
-from lvmkit.data import binarize, load_mnist
+from lvmkit import datasets, plots
+from lvmkit.data import MNIST_IMAGE_SHAPE, binarize, load_mnist
 from lvmkit.guides import GaussianEncoder, GaussianEncoderConfig
 from lvmkit.inference import (
     KLSchedule,
@@ -321,7 +321,28 @@ def run_m2(profile="full", *, device="cpu", figures_dir=None, scale=None) -> pd.
                 "seconds_per_epoch": per_epoch,
             }
         )
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    if figures_dir is not None:
+        m2_figure(frame, Path(figures_dir) / "vae-m2-accuracy.png")
+    return frame
+
+
+def m2_figure(frame: pd.DataFrame, path: Path):
+    """Test accuracy against the number of labelled images: ours beside the published ones."""
+    labels = frame["labels"].to_numpy()
+    epochs = int(frame["epochs"].iloc[0])
+    curves = {
+        f"lvmkit ({epochs} epochs)": (labels, frame["accuracy"].to_numpy()),
+        "Kingma et al. 2014, Table 1": (labels, 100 - frame["paper_error"].to_numpy()),
+        "Pyro's SS-VAE example": (labels, frame["pyro_example_accuracy"].to_numpy()),
+    }
+    return plots.line_plot(
+        curves,
+        xlabel="labelled training images",
+        ylabel="test accuracy (%)",
+        title="M2 on MNIST: classification accuracy",
+        path=path,
+    )
 
 
 # -- CVAE quadrants -----------------------------------------------------------------------------
@@ -493,66 +514,28 @@ def _mean_images(model, n: int) -> np.ndarray:
 # -- figures ------------------------------------------------------------------------------------
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _line_figure(curves: dict, path: Path, xlabel: str, ylabel: str, legend: str) -> None:
-    plt = _plt()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, (xs, ys) in curves.items():
-        ax.plot(xs, ys, marker="o", ms=3, label=f"{legend} {label}".strip())
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plots.line_plot(curves, xlabel=xlabel, ylabel=ylabel, legend=legend, path=path)
 
 
 def _image_grid(images: dict[str, np.ndarray], path: Path) -> None:
-    plt = _plt()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = len(images)
-    cols = max(len(v) for v in images.values())
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.9, rows * 0.95), squeeze=False)
-    for r, (name, batch) in enumerate(images.items()):
-        for c in range(cols):
-            ax = axes[r][c]
-            ax.axis("off")
-            if c < len(batch):
-                ax.imshow(batch[c].reshape(28, 28), cmap="gray", vmin=0, vmax=1)
-        axes[r][0].set_title(name, fontsize=7, loc="left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plots.image_rows(images, MNIST_IMAGE_SHAPE, path=path)
 
 
 def _scatter_figure(codes: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
     """Mean codes of test images on their first two principal components, coloured by digit."""
-    from sklearn.decomposition import PCA
-
-    plt = _plt()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    plt = plots.pyplot()
     cols = 4
     rows = -(-len(codes) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.6, rows * 2.6), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (name, (z, labels)) in zip(axes.flat, codes.items(), strict=False):
-        flat = PCA(n_components=2).fit_transform(z) if z.shape[1] > 2 else z
-        ax.scatter(flat[:, 0], flat[:, 1], c=labels, cmap="tab10", s=2)
-        ax.set_title(name, fontsize=8)
+        ax.axis("on")
+        plots.scatter_codes(z, labels, ax=ax, title=name)
     fig.suptitle("E_q[z | x] of 2,000 test images, first two principal components", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plots.save(fig, path)
 
 
 def _quadrant_figure(completions: dict, path: Path) -> None:

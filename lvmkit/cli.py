@@ -182,6 +182,12 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument(
         "--out", type=Path, default=None, help="PNG path (default: RUN_DIR/figures/samples.png)"
     )
+    plot = commands.add_parser(
+        "plot",
+        help="draw a run's figures (ELBO curve, samples, reconstructions, latent scatter, "
+        "traversal, interpolation, k̂) into RUN_DIR/figures",
+    )
+    plot.add_argument("run_dir", type=Path)
     return parser
 
 
@@ -202,6 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 progress=not args.quiet,
             )
             print(runs.format_results(results))
+            return 0
+        if args.command == "plot":
+            for written in runs.plot_run(args.run_dir):
+                print(written)
             return 0
         path = runs.sample_run(args.run_dir, n=args.n, seed=args.seed, out=args.out)
         print(path)

@@ -16,15 +16,14 @@ from typing import Any
 
 import pandas as pd
 import pyro
-import torch
 
-from lvmkit import _figures
+from lvmkit import plots
 from lvmkit.data import MNIST_IMAGE_SHAPE, Dataset, binarize, load_mnist
 from lvmkit.guides import GaussianEncoder, GaussianEncoderConfig
 from lvmkit.inference import OBJECTIVES, KLSchedule, active_units, evaluate, fit, summarize
 from lvmkit.inference._data import resolve_device
 from lvmkit.inference._distributed import env_rank
-from lvmkit.inference._rundir import CHECKPOINT_FILE, CONFIG_FILE, RunLock
+from lvmkit.inference._rundir import CHECKPOINT_FILE, CONFIG_FILE, HISTORY_FILE, RunLock
 from lvmkit.inference.checkpoint import atomic_write_text, load_checkpoint, read_json
 from lvmkit.inference.train import NONFINITE_POLICIES
 from lvmkit.models import LIKELIHOODS, VAE, VAEConfig
@@ -34,6 +33,7 @@ from lvmkit.models._mlp import ACTIVATIONS
 FAMILIES = ("vae",)
 TRAIN_BINARIZATIONS = ("dynamic", "static", "none")
 RESULTS_FILE = "results.csv"
+EVALUATION_FILE = "evaluation.csv"  # per test image: elbo, log_likelihood, pareto_k, ess
 
 # Published test NLLs of one-stochastic-layer VAEs on binarized MNIST, for the results table.
 REFERENCES = pd.DataFrame(
@@ -255,13 +255,8 @@ def sample_run(
     check_int("n", n)
     model, _, _ = load_run(run_dir)
     path = Path(out) if out is not None else Path(run_dir) / "figures" / "samples.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return _figures.image_grid(
-        _sample_means(model, n, seed),
-        MNIST_IMAGE_SHAPE,
-        path,
-        title=f"{n} samples, E[x | z], z ~ p(z)",
-    )
+    plots.sample_grid(model, n, seed=seed, image_shape=MNIST_IMAGE_SHAPE, path=path)
+    return path
 
 
 # -- internals -------------------------------------------------------------------------------
@@ -328,23 +323,49 @@ def _train_data(spec: TrainSpec) -> tuple[Dataset, Dataset]:
 
 def _finish(spec, run_dir: Path, model, guide, history, *, progress: bool, callbacks) -> RunResult:
     results = _evaluate_and_write(spec, run_dir, model, guide, history, progress, callbacks)
-    figures = run_dir / "figures"
-    figures.mkdir(exist_ok=True)
-    _figures.elbo_curve(history, figures / "elbo.png")
-    test = load_mnist("test", binarization=spec.eval_binarization, seed=spec.seed, limit=16)
-    _figures.image_grid(
-        torch.cat([test.x, _reconstruction_means(model, guide, test.x)]),
-        test.image_shape,
-        figures / "reconstructions.png",
-        title="top: test images; bottom: E[x | z] at z = E[z | x] under q",
-    )
-    _figures.image_grid(
-        _sample_means(model, 64, spec.seed),
-        test.image_shape,
-        figures / "samples.png",
-        title="64 samples, E[x | z], z ~ p(z)",
-    )
+    _draw(spec, run_dir, model, guide, history)
     return RunResult(run_dir, history, results)
+
+
+FIGURES = (
+    "elbo.png",
+    "samples.png",
+    "reconstructions.png",
+    "latent.png",
+    "traversal.png",
+    "interpolation.png",
+    "khat.png",
+)
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Draw a run's figures into ``RUN_DIR/figures`` from its history, its checkpoint and its
+    per-image evaluation (``evaluation.csv``, for the k̂ plot); return their paths."""
+    run_dir = Path(run_dir)
+    model, guide, spec = load_run(run_dir)
+    history = pd.read_csv(run_dir / HISTORY_FILE)
+    return _draw(spec, run_dir, model, guide, history)
+
+
+def _draw(spec: TrainSpec, run_dir: Path, model, guide, history: pd.DataFrame) -> list[Path]:
+    figures = run_dir / "figures"
+    test = load_mnist("test", binarization=spec.eval_binarization, seed=spec.seed, limit=2000)
+    x = test.x.to(next(model.parameters()).device)
+    paths = [figures / name for name in FIGURES]
+    plots.elbo_curve(history, path=paths[0])
+    plots.sample_grid(model, 64, seed=spec.seed, path=paths[1])
+    plots.reconstructions(model, guide, x[:16], path=paths[2])
+    plots.latent_scatter(
+        guide, x, test.y.numpy(), title="E_q[z | x] of 2,000 test images", path=paths[3]
+    )
+    plots.latent_traversal(model, path=paths[4])
+    plots.interpolation(model, guide, x[:6], x[6:12], path=paths[5])
+    scores = run_dir / EVALUATION_FILE
+    if scores.is_file():
+        plots.khat_plot(pd.read_csv(scores)["pareto_k"], path=paths[6])
+    else:
+        paths.pop()
+    return paths
 
 
 def _evaluate_and_write(
@@ -362,6 +383,7 @@ def _evaluate_and_write(
         progress=progress,
         callbacks=callbacks,
     )
+    atomic_write_text(run_dir / EVALUATION_FILE, scores.to_csv(index=False))
     summary = summarize(scores)
     ours = {
         "source": f"lvmkit (this run: {run_dir.name})",
@@ -383,21 +405,6 @@ def _evaluate_and_write(
     results = pd.DataFrame(rows)
     atomic_write_text(run_dir / RESULTS_FILE, results.to_csv(index=False))
     return results
-
-
-def _reconstruction_means(model: VAE, guide: GaussianEncoder, x: torch.Tensor) -> torch.Tensor:
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        loc, _ = guide.encode(x.to(device))
-        return model.likelihood(loc).mean
-
-
-def _sample_means(model: VAE, n: int, seed: int) -> torch.Tensor:
-    device = next(model.parameters()).device
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        pyro.set_rng_seed(seed)
-        z = torch.randn(n, model.config.latent_dim, device=device)
-        return model.likelihood(z).mean
 
 
 def format_results(results: pd.DataFrame) -> str:

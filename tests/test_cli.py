@@ -9,6 +9,7 @@ import sys
 import pandas as pd
 import pytest
 
+from lvmkit import runs
 from lvmkit.cli import main
 
 TINY = [
@@ -40,15 +41,15 @@ def test_train_resume_evaluate_sample(tmp_path, capsys):
         "checkpoint.prev.pt",
         "checkpoint.pt",
         "config.json",
+        "evaluation.csv",
         "figures",
         "history.csv",
         "results.csv",
     ]
-    assert sorted(p.name for p in (run / "figures").iterdir()) == [
-        "elbo.png",
-        "reconstructions.png",
-        "samples.png",
-    ]
+    assert sorted(p.name for p in (run / "figures").iterdir()) == sorted(runs.FIGURES)
+    scores = pd.read_csv(run / "evaluation.csv")
+    assert list(scores.columns) == ["elbo", "log_likelihood", "pareto_k", "ess"]
+    assert len(scores) == 20
     config = json.loads((run / "config.json").read_text())
     assert config["metadata"]["spec"]["latent_dim"] == 4 and config["fit"]["batch_size"] == 128
     results = pd.read_csv(run / "results.csv")
@@ -65,6 +66,16 @@ def test_train_resume_evaluate_sample(tmp_path, capsys):
     png = tmp_path / "grid.png"
     assert main(["sample", str(run), "-n", "9", "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    for figure in (run / "figures").iterdir():
+        figure.unlink()
+    capsys.readouterr()
+    assert main(["plot", str(run)]) == 0
+    written = capsys.readouterr().out.split()
+    assert sorted(written) == sorted(str(run / "figures" / name) for name in runs.FIGURES)
+    for path in written:
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_compiled_training_from_the_cli(tmp_path):
