@@ -97,8 +97,9 @@ def build_autoencoder(config: AutoencoderConfig):
         ...                                hidden_dims=(8,)), kind="cae")
         >>> model, guide = lvmkit.build_autoencoder(cfg)
         >>> x = torch.bernoulli(torch.full((32, 4), 0.5))
-        >>> lvmkit.fit(model, guide, x, epochs=1, device="cpu", progress=False).history.epoch[0]
-        1
+        >>> result = lvmkit.fit(model, guide, x, epochs=1, device="cpu", progress=False)
+        >>> list(result.history.epoch)
+        [1]
     """
     from lvmkit.guides.deterministic import DeterministicEncoder
 
