@@ -125,6 +125,15 @@ class EarlyStopping(Callback):
     ``mode``: ``"max"`` for ELBOs (``val_elbo``, the default monitor), ``"min"`` for losses
     (``train_loss``). On resume the state is rebuilt from the history, so an interrupted run
     stops where an uninterrupted one would. ``stopped_epoch`` is set when it stopped training.
+
+    Example::
+
+        >>> import lvmkit
+        >>> stop = lvmkit.EarlyStopping("val_elbo", patience=2)
+        >>> [stop.on_epoch_end(e, {"val_elbo": v}) for e, v in enumerate([-9, -8, -8, -8.5], 1)]
+        [False, False, False, True]
+        >>> stop.stopped_epoch
+        4
     """
 
     def __init__(
@@ -199,6 +208,19 @@ class MLflowLogger(Callback):
     ``None`` keeps MLflow's own default. The MLflow run is found again on resume (tagged with the
     run directory), so a resumed ``fit`` continues the same MLflow run. ``run_id`` is set once
     training starts. Uses MLflow's client API, so no global "active run" is left behind.
+
+    Example::
+
+        >>> import logging, tempfile, torch, lvmkit
+        >>> logging.getLogger("alembic").setLevel(logging.WARNING)
+        >>> uri = f"sqlite:///{tempfile.mkdtemp()}/mlflow.db"
+        >>> model, guide = lvmkit.build_vae(lvmkit.VAEConfig(data_dim=4, latent_dim=2,
+        ...                                                  hidden_dims=(8,)))
+        >>> logger = lvmkit.MLflowLogger(uri, experiment="demo")
+        >>> _ = lvmkit.fit(model, guide, torch.ones(16, 4), epochs=2, device="cpu",
+        ...                progress=False, callbacks=[logger])
+        >>> [m.step for m in logger.client.get_metric_history(logger.run_id, "train_loss")]
+        [1, 2]
     """
 
     def __init__(
@@ -285,7 +307,18 @@ class MLflowLogger(Callback):
 class TensorBoardLogger(Callback):
     """Write TensorBoard event files under ``log_dir``: every history column as a scalar per
     epoch (``train/…``), evaluation summaries (``<name>/…``), and the settings as text. Uses
-    ``torch.utils.tensorboard`` (needs the ``tensorboard`` package: ``lvmkit[tensorboard]``)."""
+    ``torch.utils.tensorboard`` (needs the ``tensorboard`` package: ``lvmkit[tensorboard]``).
+
+    Example::
+
+        >>> import tempfile, torch, lvmkit
+        >>> model, guide = lvmkit.build_vae(lvmkit.VAEConfig(data_dim=4, latent_dim=2,
+        ...                                                  hidden_dims=(8,)))
+        >>> logger = lvmkit.TensorBoardLogger(tempfile.mkdtemp())
+        >>> _ = lvmkit.fit(model, guide, torch.ones(16, 4), epochs=2, device="cpu",
+        ...                progress=False, callbacks=[logger])
+        >>> logger.close()
+    """
 
     def __init__(self, log_dir: str | Path) -> None:
         try:

@@ -91,6 +91,14 @@ def log_weights(
     ``model`` and ``guide`` must put every latent and observed site under a plate named
     ``"data"`` over the data points. For large ``num_samples × N`` prefer :func:`evaluate`, which
     reduces each chunk instead of holding all weights.
+
+    Example::
+
+        >>> import torch, lvmkit
+        >>> model, guide = lvmkit.build_vae(lvmkit.VAEConfig(data_dim=4, latent_dim=2,
+        ...                                                  hidden_dims=(8,)))
+        >>> lvmkit.log_weights(model, guide, torch.ones(3, 4), 10).shape
+        torch.Size([10, 3])
     """
     batch = as_batch(data)
     num_samples = check_int("num_samples", num_samples)
@@ -175,7 +183,17 @@ def evaluate(
 
 
 def summarize(scores: pd.DataFrame) -> EvaluationSummary:
-    """Reduce an :func:`evaluate` table to means over data points."""
+    """Reduce an :func:`evaluate` table to means over data points.
+
+    Example::
+
+        >>> import torch, lvmkit
+        >>> model, guide = lvmkit.build_vae(lvmkit.VAEConfig(data_dim=4, latent_dim=2,
+        ...                                                  hidden_dims=(8,)))
+        >>> summary = lvmkit.summarize(lvmkit.evaluate(model, guide, torch.ones(6, 4), 50))
+        >>> summary.num_points, summary.num_samples, summary.log_likelihood >= summary.elbo
+        (6, 50, True)
+    """
     needed = {"elbo", "log_likelihood", "pareto_k", "ess"}
     if not isinstance(scores, pd.DataFrame) or not needed <= set(scores.columns):
         raise ValueError(
@@ -239,6 +257,15 @@ def posterior_means(
     Exact when ``site`` is the guide's only sample site and its distribution has a mean (a
     Gaussian's loc, a Delta's value); otherwise the average of ``num_samples`` draws (e.g. M2's
     z, whose distribution depends on a drawn label). ``seed`` as in :func:`evaluate`.
+
+    Example::
+
+        >>> import torch, lvmkit
+        >>> model, guide = lvmkit.build_vae(lvmkit.VAEConfig(data_dim=4, latent_dim=2,
+        ...                                                  hidden_dims=(8,)))
+        >>> x = torch.ones(3, 4)
+        >>> torch.equal(lvmkit.posterior_means(guide, x), guide.encode(x)[0].detach())
+        True
     """
     batch = as_batch(data)
     num_samples = check_int("num_samples", num_samples)
@@ -322,7 +349,16 @@ def reconstruction_error(
     """−log p(x | ẑ) per data point, with ẑ = E_q[z | x] the guide's mean code: the
     reconstruction error in nats (the binary cross-entropy summed over pixels for a Bernoulli
     decoder; ½‖x − x̂‖² + const for a unit-variance Gaussian one). Other guide sites keep a draw.
-    Returns a CPU tensor of shape ``(N,)``."""
+    Returns a CPU tensor of shape ``(N,)``.
+
+    Example::
+
+        >>> import torch, lvmkit
+        >>> model, guide = lvmkit.build_vae(lvmkit.VAEConfig(data_dim=4, latent_dim=2,
+        ...                                                  hidden_dims=(8,)))
+        >>> lvmkit.reconstruction_error(model, guide, torch.ones(3, 4)).shape
+        torch.Size([3])
+    """
     batch = as_batch(data)
     check_with_model(model, batch)
     _check_site(site)

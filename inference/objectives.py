@@ -153,6 +153,15 @@ class IWAE(_PerPointBound):
     log p(x). For any model/guide pair whose sites sit in ``pyro.plate("data", N)``; the sum is
     scaled like the model's observed sites (N / n under a subsampling plate). Site scales
     (``KLSchedule``) do not enter: the bound uses unscaled densities.
+
+    Example (``fit(objective="iwae", num_particles=5)`` builds the same)::
+
+        >>> import torch, lvmkit
+        >>> model, guide = lvmkit.build_vae(lvmkit.VAEConfig(data_dim=4, latent_dim=2,
+        ...                                                  hidden_dims=(8,)))
+        >>> loss = lvmkit.IWAE(num_particles=5)(model, guide)  # an nn.Module
+        >>> loss(x=torch.ones(3, 4)).shape
+        torch.Size([])
     """
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
@@ -178,6 +187,17 @@ class ReweightedWakeSleep(_PerPointBound):
     Pyro's ``ReweightedWakeSleep`` normalizes the weights over the whole minibatch (one
     logsumexp of the minibatch's summed log-weights), not per data point; this one does it per
     point, as the paper and the IWAE bound do.
+
+    Example::
+
+        >>> import torch, lvmkit
+        >>> model, guide = lvmkit.build_vae(lvmkit.VAEConfig(data_dim=4, latent_dim=2,
+        ...                                                  hidden_dims=(8,)))
+        >>> x = torch.bernoulli(torch.full((16, 4), 0.5))
+        >>> result = lvmkit.fit(model, guide, x, epochs=1, objective="rws", num_particles=5,
+        ...                     device="cpu", progress=False)
+        >>> list(result.history.epoch)
+        [1]
     """
 
     needs_reparam = False

@@ -76,6 +76,12 @@ def binarize(x: torch.Tensor) -> torch.Tensor:
     ``x`` holds probabilities in [0, 1]. On the CPU the range is checked (cheap, no device sync);
     on a GPU it is not, since ``fit`` calls this every step: ``fit`` checks the whole data set
     once, through the model's ``validate_data``.
+
+    Example::
+
+        >>> import torch, lvmkit
+        >>> lvmkit.binarize(torch.tensor([0.0, 1.0, 1.0]))
+        tensor([0., 1., 1.])
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"binarize needs a torch.Tensor of probabilities; got {type(x).__name__}")

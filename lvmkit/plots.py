@@ -290,9 +290,14 @@ def scatter_codes(codes: np.ndarray, labels: Any = None, *, ax=None, title=None,
     fig = None
     if ax is None:
         fig, ax = plt.subplots(figsize=(4.2, 4))
-    c = None if labels is None else np.asarray(labels)
-    points = ax.scatter(codes[:, 0], codes[:, 1], c=c, cmap="tab10", s=3)
-    if c is not None and fig is not None:
+    if labels is None:
+        points = ax.scatter(codes[:, 0], codes[:, 1], s=3)
+    else:
+        c = np.asarray(labels)
+        if c.shape != (len(codes),):
+            raise ValueError(f"labels must have one entry per code ({len(codes)}); got {c.shape}")
+        points = ax.scatter(codes[:, 0], codes[:, 1], c=c, cmap="tab10", s=3)
+    if labels is not None and fig is not None:
         fig.colorbar(points, ax=ax, label="label")
     ax.set_xlabel(xlabel, fontsize=8)
     ax.set_ylabel(ylabel, fontsize=8)

@@ -136,7 +136,15 @@ class RunResult:
 
 
 def build_vae(config: VAEConfig) -> tuple[VAE, GaussianEncoder]:
-    """A :class:`VAE` and the :class:`GaussianEncoder` that mirrors its decoder."""
+    """A :class:`VAE` and the :class:`GaussianEncoder` that mirrors its decoder.
+
+    Example::
+
+        >>> import lvmkit
+        >>> model, guide = lvmkit.build_vae(lvmkit.VAEConfig(data_dim=784, latent_dim=20))
+        >>> guide.config.hidden_dims, model.config.hidden_dims
+        ((400,), (400,))
+    """
     guide_config = GaussianEncoderConfig(
         data_dim=config.data_dim,
         latent_dim=config.latent_dim,

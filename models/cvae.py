@@ -133,7 +133,16 @@ class ConditionalBaseline(_Conditional):
 
 
 def build_cvae(config: CVAEConfig):
-    """A :class:`CVAE` and its recognition network q(z | x, c)."""
+    """A :class:`CVAE` and its recognition network q(z | x, c).
+
+    Example::
+
+        >>> import torch, lvmkit
+        >>> cfg = lvmkit.CVAEConfig(data_dim=4, cond_dim=4, latent_dim=2, hidden_dims=(8,))
+        >>> model, guide = lvmkit.build_cvae(cfg)
+        >>> guide(torch.ones(3, 4), c=torch.zeros(3, 4)).shape
+        torch.Size([3, 2])
+    """
     from lvmkit.guides.conditional import ConditionalEncoder
 
     return CVAE(config), ConditionalEncoder(config)

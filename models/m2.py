@@ -168,7 +168,16 @@ class M2(PyroModule):
 
 def build_m2(config: M2Config):
     """An :class:`M2` model and its :class:`lvmkit.guides.SemiSupervisedEncoder`, the model
-    holding the guide's classifier for the auxiliary term."""
+    holding the guide's classifier for the auxiliary term.
+
+    Example::
+
+        >>> import lvmkit
+        >>> model, guide = lvmkit.build_m2(lvmkit.M2Config(data_dim=4, num_classes=3,
+        ...                                latent_dim=2, hidden_dims=(8,)))
+        >>> model.classifier is guide.classifier
+        True
+    """
     from lvmkit.guides.semisupervised import SemiSupervisedEncoder
 
     guide = SemiSupervisedEncoder(config)

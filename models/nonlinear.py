@@ -96,7 +96,15 @@ class NonlinearLVM(PyroModule):
 
 
 def build_nonlinear(config: NonlinearConfig, *, encoder_hidden: tuple[int, ...] | None = None):
-    """A :class:`NonlinearLVM` and the Gaussian encoder q(z | x) that goes with it."""
+    """A :class:`NonlinearLVM` and the Gaussian encoder q(z | x) that goes with it.
+
+    Example::
+
+        >>> import torch, lvmkit
+        >>> model, guide = lvmkit.build_nonlinear(lvmkit.NonlinearConfig(data_dim=2))
+        >>> model(batch_size=5).shape, guide(torch.zeros(5, 2)).shape
+        (torch.Size([5, 2]), torch.Size([5, 2]))
+    """
     from lvmkit.guides import GaussianEncoder, GaussianEncoderConfig
 
     guide_config = GaussianEncoderConfig(
@@ -124,6 +132,13 @@ def exact_log_likelihood(
     error of the rule falls off faster than any power of the spacing once the spacing is a
     fraction of the posterior's width (tests check it against a linear f, whose p(x) is a
     Gaussian in closed form). The prior mass outside ±6 is 2e-9 per dimension.
+
+    Example::
+
+        >>> import torch, lvmkit
+        >>> model, _ = lvmkit.build_nonlinear(lvmkit.NonlinearConfig(data_dim=2, latent_dim=1))
+        >>> lvmkit.exact_log_likelihood(model, torch.zeros(3, 2)).shape
+        torch.Size([3])
     """
     dz = model.config.latent_dim
     if dz > 2:

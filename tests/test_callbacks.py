@@ -161,8 +161,6 @@ def quiet_mlflow():
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-# MLflow 3.17's SQL store uses a loader SQLAlchemy 2.1 deprecates: theirs to fix, not ours
-@pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
 def test_mlflow_logger_writes_params_metrics_and_resumes_the_same_run(tmp_path, quiet_mlflow):
     from mlflow.tracking import MlflowClient
 

@@ -102,5 +102,8 @@ def test_bad_inputs_name_the_argument(pair):
         plots.interpolation(model, guide, _x(2), _x(3), image_shape=SHAPE)
     with pytest.raises(ValueError, match="frame has no columns"):
         plots.bound_vs_latent_dim(pd.DataFrame({"latent_dim": [1]}))
+    with pytest.raises(ValueError, match=r"labels must have one entry per code \(40\)"):
+        plots.latent_scatter(guide, _x(), labels=[1, 2])
+    plots.latent_scatter(guide, _x())  # no labels: one colour
     with pytest.raises(ValueError, match="pass latent_dim="):
         plots.sample_grid(lambda batch_size=None, x=None: None, 4)
