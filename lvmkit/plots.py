@@ -385,7 +385,7 @@ def khat_plot(pareto_k: Any, *, title: str | None = None, path: str | Path | Non
         warnings.filterwarnings("ignore", "support for DataArrays", FutureWarning)
         # ... and calls a matplotlib helper that matplotlib 3.11 deprecates (ArviZ's to fix)
         warnings.filterwarnings("ignore", "Passing a dict or None as alias_mapping")
-        az.plot_khat(pareto_k, ax=ax, show_hlines=True, threshold=0.7, markersize=4)
+        az.plot_khat(pareto_k, ax=ax, show_hlines=True, show_bins=True, markersize=4)
     ax.set_title(title or "Pareto k̂ of the importance weights per data point", fontsize=9)
     fig.tight_layout()
     return save(fig, path)
