@@ -569,15 +569,24 @@ def log_density_pass(
         guide_trace, model_trace, latents = _paired_traces(
             model, guide, chunk, enum_dim=particle_dim - 1, detach=detach
         )
-    return log_densities(guide_trace, model_trace, latents, particle_dim, k, num_points(chunk))
+    device = next(iter(chunk.values())).device
+    return log_densities(
+        guide_trace, model_trace, latents, particle_dim, k, num_points(chunk), device
+    )
 
 
 def log_densities(
-    guide_trace, model_trace, latents: set[str], particle_dim: int, k: int, n: int
+    guide_trace,
+    model_trace,
+    latents: set[str],
+    particle_dim: int,
+    k: int,
+    n: int,
+    device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``(log p(x, z), log q(z | x), scale)`` per particle and point from a guide trace and the
     model replayed on it (see :func:`log_density_pass`)."""
-    log_p, scale = enumerated_log_joint(model_trace, latents, particle_dim, k, n)
+    log_p, scale = enumerated_log_joint(model_trace, latents, particle_dim, k, n, device)
     if log_p.dim() > 2:  # enumerated sites: sum them out, exactly
         log_p = log_p.reshape(-1, k, n).logsumexp(dim=0)
     log_q = torch.zeros_like(log_p)
@@ -588,24 +597,17 @@ def log_densities(
 
 
 def enumerated_log_joint(
-    model_trace, latents: set[str], particle_dim: int, k: int, n: int
+    model_trace, latents: set[str], particle_dim: int, k: int, n: int, device: torch.device
 ) -> tuple[torch.Tensor, float]:
     """log p(x, z) per particle and point, shape ``(*enum, k, n)`` (one dim per value of the
     model's enumerated sites, left of the particle dim), and the observed sites' scale."""
-    log_p = torch.zeros(k, n, device=_trace_device(model_trace))
+    log_p = torch.zeros(k, n, device=device)
     scale = 1.0
     for name, site in _scored_sites(model_trace, latents):
         log_p = log_p + _per_point_log_prob(name, site, particle_dim, k, n)
         if site["is_observed"]:
             scale = max(scale, float(site["scale"]))
     return log_p, scale
-
-
-def _trace_device(trace) -> torch.device:
-    for site in trace.nodes.values():
-        if torch.is_tensor(site.get("value")):
-            return site["value"].device
-    return torch.device("cpu")
 
 
 def _is_sample(site: Any) -> bool:

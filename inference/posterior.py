@@ -187,7 +187,8 @@ def _one_pass(model, guide, batch: Batch, k: int, n: int, particle_dim: int, ppc
             for name, site in model_trace.nodes.items()
             if _is_sample(site) and _is_enumerated(site)
         ]
-        discrete = _sample_enumerated(model_trace, latents, enumerated, particle_dim, k, n)
+        device = next(iter(batch.values())).device
+        discrete = _sample_enumerated(model_trace, latents, enumerated, particle_dim, k, n, device)
         replicated = None
         if ppc:
             only_latents = guide_trace.copy()
@@ -223,13 +224,15 @@ def _one_pass(model, guide, batch: Batch, k: int, n: int, particle_dim: int, ppc
     if global_sites:
         out["log_weight"] = _joint_log_weight(guide_trace, model_trace, latents, particle_dim, k, n)
     else:
-        log_p, log_q, _ = log_densities(guide_trace, model_trace, latents, particle_dim, k, n)
+        log_p, log_q, _ = log_densities(
+            guide_trace, model_trace, latents, particle_dim, k, n, device
+        )
         out["log_weight"] = (log_p - log_q).double().cpu().numpy()
     return out
 
 
 def _sample_enumerated(
-    model_trace, latents, names: list[str], particle_dim: int, k: int, n: int
+    model_trace, latents, names: list[str], particle_dim: int, k: int, n: int, device
 ) -> dict[str, torch.Tensor]:
     """Draw the model's enumerated sites from their exact posterior given the guide's draws,
     one joint draw per (particle, point): a categorical over the enumerated configurations,
@@ -237,7 +240,7 @@ def _sample_enumerated(
     would share one draw across the particles, which its factors do not depend on.)"""
     if not names:
         return {}
-    log_joint, _ = enumerated_log_joint(model_trace, latents, particle_dim, k, n)
+    log_joint, _ = enumerated_log_joint(model_trace, latents, particle_dim, k, n, device)
     enum_shape = tuple(log_joint.shape[:-2])
     index = torch.distributions.Categorical(logits=log_joint.reshape(-1, k, n).permute(1, 2, 0))
     flat = index.sample()  # (k, n) indices into the enumerated configurations

@@ -379,6 +379,13 @@ def khat_plot(pareto_k: Any, *, title: str | None = None, path: str | Path | Non
     if not isinstance(pareto_k, xr.DataArray):
         values = np.asarray(pareto_k, dtype=float).reshape(-1)
         pareto_k = xr.DataArray(values, dims=["point"], coords={"point": np.arange(len(values))})
+    infinite = ~np.isfinite(pareto_k.values)
+    note = ""
+    if infinite.any():  # k̂ = ∞ (or NaN: too few draws) has no place on the axis: mark the top
+        finite = pareto_k.values[~infinite]
+        top = max(2.0, float(finite.max()) + 0.25) if finite.size else 2.0
+        pareto_k = pareto_k.where(~infinite, top)
+        note = f" ({int(infinite.sum())} not finite, drawn at {top:.2f})"
     fig, ax = plt.subplots(figsize=(6, 3.2))
     with warnings.catch_warnings():
         # ArviZ 0.23 announces it will want LOO's ELPDData; importance weights have none
@@ -386,6 +393,6 @@ def khat_plot(pareto_k: Any, *, title: str | None = None, path: str | Path | Non
         # ... and calls a matplotlib helper that matplotlib 3.11 deprecates (ArviZ's to fix)
         warnings.filterwarnings("ignore", "Passing a dict or None as alias_mapping")
         az.plot_khat(pareto_k, ax=ax, show_hlines=True, show_bins=True, markersize=4)
-    ax.set_title(title or "Pareto k̂ of the importance weights per data point", fontsize=9)
+    ax.set_title((title or "Pareto k̂ of the importance weights per data point") + note, fontsize=9)
     fig.tight_layout()
     return save(fig, path)

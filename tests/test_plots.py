@@ -88,6 +88,8 @@ def test_khat_plot_accepts_inference_data_and_arrays(pair, tmp_path):
     plots.khat_plot(idata.sample_stats["pareto_k"], path=tmp_path / "a.png")
     plots.khat_plot(np.array([0.1, 0.8, 0.3]), path=tmp_path / "b.png")
     assert _is_png(tmp_path / "a.png") and _is_png(tmp_path / "b.png")
+    fig = plots.khat_plot(np.array([0.1, np.inf, np.nan, 0.3]))  # PSIS gives inf for flat tails
+    assert "2 not finite, drawn at 2.00" in fig.axes[0].get_title()
 
 
 def test_bad_inputs_name_the_argument(pair):
