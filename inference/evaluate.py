@@ -17,6 +17,7 @@ not), so KL annealing or subsampling scale factors never leak into reported like
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterator
@@ -273,15 +274,7 @@ def posterior_means(
     dev = _eval_device(guide, guide, None)
     pairs = check_int("max_pairs", max_pairs) if max_pairs is not None else _default_max_pairs(dev)
     out: list[torch.Tensor] = []
-    with (
-        torch.no_grad(),
-        torch.random.fork_rng(devices=cuda_devices()),
-        pyro.validation_enabled(False),
-        param_scope(guide, guide, publish=False),
-        eval_mode(guide),
-    ):
-        if seed is not None:
-            pyro.set_rng_seed(check_int("seed", seed, minimum=0))
+    with scoring(guide, guide, seed), pyro.validation_enabled(False):
         chunk = max(1, pairs // num_samples)
         for start in range(0, num_points(batch), chunk):
             part = to_device(take(batch, slice(start, start + chunk)), dev)
@@ -365,19 +358,11 @@ def reconstruction_error(
     dev = _eval_device(model, guide, None)
     pairs = check_int("max_pairs", max_pairs) if max_pairs is not None else _default_max_pairs(dev)
     out: list[torch.Tensor] = []
-    with (
-        torch.no_grad(),
-        torch.random.fork_rng(devices=cuda_devices()),
-        param_scope(model, guide, publish=False),
-        eval_mode(model, guide),
-    ):
-        if seed is not None:
-            pyro.set_rng_seed(check_int("seed", seed, minimum=0))
-        with pyro.validation_enabled(False):
-            dim = particle_dim(model, guide, to_device(take(batch, slice(0, 1)), dev))
-            for start in range(0, num_points(batch), pairs):
-                part = to_device(take(batch, slice(start, start + pairs)), dev)
-                out.append(-_reconstruction_pass(model, guide, part, site, dim).cpu())
+    with scoring(model, guide, seed), pyro.validation_enabled(False):
+        dim = particle_dim(model, guide, to_device(take(batch, slice(0, 1)), dev))
+        for start in range(0, num_points(batch), pairs):
+            part = to_device(take(batch, slice(start, start + pairs)), dev)
+            out.append(-_reconstruction_pass(model, guide, part, site, dim).cpu())
     return torch.cat(out)
 
 
@@ -403,6 +388,21 @@ def _reconstruction_pass(model, guide, chunk: Batch, site: str, dim: int) -> tor
     if log_p.dim() > 2:
         log_p = log_p.reshape(-1, 1, n).logsumexp(dim=0)
     return log_p[0]
+
+
+@contextlib.contextmanager
+def scoring(model, guide, seed: int | None) -> Iterator[None]:
+    """No gradients, the pair's parameters in scope, modules in eval mode, and (with ``seed``)
+    a seeded random stream that leaves the caller's random state as it was."""
+    with (
+        torch.no_grad(),
+        torch.random.fork_rng(devices=cuda_devices()),
+        param_scope(model, guide, publish=False),
+        eval_mode(model, guide),
+    ):
+        if seed is not None:
+            pyro.set_rng_seed(check_int("seed", seed, minimum=0))
+        yield
 
 
 def _site_mean(site: Any) -> torch.Tensor | None:

@@ -40,12 +40,10 @@ from lvmkit.inference._data import (
     Batch,
     as_batch,
     check_with_model,
-    cuda_devices,
     model_failures_as_data_errors,
     num_points,
     to_device,
 )
-from lvmkit.inference._params import eval_mode, param_scope
 from lvmkit.inference.evaluate import (
     _MIN_SAMPLES_FOR_PSIS,
     DATA_PLATE,
@@ -61,6 +59,7 @@ from lvmkit.inference.evaluate import (
     _scored_sites,
     enumerated_log_joint,
     log_densities,
+    scoring,
 )
 from lvmkit.models._checks import check_int
 
@@ -118,14 +117,7 @@ def to_inference_data(
     pairs = max_pairs or _default_max_pairs(dev)
     per_pass = max(1, min(num_samples, pairs // n))
     batch = to_device(batch, dev)
-    with (
-        torch.no_grad(),
-        torch.random.fork_rng(devices=cuda_devices()),
-        param_scope(model, guide, publish=False),
-        eval_mode(model, guide),
-    ):
-        if seed is not None:
-            pyro.set_rng_seed(check_int("seed", seed, minimum=0))
+    with scoring(model, guide, seed):
         with model_failures_as_data_errors("the data", batch), pyro.validation_enabled(True):
             probe_guide, probe_model, _ = _paired_traces(model, guide, batch)
         particle_dim = -(_plate_nesting(probe_guide, probe_model) + 1)
