@@ -203,3 +203,17 @@ def test_degenerate_data_still_fit():
         warnings.simplefilter("ignore")  # scikit-learn: fewer distinct clusters than n_clusters
         gm = GaussianMixture(3, max_iter=20).fit(x)
     assert np.isfinite(gm.score(x))
+
+
+def test_tol_stops_early_and_reports_convergence():
+    rng = np.random.default_rng(0)
+    X = np.concatenate([rng.normal(-3, 1, (100, 2)), rng.normal(3, 1, (100, 2))])
+    full = GaussianMixture(2, max_iter=400, seed=0).fit(X)
+    assert full.n_iter_ == 400 and full.converged_
+    early = GaussianMixture(2, max_iter=400, tol=1e-4, seed=0).fit(X)
+    assert early.converged_ and early.n_iter_ < 400
+    assert early.lower_bound_ == pytest.approx(full.lower_bound_, abs=0.01)
+    short = GaussianMixture(2, max_iter=3, seed=0).fit(X)
+    assert not short.converged_ and short.n_iter_ == 3
+    with pytest.raises(ValueError, match="tol"):
+        GaussianMixture(2, tol=-1.0)
