@@ -597,13 +597,24 @@ def log_densities(
 
 
 def enumerated_log_joint(
-    model_trace, latents: set[str], particle_dim: int, k: int, n: int, device: torch.device
+    model_trace,
+    latents: set[str],
+    particle_dim: int,
+    k: int,
+    n: int,
+    device: torch.device,
+    *,
+    local_only: bool = False,
 ) -> tuple[torch.Tensor, float]:
     """log p(x, z) per particle and point, shape ``(*enum, k, n)`` (one dim per value of the
-    model's enumerated sites, left of the particle dim), and the observed sites' scale."""
+    model's enumerated sites, left of the particle dim), and the observed sites' scale.
+    ``local_only``: leave out sites outside the data plate (global latents, which are then
+    conditioned on)."""
     log_p = torch.zeros(k, n, device=device)
     scale = 1.0
     for name, site in _scored_sites(model_trace, latents):
+        if local_only and DATA_PLATE not in {f.name for f in site["cond_indep_stack"]}:
+            continue
         log_p = log_p + _per_point_log_prob(name, site, particle_dim, k, n)
         if site["is_observed"]:
             scale = max(scale, float(site["scale"]))

@@ -232,7 +232,9 @@ def _sample_enumerated(
     would share one draw across the particles, which its factors do not depend on.)"""
     if not names:
         return {}
-    log_joint, _ = enumerated_log_joint(model_trace, latents, particle_dim, k, n, device)
+    log_joint, _ = enumerated_log_joint(
+        model_trace, latents, particle_dim, k, n, device, local_only=True
+    )
     enum_shape = tuple(log_joint.shape[:-2])
     index = torch.distributions.Categorical(logits=log_joint.reshape(-1, k, n).permute(1, 2, 0))
     flat = index.sample()  # (k, n) indices into the enumerated configurations

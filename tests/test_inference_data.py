@@ -179,3 +179,42 @@ def test_bad_arguments_are_refused_with_the_argument_named():
         lvmkit.to_inference_data(model, guide, _x(), num_samples=1000, max_bytes=1000)
     no_ppc = lvmkit.to_inference_data(model, guide, _x(), num_samples=3, posterior_predictive=False)
     assert "posterior_predictive" not in no_ppc.groups()
+
+
+def test_bayesian_mixture_global_means_and_enumerated_labels():
+    """locs ~ N(0, 5²) global, y_n ~ Cat(w) enumerated, x_n ~ N(locs[y_n], I); q(locs) fixed."""
+    from pyro.ops.indexing import Vindex
+
+    k, d = 2, 2
+    w = torch.tensor([0.4, 0.6])
+    m0 = torch.tensor([[-2.0, 0.0], [2.0, 0.0]])
+
+    def model(x):
+        locs = pyro.sample("locs", dist.Normal(torch.zeros(k, d), 5.0).to_event(2))
+        with pyro.plate("data", x.shape[0]):
+            y = pyro.sample("y", dist.Categorical(w), infer={"enumerate": "parallel"})
+            pyro.sample("x", dist.Normal(Vindex(locs)[..., y, :], 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        pyro.sample("locs", dist.Normal(m0, 0.3).to_event(2))
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat(
+        [torch.randn(10, 2, generator=g) + m0[0], torch.randn(15, 2, generator=g) + m0[1]]
+    )
+    idata = lvmkit.to_inference_data(model, guide, x, num_samples=400)
+    assert idata.posterior["locs"].dims == ("chain", "draw", "locs_dim_0", "locs_dim_1")
+    assert idata.posterior["y"].dims == ("chain", "draw", "point")
+    # joint weight: log p(locs) − log q(locs) + Σ_n log Σ_j w_j N(x_n; locs_j, I)
+    locs = torch.as_tensor(idata.posterior["locs"].values[0]).double()  # (S, K, D)
+    comp = dist.Normal(locs[:, None], 1.0).log_prob(x.double()[None, :, None]).sum(-1)
+    comp = comp + w.double().log()  # (S, n, K)
+    prior = dist.Normal(torch.zeros(k, d, dtype=torch.float64), 5.0).log_prob(locs).sum((-1, -2))
+    q = dist.Normal(m0.double(), 0.3).log_prob(locs).sum((-1, -2))
+    expected = comp.logsumexp(-1).sum(-1) + prior - q
+    assert_close(idata.sample_stats["log_weight"].values[0], expected, rtol=1e-5, atol=1e-4)
+    # each label is drawn from p(y_n | x_n, locs) of its own draw of the means
+    resp = comp.softmax(-1).mean(0).numpy()
+    y = idata.posterior["y"].values[0]
+    freq = np.stack([(y == j).mean(0) for j in range(k)], axis=1)
+    assert np.abs(freq - resp).max() < 0.08  # 400 draws: standard error ≤ 0.025
