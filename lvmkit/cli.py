@@ -1,4 +1,4 @@
-"""The ``lvmkit`` command: ``train``, ``evaluate`` and ``sample``.
+"""The ``lvmkit`` command: ``train``, ``evaluate``, ``bench``, ``sample`` and ``plot``.
 
 Bad arguments — and a corrupt checkpoint, a run directory in use, a full disk, a NaN loss — end
 with ``lvmkit: error: …`` on stderr and exit status 2, as argparse does.

@@ -183,3 +183,22 @@ def test_console_script_runs():
         [sys.executable, "-m", "lvmkit", "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "train" in out and "evaluate" in out and "sample" in out
+
+
+def test_training_logs_to_mlflow_and_tensorboard(tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = ["train", *TINY, "--out", str(tmp_path / "run"), "--mlflow", uri]
+    assert main([*argv, "--mlflow-experiment", "cli", "--tensorboard", str(tmp_path / "tb")]) == 0
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("cli").experiment_id])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_elbo")] == [1, 2]
+    results = pd.read_csv(tmp_path / "run" / "results.csv").iloc[0]
+    logged = run.data.metrics["test_log_likelihood"]
+    assert logged == pytest.approx(results["test_log_likelihood"], rel=1e-6)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/train_loss")] == [1, 2]
+    assert events.Scalars("test/log_likelihood")[0].value == pytest.approx(logged, rel=1e-6)
