@@ -485,10 +485,11 @@ class _Loop:
     # -- state --------------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
+        order = self.order.cpu() if self.order is not None and self.step else None
         return {
             "epoch": self.epoch,
             "step": self.step,
-            "order": self.order.cpu() if self.order is not None and self.step else None,
+            "order": order,
             "running": self.running_value,
             "elapsed": self.elapsed,
             "lr": self.lr,
@@ -497,12 +498,14 @@ class _Loop:
             "optimizer": copy.deepcopy(_cpu(self.optimizer.state_dict())),
             "rng": rng_state(self.dev),
             "history": [dict(row) for row in self.rows],
-            **(
-                {"rank_rng": _distributed.gather(self.world, rng_state(self.dev))}
-                if self.world.distributed
-                else {}
-            ),
+            **({"ranks": self._rank_states(order)} if self.world.distributed else {}),
         }
+
+    def _rank_states(self, order: torch.Tensor | None) -> list[dict[str, Any]]:
+        """What differs between the processes, each one's: its random state, its shard's order
+        and its share of the running loss (``running`` above is the sum over them)."""
+        own = {"rng": rng_state(self.dev), "order": order, "running": float(self.running)}
+        return _distributed.gather(self.world, own)
 
     def restore(self, state: dict[str, Any]) -> None:
         with torch.no_grad():
@@ -510,15 +513,15 @@ class _Loop:
                 self.params[name].copy_(value)
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
-        order = state.get("order")
+        own = state["ranks"][self.world.rank] if "ranks" in state else state  # distributed: its own
+        order = own.get("order")
         self.order = order.to(self.dev) if order is not None else None
         self.running_value = float(state["running"])
-        self.running = torch.tensor(self.running_value, device=self.dev)
+        self.running = torch.tensor(float(own["running"]), device=self.dev)
         self.elapsed = float(state["elapsed"])
         self.lr, self.lr_reductions = float(state["lr"]), int(state["lr_reductions"])
         self.rows = [dict(row) for row in state["history"]]
-        rank_rng = state.get("rank_rng")  # one per process when training was distributed
-        set_rng_state(rank_rng[self.world.rank] if rank_rng else state["rng"], self.dev)
+        set_rng_state(own["rng"], self.dev)
         self.good = state
 
     def _set_lr(self, lr: float) -> None:

@@ -29,13 +29,13 @@ TRAIN = [
 RELATIVE_TOLERANCE = 0.02
 
 
-def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def _torchrun(*args: str, cwd: Path, fails: bool = False) -> subprocess.CompletedProcess:
     env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONPATH": str(ROOT / "tests")}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     done = subprocess.run(
         [*command, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (done.returncode != 0) == fails, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
 
@@ -68,7 +68,7 @@ def test_two_processes_match_one_process_with_the_same_effective_batch(
     drop_two = two.train_loss.iloc[0] - two.train_loss.iloc[-1]
     assert abs(drop_one - drop_two) <= 0.1 * drop_one
     state = load_checkpoint(two_process_run / "checkpoint.pt")
-    assert state["settings"]["world_size"] == 2 and len(state["rank_rng"]) == 2
+    assert state["settings"]["world_size"] == 2 and len(state["ranks"]) == 2
     assert (two_process_run / "results.csv").is_file()
     assert (two_process_run / "figures" / "elbo.png").is_file()
 
@@ -84,6 +84,23 @@ def test_two_process_resume_continues_exactly(two_process_run, tmp_path):
         pd.read_csv(tmp_path / "run" / "history.csv").drop(columns=["seconds", "examples_per_s"]),
         pd.read_csv(two_process_run / "history.csv").drop(columns=["seconds", "examples_per_s"]),
     )
+
+
+def test_two_process_resume_from_a_mid_epoch_checkpoint_after_a_crash(tmp_path):
+    script = str(ROOT / "tests" / "ddp_resume.py")
+    _torchrun(script, "straight", str(tmp_path), cwd=tmp_path)
+    _torchrun(script, "crash", str(tmp_path), cwd=tmp_path, fails=True)  # rank 0 exits mid-epoch
+    state = load_checkpoint(tmp_path / "crashed" / "checkpoint.pt")
+    assert (state["epoch"], state["step"]) == (1, 3)
+    assert [r["order"] is not None for r in state["ranks"]] == [True, True]
+    _torchrun(script, "resume", str(tmp_path), cwd=tmp_path)
+    for rank in (0, 1):
+        straight = torch.load(tmp_path / f"straight-rank{rank}.pt", weights_only=False)
+        resumed = torch.load(tmp_path / f"resume-rank{rank}.pt", weights_only=False)
+        for name, value in straight["params"].items():
+            torch.testing.assert_close(resumed["params"][name], value, rtol=0, atol=0)
+        for column in ("epoch", "train_loss"):
+            assert resumed["history"][column] == straight["history"][column]
 
 
 def test_resuming_with_another_number_of_processes_is_refused(two_process_run, capsys):
