@@ -121,6 +121,18 @@ def test_plain_function_pair_gradients_are_averaged_across_processes(tmp_path):
     assert losses[-1] < losses[0]
 
 
+def test_a_non_finite_loss_rolls_every_process_back_together(tmp_path):
+    _torchrun(str(ROOT / "tests" / "ddp_nan.py"), str(tmp_path), cwd=tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert ranks[0]["warnings"] and len(ranks[0]["warnings"]) == len(ranks[1]["warnings"])
+    assert "not located to a step: training runs in 2 processes" in ranks[0]["warnings"][0]
+    assert ranks[0]["history"]["lr"] == ranks[1]["history"]["lr"]
+    assert ranks[0]["history"]["lr"][-1] < 200.0
+    for name, value in ranks[0]["params"].items():
+        assert torch.isfinite(value).all()
+        torch.testing.assert_close(ranks[1]["params"][name], value, rtol=0, atol=0)
+
+
 def test_each_process_gets_a_disjoint_shard_of_every_epoch():
     worlds = [_distributed.World(rank=r, size=3) for r in range(3)]
     for epoch in (1, 2):
