@@ -604,8 +604,8 @@ class _Loop:
         """One host sync: read the running loss, and check it and every parameter are finite."""
         finite = torch.stack([torch.isfinite(p).all() for p in self.params.values()]).all()
         bad = (~finite).to(self.running.dtype)
-        running, bad_ranks = _distributed.all_sum(self.world, torch.stack([self.running, bad]))
-        running, bad_ranks = torch.stack([running, bad_ranks]).tolist()  # the one host sync
+        summed = _distributed.all_sum(self.world, torch.stack([self.running, bad]))
+        running, bad_ranks = summed.tolist()  # the one host sync
         self.running_value = running  # summed over the processes
         return not bad_ranks and math.isfinite(running)
 
