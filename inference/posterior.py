@@ -4,8 +4,8 @@ dims ArviZ expects, so that ``az.summary``, ``az.plot_posterior``, ``az.plot_ppc
 ``az.plot_khat`` work on them.
 
 One pass of ``num_samples`` draws per data point, vectorised with a particle plate like
-:func:`lvmkit.evaluate` (and chunked over the draws so that one pass holds at most ``max_pairs``
-(draw, point) pairs):
+:func:`lvmkit.evaluate`, and chunked over the draws so that one pass holds about ``max_pairs``
+(draw, point) pairs (at least one draw of every point):
 
 - **posterior**: every sample site of the guide — per-point latents with dims
   ``(chain, draw, point, <site>_dim_0, …)``, global latents (outside the ``"data"`` plate, e.g.
@@ -75,7 +75,7 @@ def to_inference_data(
     num_samples: int = 100,
     seed: int | None = 0,
     max_pairs: int | None = None,
-    device: str | None = None,
+    device: str | torch.device | None = None,
     posterior_predictive: bool = True,
     max_bytes: int = 2 << 30,
 ):
@@ -87,7 +87,10 @@ def to_inference_data(
         data: a tensor passed as ``x``, or a dict of equal-length tensors passed as keywords.
         num_samples: draws per data point (the ``draw`` dimension).
         seed: fixes the draws without disturbing the caller's random state (``None``: use it).
-        max_pairs: (draw, point) pairs per forward pass (default: by device, as ``evaluate``).
+        max_pairs: (draw, point) pairs per forward pass (default: by device, as ``evaluate``);
+            a pass always holds at least one draw for every point, since global latents tie the
+            points of a draw together.
+        device: where to compute (default: where the pair's parameters are).
         posterior_predictive: also draw replicated data (set False to save memory).
         max_bytes: refuse, before drawing, a result larger than this (default 2 GiB): the
             posterior predictive of MNIST is ``num_samples × N × 784`` numbers.
