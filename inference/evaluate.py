@@ -583,16 +583,25 @@ def log_densities(
     k: int,
     n: int,
     device: torch.device,
+    *,
+    local_only: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``(log p(x, z), log q(z | x), scale)`` per particle and point from a guide trace and the
-    model replayed on it (see :func:`log_density_pass`)."""
-    log_p, scale = enumerated_log_joint(model_trace, latents, particle_dim, k, n, device)
+    model replayed on it (see :func:`log_density_pass`); ``local_only`` as in
+    :func:`enumerated_log_joint`, for the guide's sites too."""
+    log_p, scale = enumerated_log_joint(
+        model_trace, latents, particle_dim, k, n, device, local_only=local_only
+    )
     if log_p.dim() > 2:  # enumerated sites: sum them out, exactly
         log_p = log_p.reshape(-1, k, n).logsumexp(dim=0)
     log_q = torch.zeros_like(log_p)
     for name in latents:
-        if name in model_trace.nodes:  # auxiliary guide sites are not part of the weight
-            log_q = log_q + _per_point_log_prob(name, guide_trace.nodes[name], particle_dim, k, n)
+        site = guide_trace.nodes[name]
+        if name not in model_trace.nodes:  # auxiliary guide sites are not part of the weight
+            continue
+        if local_only and not _in_data_plate(site):
+            continue
+        log_q = log_q + _per_point_log_prob(name, site, particle_dim, k, n)
     return log_p, log_q, scale
 
 
@@ -613,12 +622,16 @@ def enumerated_log_joint(
     log_p = torch.zeros(k, n, device=device)
     scale = 1.0
     for name, site in _scored_sites(model_trace, latents):
-        if local_only and DATA_PLATE not in {f.name for f in site["cond_indep_stack"]}:
+        if local_only and not _in_data_plate(site):
             continue
         log_p = log_p + _per_point_log_prob(name, site, particle_dim, k, n)
         if site["is_observed"]:
             scale = max(scale, float(site["scale"]))
     return log_p, scale
+
+
+def _in_data_plate(site: Any) -> bool:
+    return any(frame.name == DATA_PLATE for frame in site["cond_indep_stack"])
 
 
 def _is_sample(site: Any) -> bool:

@@ -50,11 +50,11 @@ from lvmkit.inference.evaluate import (
     _default_max_pairs,
     _eval_device,
     _import_arviz,
+    _in_data_plate,
     _is_enumerated,
     _is_sample,
     _paired_traces,
     _pareto_k,
-    _per_point_log_prob,
     _plate_nesting,
     _scored_sites,
     enumerated_log_joint,
@@ -213,11 +213,13 @@ def _one_pass(model, guide, batch: Batch, k: int, n: int, particle_dim: int, ppc
     global_sites = [
         name
         for name, site in [*scored.items(), *((m, guide_trace.nodes[m]) for m in latents)]
-        if DATA_PLATE not in {f.name for f in site["cond_indep_stack"]}
+        if not _in_data_plate(site)
     ]
     out["global"] = bool(global_sites)
     if global_sites:
-        out["log_weight"] = _joint_log_weight(guide_trace, model_trace, latents, particle_dim, k, n)
+        out["log_weight"] = _joint_log_weight(
+            guide_trace, model_trace, latents, particle_dim, k, n, device
+        )
     else:
         log_p, log_q, _ = log_densities(
             guide_trace, model_trace, latents, particle_dim, k, n, device
@@ -290,37 +292,31 @@ def _values(name: str, site: Any, particle_dim: int, k: int) -> tuple[np.ndarray
     return value.cpu().numpy(), names
 
 
-def _joint_log_weight(guide_trace, model_trace, latents, particle_dim: int, k: int, n: int):
-    """log p(X, Z, θ) − log q(Z, θ | X) per draw, for pairs with global latents θ: per-point
-    sites summed over the points (enumerated ones summed out per point first), plus the global
-    sites."""
-    local = torch.zeros(k, n, dtype=torch.float64)
-    total = torch.zeros(k, dtype=torch.float64)
+def _joint_log_weight(
+    guide_trace, model_trace, latents, particle_dim: int, k: int, n: int, device
+) -> np.ndarray:
+    """log p(X, Z, θ) − log q(Z, θ | X) per draw, for pairs with global latents θ: the per-point
+    weights (enumerated sites summed out per point) summed over the points, plus the global
+    sites' log-densities."""
+    log_p, log_q, _ = log_densities(
+        guide_trace, model_trace, latents, particle_dim, k, n, device, local_only=True
+    )
+    total = (log_p - log_q).double().sum(dim=1)
     width = -particle_dim
-
-    def add(role: int, name: str, site: dict) -> None:
-        nonlocal local, total
-        if DATA_PLATE in {f.name for f in site["cond_indep_stack"]}:
-            term = _per_point_log_prob(name, site, particle_dim, k, n).double().cpu()
-            local = local + role * term
-            return
-        if _is_enumerated(site):
-            raise ValueError(f"cannot weight the enumerated global site {name!r}")
-        log_prob = scale_and_mask(site["fn"].log_prob(site["value"]), mask=site["mask"])
-        log_prob = log_prob.reshape((1,) * max(0, width - log_prob.dim()) + log_prob.shape)
-        axis = log_prob.dim() - width  # the particle axis
-        other = [a for a in range(log_prob.dim()) if a != axis]
-        summed = log_prob.sum(dim=other) if other else log_prob
-        total = total + role * summed.double().cpu().expand(k)
-
-    for name, site in _scored_sites(model_trace, latents):
-        add(1, name, site)
-    for name in latents:
-        if name in model_trace.nodes:
-            add(-1, name, guide_trace.nodes[name])
-    if local.dim() > 2:
-        local = local.reshape(-1, k, n).logsumexp(dim=0)
-    return (total + local.sum(dim=1)).numpy()
+    guide_sites = [(name, guide_trace.nodes[name]) for name in latents if name in model_trace.nodes]
+    for sign, sites in ((1, _scored_sites(model_trace, latents)), (-1, guide_sites)):
+        for name, site in sites:
+            if _in_data_plate(site):
+                continue
+            if _is_enumerated(site):
+                raise ValueError(f"cannot weight the enumerated global site {name!r}")
+            log_prob = scale_and_mask(site["fn"].log_prob(site["value"]), mask=site["mask"])
+            log_prob = log_prob.reshape((1,) * max(0, width - log_prob.dim()) + log_prob.shape)
+            axis = log_prob.dim() - width  # the particle axis
+            other = [a for a in range(log_prob.dim()) if a != axis]
+            summed = log_prob.sum(dim=other) if other else log_prob
+            total = total + sign * summed.double().expand(k)
+    return total.cpu().numpy()
 
 
 def _k_hat(log_weight: np.ndarray, joint: bool) -> np.ndarray | float:
