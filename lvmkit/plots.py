@@ -31,7 +31,7 @@ import pyro.poutine as poutine
 import torch
 
 from lvmkit.inference import posterior_means
-from lvmkit.inference._params import eval_mode, param_scope
+from lvmkit.inference.evaluate import scoring
 from lvmkit.models._checks import check_int
 
 MNIST_SHAPE = (28, 28)
@@ -67,12 +67,7 @@ def decoder_means(
     reading the mean of the distribution at ``site``. ``kwargs`` go to the model."""
     if not torch.is_tensor(z) or z.dim() < 1:
         raise TypeError(f"z must be a tensor of codes, one row per image; got {type(z).__name__}")
-    with (
-        torch.no_grad(),
-        param_scope(model, model, publish=False),
-        eval_mode(model),
-        pyro.validation_enabled(False),
-    ):
+    with scoring(model, model, seed=None), pyro.validation_enabled(False):
         conditioned = poutine.condition(model, data={latent: z})
         trace = poutine.trace(conditioned).get_trace(batch_size=z.shape[0], **kwargs)
     if site not in trace.nodes:
