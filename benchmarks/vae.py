@@ -193,12 +193,12 @@ def run_latent(profile="full", *, device="cpu", figures_dir=None, scale=None) ->
             }
         )
     if figures_dir is not None:
-        _line_figure(
+        plots.line_plot(
             curves,
-            Path(figures_dir) / "vae-latent-bound.png",
-            "training examples seen",
-            "test ELBO (1000 images, nats)",
-            "latent dim",
+            xlabel="training examples seen",
+            ylabel="test ELBO (1000 images, nats)",
+            legend="latent dim",
+            path=Path(figures_dir) / "vae-latent-bound.png",
         )
     return pd.DataFrame(rows)
 
@@ -269,12 +269,11 @@ def run_iwae(profile="full", *, device="cpu", figures_dir=None, scale=None) -> p
             }
         )
     if figures_dir is not None:
-        _line_figure(
+        plots.line_plot(
             curves,
-            Path(figures_dir) / "vae-iwae-bound.png",
-            "epoch",
-            "test ELBO (1000 images, nats)",
-            "",
+            xlabel="epoch",
+            ylabel="test ELBO (1000 images, nats)",
+            path=Path(figures_dir) / "vae-iwae-bound.png",
         )
     return pd.DataFrame(rows)
 
@@ -493,8 +492,10 @@ def run_variants(profile="full", *, device="cpu", figures_dir=None, scale=None) 
             scatter[name] = (codes.cpu().numpy(), test_grey.y[:2000].numpy())
     if figures_dir is not None:
         out = Path(figures_dir)
-        _image_grid(samples, out / "vae-variants-samples.png")
-        _image_grid(reconstructions, out / "vae-variants-reconstructions.png")
+        plots.image_rows(samples, MNIST_IMAGE_SHAPE, path=out / "vae-variants-samples.png")
+        plots.image_rows(
+            reconstructions, MNIST_IMAGE_SHAPE, path=out / "vae-variants-reconstructions.png"
+        )
         _scatter_figure(scatter, out / "vae-variants-latent-2d.png")
     return pd.DataFrame(rows)
 
@@ -512,14 +513,6 @@ def _mean_images(model, n: int) -> np.ndarray:
 
 
 # -- figures ------------------------------------------------------------------------------------
-
-
-def _line_figure(curves: dict, path: Path, xlabel: str, ylabel: str, legend: str) -> None:
-    plots.line_plot(curves, xlabel=xlabel, ylabel=ylabel, legend=legend, path=path)
-
-
-def _image_grid(images: dict[str, np.ndarray], path: Path) -> None:
-    plots.image_rows(images, MNIST_IMAGE_SHAPE, path=path)
 
 
 def _scatter_figure(codes: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
@@ -565,7 +558,7 @@ def _quadrant_figure(completions: dict, path: Path) -> None:
             images[f"{given} given, image {i}: input | truth | baseline | CVAE ×3"] = np.stack(
                 shown
             )
-    _image_grid(images, path)
+    plots.image_rows(images, MNIST_IMAGE_SHAPE, path=path)
 
 
 SUITES = {
