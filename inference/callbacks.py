@@ -208,6 +208,8 @@ class MLflowLogger(Callback):
     ``None`` keeps MLflow's own default. The MLflow run is found again on resume (tagged with the
     run directory), so a resumed ``fit`` continues the same MLflow run. ``run_id`` is set once
     training starts. Uses MLflow's client API, so no global "active run" is left behind.
+    ``artifact_location``: where a new experiment keeps artifacts (checkpoints); MLflow's default
+    for a database store is ``./mlruns`` under the current directory.
 
     Example::
 
@@ -230,6 +232,7 @@ class MLflowLogger(Callback):
         experiment: str = "lvmkit",
         run_name: str | None = None,
         log_checkpoints: bool = False,
+        artifact_location: str | None = None,
     ) -> None:
         try:
             from mlflow.tracking import MlflowClient
@@ -240,7 +243,10 @@ class MLflowLogger(Callback):
             ) from err
         if tracking_uri is not None and not isinstance(tracking_uri, str):
             raise TypeError(f"tracking_uri must be a str or None; got {tracking_uri!r}")
+        if artifact_location is not None and not isinstance(artifact_location, str):
+            raise TypeError(f"artifact_location must be a str or None; got {artifact_location!r}")
         self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.artifact_location = artifact_location
         self.experiment, self.run_name = experiment, run_name
         self.log_checkpoints = bool(log_checkpoints)
         self.run_id: str | None = None
@@ -249,7 +255,9 @@ class MLflowLogger(Callback):
         found = self.client.get_experiment_by_name(self.experiment)
         if found is not None:
             return found.experiment_id
-        return self.client.create_experiment(self.experiment)
+        return self.client.create_experiment(
+            self.experiment, artifact_location=self.artifact_location
+        )
 
     def on_fit_start(self, info: FitInfo) -> None:
         experiment_id = self._experiment_id()

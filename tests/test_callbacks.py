@@ -167,7 +167,10 @@ def test_mlflow_logger_writes_params_metrics_and_resumes_the_same_run(tmp_path, 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run = tmp_path / "run"
     model, guide = _pair()
-    logger = lvmkit.MLflowLogger(uri, experiment="tests", log_checkpoints=True)
+    artifact_root = (tmp_path / "artifacts").as_uri()  # MLflow's default is ./mlruns in the cwd
+    logger = lvmkit.MLflowLogger(
+        uri, experiment="tests", log_checkpoints=True, artifact_location=artifact_root
+    )
     result = lvmkit.fit(
         model, guide, _x(), epochs=2, batch_size=16, device="cpu", progress=False, run_dir=run,
         validation_data=_x(16), metadata={"note": "hi"}, callbacks=[logger],
@@ -187,6 +190,7 @@ def test_mlflow_logger_writes_params_metrics_and_resumes_the_same_run(tmp_path, 
     assert_close(stored.data.metrics["test_log_likelihood"], scores["log_likelihood"].mean())
     artifacts = [a.path for a in client.list_artifacts(logger.run_id, "checkpoints")]
     assert artifacts == ["checkpoints/checkpoint.pt"]
+    assert list((tmp_path / "artifacts").rglob("checkpoint.pt"))  # and not in ./mlruns
 
     first_id = logger.run_id
     model, guide = _pair()
