@@ -82,17 +82,34 @@ def budget_for(value: Any, dev: torch.device) -> tuple[int | None, str]:
 
 def measure_saved(fn: Callable[[], T]) -> tuple[T, dict[int, int]]:
     """Run ``fn``; return its result and the tensors autograd saved for backward, as
-    ``{storage pointer: bytes}`` (each storage once; drop the parameters' with :func:`storages`)."""
-    saved: dict[int, int] = {}
+    ``{storage pointer: bytes}`` (drop the parameters' with :func:`storages`).
+
+    A storage counts with the bytes the saved tensors reach in it (the union of their extents),
+    not its whole size: a minibatch sliced from a dataset shares the dataset's storage, and
+    counting all of it would charge the whole dataset to every step or (sample, point) pair."""
+    extents: dict[int, list[tuple[int, int]]] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        saved[storage.data_ptr()] = storage.nbytes()
+        if tensor.numel() > 0:
+            start = tensor.storage_offset() * tensor.element_size()
+            reach = 1 + sum((n - 1) * abs(s) for n, s in zip(tensor.shape, tensor.stride()))
+            ptr = tensor.untyped_storage().data_ptr()
+            extents.setdefault(ptr, []).append((start, start + reach * tensor.element_size()))
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         result = fn()
-    return result, saved
+    return result, {ptr: _union_bytes(spans) for ptr, spans in extents.items()}
+
+
+def _union_bytes(spans: list[tuple[int, int]]) -> int:
+    total, reached = 0, 0
+    for start, stop in sorted(spans):
+        start = max(start, reached)
+        if stop > start:
+            total += stop - start
+            reached = stop
+    return total
 
 
 def storages(tensors: Iterable[torch.Tensor]) -> set[int]:

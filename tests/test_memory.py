@@ -87,3 +87,33 @@ def test_log_weights_refuses_a_result_larger_than_the_budget():
     model, guide = _vae()
     with pytest.raises(ValueError, match=r"use lvmkit\.evaluate"):
         lvmkit.log_weights(model, guide, _data(100), 10_000, memory_budget="1MiB")
+
+
+def test_saved_bytes_count_what_a_view_reaches_not_its_whole_storage():
+    data = torch.randn(1000, 64)
+    weight = torch.randn(64, 8, requires_grad=True)
+    # a one-row slice of a large tensor, and two halves of one output (sharing a storage)
+    _, saved = _memory.measure_saved(lambda: (data[:1] @ weight).split(4, dim=1))
+    assert saved[data.untyped_storage().data_ptr()] == 64 * 4  # one row, not 1000
+    halves = torch.randn(16, 8, requires_grad=True)
+    _, saved = _memory.measure_saved(lambda: [(h * h).sum() for h in halves.split(4, dim=1)])
+    assert saved[halves.untyped_storage().data_ptr()] == 16 * 8 * 4  # union of both halves
+    assert _memory._union_bytes([(0, 10), (5, 20), (30, 40), (32, 35)]) == 30
+
+
+def test_evaluation_pair_estimate_does_not_grow_with_the_data(monkeypatch):
+    """The probe is a slice of the data: its estimate once included the whole data set, so that
+    evaluating more points silently shrank the passes (on CPU, 10k MNIST images: 4096 → ~600)."""
+    model, guide = _vae()
+    chosen = []
+    real = evaluate_module._pairs_in_budget
+
+    def spy(*args, **kwargs):
+        chosen.append(real(*args, **kwargs))
+        return chosen[-1]
+
+    monkeypatch.setattr(evaluate_module, "_pairs_in_budget", spy)
+    budget = "8MiB"
+    lvmkit.evaluate(model, guide, _data(4), 50, memory_budget=budget)
+    lvmkit.evaluate(model, guide, _data(20_000), 1, memory_budget=budget)
+    assert chosen[0] == chosen[1] > 1
