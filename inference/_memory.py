@@ -91,10 +91,13 @@ def measure_saved(fn: Callable[[], T]) -> tuple[T, dict[int, int]]:
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         if tensor.numel() > 0:
-            start = tensor.storage_offset() * tensor.element_size()
-            reach = 1 + sum((n - 1) * abs(s) for n, s in zip(tensor.shape, tensor.stride()))
+            size = tensor.element_size()
+            start = int(tensor.storage_offset()) * size
+            reach = 1 + sum(
+                (int(n) - 1) * int(s) for n, s in zip(tensor.shape, tensor.stride(), strict=True)
+            )  # elements from the first to the last one the view touches
             ptr = tensor.untyped_storage().data_ptr()
-            extents.setdefault(ptr, []).append((start, start + reach * tensor.element_size()))
+            extents.setdefault(ptr, []).append((start, start + reach * size))
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
