@@ -22,7 +22,18 @@ Contenders:
 - ``pyro_svi``: Pyro's own ``SVI`` + ``Trace_ELBO`` + ``pyro.optim.Adam``, for reference;
 - ``numpyro_jit``: the same VAE in NumPyro, ``SVI.update`` under ``jax.jit`` (CPU only; needs the
   ``numpyro`` extra, otherwise a skipped row says so).
-``evaluate`` (importance-sampled log-likelihood) is timed per 1,000 test points.
+Whole epochs are timed too (task ``epoch``): ``lvmkit.fit`` on the classic 50,000-image training
+split against the hand-written loop with fused Adam going through the same images in a shuffled
+order (index batches from a device-resident tensor, one loss read at the end). The two alternate
+epoch by epoch: a callback at the end of each of fit's epochs runs one hand-written epoch, so each
+lvmkit epoch is the wall time between two of fit's epoch ends — steps, the end-of-epoch NaN check
+and host sync, history row and in-memory rollback snapshot included; fit's first epoch (Pyro's
+validation step, tracing) is not counted.
+
+``evaluate`` (importance-sampled log-likelihood, K = 5000) is timed on ``eval_points`` test images
+(on CUDA: all 10,000), and once per ``max_pairs`` setting on ``sweep_points`` images (task
+``evaluate max_pairs``), which is how :data:`lvmkit.inference.evaluate.DEFAULT_MAX_PAIRS` is
+chosen per device.
 """
 
 from __future__ import annotations
@@ -46,11 +57,13 @@ from torch.nn import functional as F
 from lvmkit import plots
 from lvmkit.data import load_mnist
 from lvmkit.guides import GaussianEncoder, GaussianEncoderConfig
-from lvmkit.inference import evaluate
+from lvmkit.inference import evaluate, fit
 from lvmkit.inference._data import resolve_device
+from lvmkit.inference.callbacks import Callback
 from lvmkit.inference.compiled import CompiledLoss
+from lvmkit.inference.evaluate import DEFAULT_MAX_PAIRS
 from lvmkit.inference.objectives import TraceELBO, TraceMeanFieldELBO
-from lvmkit.inference.train import make_optimizer, train_step
+from lvmkit.inference.train import _epoch_permutation, make_optimizer, train_step
 from lvmkit.models import VAE, VAEConfig
 from lvmkit.models._checks import check_choice
 
@@ -69,8 +82,15 @@ class SpeedConfig:
     timed_steps: int = 40  # timed steps per contender per round
     rounds: int = 5  # contenders alternate each round
     eval_points: int = 1000  # evaluate is reported per 1,000 test points
+    eval_points_cuda: int = 10_000  # the whole test set where a GPU makes it quick
     eval_samples: int = 5000  # the standard K
     train_points: int = 10_000  # minibatches are drawn from these (binarized once)
+    epoch_points: int = MNIST_TRAIN_SIZE  # images per timed epoch
+    epoch_rounds: int = 3  # timed epochs per contender (after one untimed epoch of fit)
+    sweep_points: int = 100  # test images per max_pairs setting
+    sweep_points_cuda: int = 1000
+    max_pairs_grid: tuple[int, ...] = (1024, 4096, 16384, 65536)
+    max_pairs_grid_cuda: tuple[int, ...] = (16384, 65536, 262_144, 1_048_576)
     seed: int = 0
 
 
@@ -84,8 +104,15 @@ PROFILES = {
         timed_steps=3,
         rounds=2,
         eval_points=20,
+        eval_points_cuda=20,
         eval_samples=50,
         train_points=256,
+        epoch_points=256,
+        epoch_rounds=2,
+        sweep_points=10,
+        sweep_points_cuda=10,
+        max_pairs_grid=(64, 256),
+        max_pairs_grid_cuda=(64, 256),
     ),
 }
 
@@ -107,9 +134,18 @@ def run(
     rows: list[dict[str, object]] = []
     for batch_size in cfg.batch_sizes:
         rows += _time_steps(cfg, dev, train, batch_size)
+    del train
+    epoch_data = load_mnist(
+        "train", binarization="static", seed=cfg.seed, limit=cfg.epoch_points
+    ).x.to(dev)
+    for batch_size in cfg.batch_sizes:
+        rows += _time_epochs(cfg, dev, epoch_data, batch_size)
+    del epoch_data
     rows.append(_time_evaluate(cfg, dev))
+    rows += _sweep_max_pairs(cfg, dev)
     frame = pd.DataFrame(rows)
-    frame["batch_size"] = frame["batch_size"].astype("Int64")  # empty for the evaluate row
+    for column in ("batch_size", "max_pairs"):  # each empty on some rows
+        frame[column] = frame[column].astype("Int64")
     frame.insert(0, "device", _device_name(dev))
     if figures_dir is not None:
         speed_figure(frame, Path(figures_dir) / "speed-step-time.png")
@@ -297,27 +333,88 @@ def _add_numpyro(steps: dict[str, Step], cfg: SpeedConfig, dev, batches: list[to
 
 
 def _timed(step: Step, batch: torch.Tensor, dev: torch.device) -> float:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+    _synchronize(dev)
     tic = time.perf_counter()
     step(batch)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+    _synchronize(dev)
     return time.perf_counter() - tic
 
 
+class _Alternate(Callback):
+    """Times fit's epochs end to end and runs one hand-written epoch after each of them."""
+
+    def __init__(self, dev: torch.device, other_epoch: Callable[[int], float]) -> None:
+        self.dev, self.other_epoch = dev, other_epoch
+        self.ours: list[float] = []
+        self.other: list[float] = []
+        self.mark: float | None = None
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        _synchronize(self.dev)
+        if self.mark is not None:  # fit's first epoch (validation, tracing) is not counted
+            self.ours.append(time.perf_counter() - self.mark)
+        seconds = self.other_epoch(epoch)
+        if epoch > 1:  # the hand-written loop's first epoch is its warm-up
+            self.other.append(seconds)
+        _synchronize(self.dev)
+        self.mark = time.perf_counter()
+
+
+def _pytorch_epoch(
+    cfg: SpeedConfig, dev: torch.device, data: torch.Tensor, batch_size: int
+) -> Callable[[int], float]:
+    """One epoch of the hand-written loop (fused Adam) over ``data``; returns its wall time."""
+    step = _pytorch_step(cfg, dev, data.shape[1], fused=True)
+
+    def epoch(number: int) -> float:
+        _synchronize(dev)
+        tic = time.perf_counter()
+        order = _epoch_permutation(cfg.seed, number, len(data)).to(dev)
+        total = torch.zeros((), device=dev)
+        for index in order.split(batch_size):
+            total += step(data[index])
+        total.item()  # the epoch's loss, read once
+        return time.perf_counter() - tic
+
+    return epoch
+
+
+def _time_epochs(
+    cfg: SpeedConfig, dev: torch.device, data: torch.Tensor, batch_size: int
+) -> list[dict[str, object]]:
+    other = _pytorch_epoch(cfg, dev, data, batch_size)  # built first: its set-up seeds the RNG
+    clock = _Alternate(dev, other)
+    model, guide = _networks(cfg, data.shape[1], dev)
+    fit(
+        model, guide, data, epochs=1 + cfg.epoch_rounds, batch_size=batch_size, lr=cfg.lr,
+        device=dev, seed=cfg.seed, progress=False, callbacks=[clock],
+    )  # fmt: skip
+    floor = statistics.median(clock.other)
+    rows = []
+    for name, values in (("pytorch_fused", clock.other), ("lvmkit", clock.ours)):
+        median = statistics.median(values)
+        rows.append(
+            {
+                "task": "epoch",
+                "batch_size": batch_size,
+                "contender": name,
+                "examples_per_s": len(data) / median,
+                "epoch_s": median,
+                "ratio_to_pytorch_fused": median / floor,
+                "note": f"median of {len(values)} epochs of {len(data)} images, alternating",
+            }
+        )
+    return rows
+
+
 def _time_evaluate(cfg: SpeedConfig, dev: torch.device) -> dict[str, object]:
-    test = load_mnist("test", binarization="static", seed=cfg.seed, limit=cfg.eval_points).x
+    points = cfg.eval_points_cuda if dev.type == "cuda" else cfg.eval_points
+    test = load_mnist("test", binarization="static", seed=cfg.seed, limit=points).x
     model, guide = _networks(cfg, test.shape[1], dev)
     evaluate(model, guide, test[:2], num_samples=min(cfg.eval_samples, 20))  # warm-up, imports
     if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-    tic = time.perf_counter()
-    evaluate(model, guide, test, num_samples=cfg.eval_samples, seed=cfg.seed)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    seconds = time.perf_counter() - tic
+    seconds = _timed_evaluate(model, guide, test, cfg.eval_samples, cfg.seed, dev, None)
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev) / 2**20
     else:  # the process's peak resident memory so far (Linux reports KiB)
@@ -325,11 +422,52 @@ def _time_evaluate(cfg: SpeedConfig, dev: torch.device) -> dict[str, object]:
     return {
         "task": f"evaluate K={cfg.eval_samples}",
         "contender": "lvmkit",
+        "seconds": seconds,
         "seconds_per_1000_points": seconds * 1000 / len(test),
         "peak_mem_mib": peak,
         "note": f"{len(test)} test points timed"
         + ("" if dev.type == "cuda" else "; peak is the process's max RSS"),
     }
+
+
+def _sweep_max_pairs(cfg: SpeedConfig, dev: torch.device) -> list[dict[str, object]]:
+    """evaluate's time per (sample, point) pairs per forward pass, to choose DEFAULT_MAX_PAIRS."""
+    cuda = dev.type == "cuda"
+    points = cfg.sweep_points_cuda if cuda else cfg.sweep_points
+    test = load_mnist("test", binarization="static", seed=cfg.seed, limit=points).x
+    model, guide = _networks(cfg, test.shape[1], dev)
+    rows = []
+    for max_pairs in cfg.max_pairs_grid_cuda if cuda else cfg.max_pairs_grid:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(dev)
+        seconds = _timed_evaluate(model, guide, test, cfg.eval_samples, cfg.seed, dev, max_pairs)
+        default = max_pairs == DEFAULT_MAX_PAIRS.get(dev.type)
+        rows.append(
+            {
+                "task": "evaluate max_pairs",
+                "contender": "lvmkit",
+                "max_pairs": max_pairs,
+                "seconds": seconds,
+                "seconds_per_1000_points": seconds * 1000 / len(test),
+                "peak_mem_mib": torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else math.nan,
+                "note": f"K={cfg.eval_samples} on {len(test)} test points"
+                + ("; the default" if default else ""),
+            }
+        )
+    return rows
+
+
+def _timed_evaluate(model, guide, test, num_samples, seed, dev, max_pairs) -> float:
+    _synchronize(dev)
+    tic = time.perf_counter()
+    evaluate(model, guide, test, num_samples=num_samples, seed=seed, max_pairs=max_pairs)
+    _synchronize(dev)
+    return time.perf_counter() - tic
+
+
+def _synchronize(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
 
 
 def _device_name(dev: torch.device) -> str:

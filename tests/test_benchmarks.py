@@ -55,8 +55,16 @@ def test_speed_table():
         skipped = steps[steps.median_ms.isna()]
         assert list(skipped.contender) == ["numpyro_jit"]
         assert "pip install 'lvmkit[numpyro]'" in skipped.note.iloc[0]
-    evaluation = frame[frame.task.str.startswith("evaluate")]
+    evaluation = frame[frame.task.str.startswith("evaluate K=")]
     assert len(evaluation) == 1 and evaluation.seconds_per_1000_points.iloc[0] > 0
+    epochs = frame[frame.task == "epoch"].set_index("contender")
+    assert set(epochs.index) == {"pytorch_fused", "lvmkit"}
+    assert epochs.loc["pytorch_fused", "ratio_to_pytorch_fused"] == 1.0
+    assert (epochs.epoch_s > 0).all() and epochs.note.str.startswith("median of 2 epochs").all()
+    assert (epochs.examples_per_s == speed.PROFILES["quick"].epoch_points / epochs.epoch_s).all()
+    sweep = frame[frame.task == "evaluate max_pairs"]
+    assert list(sweep.max_pairs) == list(speed.PROFILES["quick"].max_pairs_grid)
+    assert (sweep.seconds_per_1000_points > 0).all()
 
 
 def test_speed_without_numpyro_reports_a_skipped_row(monkeypatch):
