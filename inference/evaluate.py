@@ -51,8 +51,12 @@ from lvmkit.models._checks import check_float, check_int
 
 DATA_PLATE = "data"
 DEFAULT_MAX_PAIRS = {  # (sample, point) pairs per forward pass, by device type
-    "cpu": 4096,  # ≈ 13 MB per 784-wide tensor; measured fastest on the 2-core CPU (cache-sized)
-    "cuda": 65536,  # ≈ 200 MB per 784-wide tensor: enough work per kernel; not yet measured
+    # ≈ 13 MB per 784-wide tensor; fastest on the 2-core CPU of 1,024…65,536 (the max_pairs rows
+    # of benchmarks/results/speed-cpu-full.md)
+    "cpu": 4096,
+    # ≈ 200 MB per 784-wide tensor: enough work per kernel; not yet measured (no GPU so far):
+    # `lvmkit bench speed --device cuda` sweeps 16,384…1,048,576
+    "cuda": 65536,
 }
 PARETO_K_THRESHOLD = 0.7  # Vehtari et al. (2024): above it, importance sampling is unreliable
 _SCORE_BATCH = 1 << 20  # log-weights reduced at once (8 MB in float64)
