@@ -14,7 +14,19 @@ Three things Pyro's own ``JitTrace_ELBO`` does not do, and this module does:
 - tensors always reach the traced function positionally (tensor keyword arguments would be hashed
   by identity, recompiling every step);
 - no NaN check on the host per step, and compilation runs under ``torch.random.fork_rng`` so that
-  it draws nothing from the random stream: resumed runs stay identical to uninterrupted ones.
+  it draws nothing from the random stream: resumed runs stay identical to uninterrupted ones;
+- each traced graph is specialised to its batch shape and then called directly. The input sizes
+  become constants and TorchScript's own passes fold everything computed from them and from
+  constants alone (the plates' index ranges and scale factors, the prior's expanded parameters,
+  no-op expands and broadcasts; the 784-400-20 VAE's graph goes from 240 nodes to 78), and each
+  step hands the parameters to the graph straight from the param store instead of through Pyro's
+  ``pyro.ops.jit`` wrapper (a ``pyro.param`` effect per parameter, two effect handlers and a
+  hash of the arguments per call). The graph runs without the JIT's profiling optimisations
+  (``torch.jit.optimized_execution(False)``): they measured no faster here, and their symbolic
+  gradients, switched on after a few profiling runs, differ in the last bit from autograd's,
+  which would make a resumed run drift from an uninterrupted one. Measured on the 2-core CPU
+  (interleaved, hand-written PyTorch = 1): 784-400-20 VAE at batch 128, 1.12–1.15× → 1.03–1.05×;
+  a 784-32-4 VAE at batch 32, 1.15× → 1.04×.
 
 Models that cannot be traced fall back to the uncompiled loss with a warning that says why.
 """
@@ -25,6 +37,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import pyro
 import pyro.infer
 import torch
 
@@ -55,7 +68,7 @@ class CompiledLoss:
         self.keys = keys
         self.fallback = fallback
         self.failure: str | None = None
-        self._by_shape: dict[tuple[tuple[int, ...], ...], _JitTraceELBO] = {}
+        self._by_shape: dict[tuple[Any, ...], Callable[[list[torch.Tensor]], torch.Tensor]] = {}
 
         def positional_model(*tensors: torch.Tensor):
             return model(**dict(zip(keys, tensors, strict=True)))
@@ -69,15 +82,17 @@ class CompiledLoss:
         if self.failure is not None:
             return self.fallback(batch)
         tensors = [batch[key] for key in self.keys]
-        shape = tuple(tuple(t.shape) for t in tensors)
-        elbo = self._by_shape.get(shape)
-        if elbo is None:
-            elbo = self._compile(shape, tensors)
-            if elbo is None:
+        shape = tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
+        loss = self._by_shape.get(shape)
+        if loss is None:
+            loss = self._compile(shape, tensors)
+            if loss is None:
                 return self.fallback(batch)
-        return elbo.differentiable_loss(self._model, self._guide, *tensors)
+        return loss(tensors)
 
-    def _compile(self, shape, tensors: list[torch.Tensor]) -> _JitTraceELBO | None:
+    def _compile(
+        self, shape, tensors: list[torch.Tensor]
+    ) -> Callable[[list[torch.Tensor]], torch.Tensor] | None:
         elbo = _JitTraceELBO(ignore_jit_warnings=True)
         devices = [t.device.index or 0 for t in tensors if t.is_cuda]
         try:
@@ -90,6 +105,7 @@ class CompiledLoss:
                     "ignore", r".*torch\.jit\.trace. is deprecated", DeprecationWarning
                 )
                 elbo.differentiable_loss(self._model, self._guide, *tensors)
+                loss = _Specialized(elbo)
         except Exception as err:  # any tracing failure means: this model cannot be compiled
             self.failure = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
             warnings.warn(
@@ -100,5 +116,36 @@ class CompiledLoss:
                 stacklevel=4,
             )
             return None
-        self._by_shape[shape] = elbo
-        return elbo
+        self._by_shape[shape] = loss
+        return loss
+
+
+class _Specialized:
+    """The graph ``elbo`` traced (for one input shape, dtype and device), specialised to that
+    shape and called with the parameters straight from the param store.
+
+    The passes are TorchScript's own: peephole turns the sizes of completely typed inputs into
+    constants and drops no-op expands; constant propagation evaluates each node whose inputs are
+    all constant (random nodes never are); CSE and DCE tidy up. What remains are the same
+    operations on the same values, so the loss and its gradients are those of the traced graph.
+    """
+
+    def __init__(self, elbo: _JitTraceELBO) -> None:
+        cache = elbo._loss_and_surrogate_loss  # pyro.ops.jit.CompiledFunction, traced once
+        (traced,) = cache.compiled.values()
+        self.names = list(cache._param_names)
+        graph = traced.graph.copy()
+        for _ in range(2):  # a fold can expose another size or no-op
+            torch._C._jit_pass_peephole(graph, False)
+            torch._C._jit_pass_constant_propagation(graph)
+        torch._C._jit_pass_cse(graph)
+        torch._C._jit_pass_dce(graph)
+        self.function = torch._C._create_function_from_graph("lvmkit_specialized_elbo", graph)
+        self.nodes = (len(list(traced.graph.nodes())), len(list(graph.nodes())))
+
+    def __call__(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        unconstrained = dict(pyro.get_param_store().named_parameters())
+        params = [unconstrained[name] for name in self.names]
+        with torch.jit.optimized_execution(False):
+            loss, surrogate = self.function(*params, *tensors)
+        return loss + (surrogate - surrogate.detach())
