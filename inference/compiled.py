@@ -4,7 +4,7 @@ Pyro's per-step work — effect handlers, trace bookkeeping, distribution object
 runs every step. Tracing the loss with ``torch.jit.trace`` (through Pyro's ``pyro.ops.jit.trace``,
 which plumbs parameters by name) records the tensor operations once and replays them, which is
 valid for models whose structure does not change between steps (no data-dependent control flow,
-no new sample sites). On the 2-core CPU this brings the MNIST VAE step within ~1.1× of a
+no new sample sites). On the 2-core CPU this brings the MNIST VAE step within ~1.05× of a
 hand-written PyTorch loop (see ``lvmkit bench speed``).
 
 Three things Pyro's own ``JitTrace_ELBO`` does not do, and this module does:
