@@ -28,6 +28,8 @@ HAS_NUMPYRO = (
     importlib.util.find_spec("numpyro") is not None and importlib.util.find_spec("jax") is not None
 )
 TORCH_CONTENDERS = {
+    "pytorch_iwae",
+    "lvmkit_iwae",
     "pytorch",
     "pytorch_fused",
     "lvmkit",
