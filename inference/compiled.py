@@ -105,7 +105,6 @@ class CompiledLoss:
                     "ignore", r".*torch\.jit\.trace. is deprecated", DeprecationWarning
                 )
                 elbo.differentiable_loss(self._model, self._guide, *tensors)
-                loss = _Specialized(elbo)
         except Exception as err:  # any tracing failure means: this model cannot be compiled
             self.failure = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
             warnings.warn(
@@ -116,6 +115,11 @@ class CompiledLoss:
                 stacklevel=4,
             )
             return None
+        try:
+            loss: Callable[[list[torch.Tensor]], torch.Tensor] = _Specialized(elbo)
+        except Exception:  # TorchScript internals that a torch version lacks: the plain replay
+            model, guide = self._model, self._guide
+            loss = lambda tensors: elbo.differentiable_loss(model, guide, *tensors)  # noqa: E731
         self._by_shape[shape] = loss
         return loss
 

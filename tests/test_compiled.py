@@ -163,3 +163,17 @@ def test_the_specialized_graph_is_smaller_and_computes_the_traced_loss_and_gradi
     (v1, g1), (v2, g2) = results
     assert torch.equal(v1, v2)
     assert all(torch.equal(a, b) for a, b in zip(g1, g2, strict=True))
+
+
+def test_without_the_specialisation_the_plain_traced_replay_still_trains(monkeypatch):
+    from lvmkit.inference import compiled
+
+    def unavailable(elbo):
+        raise AttributeError("a torch without these TorchScript passes")
+
+    monkeypatch.setattr(compiled, "_Specialized", unavailable)
+    traced, eager = _fit(True), _fit(False)
+    assert traced.compiled  # traced, replayed through Pyro's wrapper
+    assert traced.history.train_loss.tolist() == pytest.approx(
+        eager.history.train_loss.tolist(), rel=1e-5
+    )
