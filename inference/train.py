@@ -12,7 +12,6 @@ parameters as an uninterrupted run with the same seed.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import os
@@ -379,9 +378,14 @@ def fit(
                     loop.optimizer = _GradAveraging(world, optimizer, params.values())
             columns = history_columns(val is not None, kl_schedule is not None)
             info = FitInfo(
-                settings, dict(metadata or {}), epochs, run.path if run else None, [], world.size
+                settings,
+                dict(metadata or {}),
+                epochs,
+                run.path if run else None,
+                loop.rows,
+                world.size,
             )
-            notify(loop.callbacks, "on_fit_start", dataclasses.replace(info, history=loop.rows))
+            notify(loop.callbacks, "on_fit_start", info)
             try:
                 loop.run(epochs, progress=progress and world.main)
             except BaseException as err:
