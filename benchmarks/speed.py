@@ -190,18 +190,20 @@ def _networks(cfg: SpeedConfig, data_dim: int, dev: torch.device) -> tuple[VAE, 
     return vae.to(dev), encoder.to(dev)
 
 
-def _pytorch_step(cfg: SpeedConfig, dev, data_dim: int, *, fused: bool) -> Step:
+def _pytorch_step(
+    cfg: SpeedConfig, dev, data_dim: int, *, fused: bool, particles: int | None = None
+) -> Step:
+    """The hand-written loop's step: the ELBO with the analytic KL, or with ``particles`` the
+    importance-weighted bound with that many samples per point."""
     model, guide = _networks(cfg, data_dim, dev)
     params = [*model.parameters(), *guide.parameters()]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, fused=fused or None)
 
     def step(x: torch.Tensor) -> torch.Tensor:
-        loc, scale = guide.encode(x)  # (B, Dz) each
-        z = loc + scale * torch.randn_like(loc)  # reparameterised sample, (B, Dz)
-        logits = model.decoder(z)  # (B, D)
-        reconstruction = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
-        kl = 0.5 * (loc.pow(2) + scale.pow(2) - 1.0 - 2.0 * scale.log()).sum()
-        loss = reconstruction + kl
+        if particles is None:
+            loss = _elbo_loss(model, guide, x)
+        else:
+            loss = _iwae_loss(model, guide, x, particles)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -210,30 +212,28 @@ def _pytorch_step(cfg: SpeedConfig, dev, data_dim: int, *, fused: bool) -> Step:
     return step
 
 
-def _pytorch_iwae_step(cfg: SpeedConfig, dev, data_dim: int) -> Step:
-    model, guide = _networks(cfg, data_dim, dev)
-    optimizer = torch.optim.Adam([*model.parameters(), *guide.parameters()], lr=cfg.lr, fused=True)
-    k = cfg.iwae_particles
+def _elbo_loss(model: VAE, guide: GaussianEncoder, x: torch.Tensor) -> torch.Tensor:
+    loc, scale = guide.encode(x)  # (B, Dz) each
+    z = loc + scale * torch.randn_like(loc)  # reparameterised sample, (B, Dz)
+    logits = model.decoder(z)  # (B, D)
+    reconstruction = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
+    kl = 0.5 * (loc.pow(2) + scale.pow(2) - 1.0 - 2.0 * scale.log()).sum()
+    return reconstruction + kl
+
+
+def _iwae_loss(model: VAE, guide: GaussianEncoder, x: torch.Tensor, k: int) -> torch.Tensor:
     half_log_2pi = 0.5 * math.log(2 * math.pi)
-
-    def step(x: torch.Tensor) -> torch.Tensor:
-        loc, scale = guide.encode(x)  # (B, Dz) each
-        eps = torch.randn((k, *loc.shape), device=loc.device)  # (K, B, Dz)
-        z = loc + scale * eps
-        logits = model.decoder(z)  # (K, B, D)
-        log_px = -F.binary_cross_entropy_with_logits(
-            logits, x.expand_as(logits), reduction="none"
-        ).sum(-1)  # (K, B)
-        log_pz = (-0.5 * z.pow(2) - half_log_2pi).sum(-1)
-        log_qz = (-0.5 * eps.pow(2) - scale.log() - half_log_2pi).sum(-1)
-        bound = torch.logsumexp(log_px + log_pz - log_qz, dim=0) - math.log(k)  # (B,)
-        loss = -bound.sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
-
-    return step
+    loc, scale = guide.encode(x)  # (B, Dz) each
+    eps = torch.randn((k, *loc.shape), device=loc.device)  # (K, B, Dz)
+    z = loc + scale * eps
+    logits = model.decoder(z)  # (K, B, D)
+    log_px = -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(
+        -1
+    )  # (K, B)
+    log_pz = (-0.5 * z.pow(2) - half_log_2pi).sum(-1)
+    log_qz = (-0.5 * eps.pow(2) - scale.log() - half_log_2pi).sum(-1)
+    bound = torch.logsumexp(log_px + log_pz - log_qz, dim=0) - math.log(k)  # (B,)
+    return -bound.sum()
 
 
 def _lvmkit_step(cfg: SpeedConfig, dev, data_dim: int, *, objective, compile: bool) -> Step:
@@ -274,7 +274,7 @@ def _contenders(cfg: SpeedConfig, dev, data_dim: int) -> dict[str, Step]:
         "lvmkit_mean_field": _lvmkit_step(
             cfg, dev, data_dim, objective=TraceMeanFieldELBO, compile=False
         ),
-        "pytorch_iwae": _pytorch_iwae_step(cfg, dev, data_dim),
+        "pytorch_iwae": _pytorch_step(cfg, dev, data_dim, fused=True, particles=cfg.iwae_particles),
         "lvmkit_iwae": _lvmkit_step(
             cfg, dev, data_dim, objective=lambda: IWAE(cfg.iwae_particles), compile=False
         ),
@@ -311,12 +311,18 @@ def _time_steps(
                     batch = batches[
                         (cfg.warmup_steps + round_ * cfg.timed_steps + i) % len(batches)
                     ]
-                    times[name].append(_timed(step, batch, dev))
+                    times[name].append(_timed(dev, step, batch))
             if dev.type == "cuda":
                 peak[name] = max(peak.get(name, 0.0), torch.cuda.max_memory_allocated(dev) / 2**20)
     floor = statistics.median(times["pytorch"])
     fused_floor = statistics.median(times["pytorch_fused"])  # lvmkit's optimizer is fused Adam
     numpyro = statistics.median(times["numpyro_jit"]) if "numpyro_jit" in times else math.nan
+    # lvmkit's IWAE against the same bound written by hand
+    iwae = statistics.median(times["lvmkit_iwae"]) / statistics.median(times["pytorch_iwae"])
+    notes = {
+        "pytorch_iwae": f"K={cfg.iwae_particles}",
+        "lvmkit_iwae": f"K={cfg.iwae_particles}; {iwae:.2f}× pytorch_iwae",
+    }
     rows: list[dict[str, object]] = []
     for name, values in times.items():
         median = statistics.median(values)
@@ -334,14 +340,9 @@ def _time_steps(
                 "ratio_to_pytorch": median / floor,
                 "ratio_to_pytorch_fused": median / fused_floor,
                 "ratio_to_numpyro": median / numpyro,
-                "note": "",
+                "note": notes.get(name, ""),
             }
         )
-    iwae = {row["contender"]: row for row in rows if "iwae" in str(row["contender"])}
-    if len(iwae) == 2:  # lvmkit's IWAE against the same bound written by hand
-        ratio = float(iwae["lvmkit_iwae"]["median_ms"]) / float(iwae["pytorch_iwae"]["median_ms"])  # type: ignore[arg-type]
-        iwae["lvmkit_iwae"]["note"] = f"K={cfg.iwae_particles}; {ratio:.2f}× pytorch_iwae"
-        iwae["pytorch_iwae"]["note"] = f"K={cfg.iwae_particles}"
     if numpyro_note:
         rows.append(
             {
@@ -372,10 +373,11 @@ def _add_numpyro(steps: dict[str, Step], cfg: SpeedConfig, dev, batches: list[to
     return ""
 
 
-def _timed(step: Step, batch: torch.Tensor, dev: torch.device) -> float:
+def _timed(dev: torch.device, fn: Callable[..., object], *args: Any, **kwargs: Any) -> float:
+    """Wall seconds of ``fn(*args, **kwargs)``, with the device synchronised on both sides."""
     _synchronize(dev)
     tic = time.perf_counter()
-    step(batch)
+    fn(*args, **kwargs)
     _synchronize(dev)
     return time.perf_counter() - tic
 
@@ -406,15 +408,15 @@ def _pytorch_epoch(
     """One epoch of the hand-written loop (fused Adam) over ``data``; returns its wall time."""
     step = _pytorch_step(cfg, dev, data.shape[1], fused=True)
 
-    def epoch(number: int) -> float:
-        _synchronize(dev)
-        tic = time.perf_counter()
+    def run(number: int) -> float:
         order = _epoch_permutation(cfg.seed, number, len(data)).to(dev)
         total = torch.zeros((), device=dev)
         for index in order.split(batch_size):
             total += step(data[index])
-        total.item()  # the epoch's loss, read once
-        return time.perf_counter() - tic
+        return total.item()  # the epoch's loss, read once
+
+    def epoch(number: int) -> float:
+        return _timed(dev, run, number)
 
     return epoch
 
@@ -454,7 +456,7 @@ def _time_evaluate(cfg: SpeedConfig, dev: torch.device) -> dict[str, object]:
     evaluate(model, guide, test[:2], num_samples=min(cfg.eval_samples, 20))  # warm-up, imports
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    seconds = _timed_evaluate(model, guide, test, cfg.eval_samples, cfg.seed, dev, None)
+    seconds = _timed(dev, evaluate, model, guide, test, cfg.eval_samples, seed=cfg.seed)
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev) / 2**20
     else:  # the process's peak resident memory so far (Linux reports KiB)
@@ -480,7 +482,9 @@ def _sweep_max_pairs(cfg: SpeedConfig, dev: torch.device) -> list[dict[str, obje
     for max_pairs in cfg.max_pairs_grid_cuda if cuda else cfg.max_pairs_grid:
         if cuda:
             torch.cuda.reset_peak_memory_stats(dev)
-        seconds = _timed_evaluate(model, guide, test, cfg.eval_samples, cfg.seed, dev, max_pairs)
+        seconds = _timed(
+            dev, evaluate, model, guide, test, cfg.eval_samples, seed=cfg.seed, max_pairs=max_pairs
+        )
         default = max_pairs == DEFAULT_MAX_PAIRS.get(dev.type)
         rows.append(
             {
@@ -495,14 +499,6 @@ def _sweep_max_pairs(cfg: SpeedConfig, dev: torch.device) -> list[dict[str, obje
             }
         )
     return rows
-
-
-def _timed_evaluate(model, guide, test, num_samples, seed, dev, max_pairs) -> float:
-    _synchronize(dev)
-    tic = time.perf_counter()
-    evaluate(model, guide, test, num_samples=num_samples, seed=seed, max_pairs=max_pairs)
-    _synchronize(dev)
-    return time.perf_counter() - tic
 
 
 def _synchronize(dev: torch.device) -> None:
