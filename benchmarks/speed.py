@@ -12,10 +12,10 @@ Contenders:
 - ``pytorch``: the floor: encoder → reparameterised z → decoder, fused BCE-with-logits plus the
   analytic KL, ``torch.optim.Adam`` (foreach, torch's default);
 - ``pytorch_fused``: the same with ``Adam(fused=True)``;
-- ``lvmkit``: what ``lvmkit.fit`` does by default for this pair: its step
-  (``inference.train.train_step``) and optimizer (``make_optimizer``) on the Trace_ELBO loss,
-  traced with the PyTorch JIT (``inference.compiled.CompiledLoss``) because the built-in VAE and
-  encoder declare a static structure; traced during warm-up;
+- ``lvmkit``: what ``lvmkit.fit`` does by default for this pair: the very step ``fit`` runs
+  (``inference.step.prepare`` → ``Trainer.step``: fused Adam on the Trace_ELBO loss, traced with
+  the PyTorch JIT because the built-in VAE and encoder declare a static structure; traced during
+  warm-up);
 - ``lvmkit_eager``: the same with ``compile=False`` (the default for user models), validation off
   as after fit's first step;
 - ``lvmkit_mean_field``: the eager step with the analytic-KL objective;
@@ -62,12 +62,12 @@ from lvmkit import plots
 from lvmkit.data import load_mnist
 from lvmkit.guides import GaussianEncoder, GaussianEncoderConfig
 from lvmkit.inference import evaluate, fit
-from lvmkit.inference._data import resolve_device
+from lvmkit.inference._data import as_data, feeds, resolve_device
 from lvmkit.inference.callbacks import Callback
-from lvmkit.inference.compiled import CompiledLoss
 from lvmkit.inference.evaluate import DEFAULT_MAX_PAIRS
-from lvmkit.inference.objectives import IWAE, TraceELBO, TraceMeanFieldELBO
-from lvmkit.inference.train import _epoch_permutation, make_optimizer, train_step
+from lvmkit.inference.optim import OptimSpec
+from lvmkit.inference.step import prepare
+from lvmkit.inference.train import epoch_order
 from lvmkit.models import VAE, VAEConfig
 from lvmkit.models._checks import check_choice
 
@@ -236,19 +236,20 @@ def _iwae_loss(model: VAE, guide: GaussianEncoder, x: torch.Tensor, k: int) -> t
     return -bound.sum()
 
 
-def _lvmkit_step(cfg: SpeedConfig, dev, data_dim: int, *, objective, compile: bool) -> Step:
-    model, guide = _networks(cfg, data_dim, dev)
-    eager = objective()(model, guide)
-    loss = (
-        CompiledLoss(model, guide, ["x"], lambda batch: eager(**batch))
-        if compile
-        else lambda batch: eager(**batch)
-    )
-    optimizer = make_optimizer([*model.parameters(), *guide.parameters()], lr=cfg.lr)
+def _lvmkit_step(
+    cfg: SpeedConfig, dev, batch: torch.Tensor, *, objective: str, compile: bool, particles: int = 1
+) -> Step:
+    """lvmkit's training step itself: the :class:`~lvmkit.inference.step.Trainer` that ``fit``
+    builds for these options (``prepare``), stepped as ``fit`` steps it."""
+    model, guide = _networks(cfg, batch.shape[1], dev)
+    trainer = prepare(
+        model, guide, feeds(batch, model, len(batch)), objective=objective,
+        num_particles=particles, device=dev, compile=compile, optim=OptimSpec(lr=cfg.lr),
+    )  # fmt: skip
 
     def step(x: torch.Tensor) -> torch.Tensor:
         with pyro.validation_enabled(False):  # as in fit after its first, validated step
-            return train_step(loss, optimizer, {"x": x})
+            return trainer.step([as_data(x, model)])
 
     return step
 
@@ -265,20 +266,23 @@ def _pyro_svi_step(cfg: SpeedConfig, dev, data_dim: int) -> Step:
     return step
 
 
-def _contenders(cfg: SpeedConfig, dev, data_dim: int) -> dict[str, Step]:
+def _contenders(cfg: SpeedConfig, dev, batch: torch.Tensor) -> dict[str, Callable[[], Step]]:
+    """How to build each contender (each is built inside its own param store)."""
+    data_dim = batch.shape[1]
+    k = cfg.iwae_particles
     return {
-        "pytorch": _pytorch_step(cfg, dev, data_dim, fused=False),
-        "pytorch_fused": _pytorch_step(cfg, dev, data_dim, fused=True),
-        "lvmkit": _lvmkit_step(cfg, dev, data_dim, objective=TraceELBO, compile=True),
-        "lvmkit_eager": _lvmkit_step(cfg, dev, data_dim, objective=TraceELBO, compile=False),
-        "lvmkit_mean_field": _lvmkit_step(
-            cfg, dev, data_dim, objective=TraceMeanFieldELBO, compile=False
+        "pytorch": lambda: _pytorch_step(cfg, dev, data_dim, fused=False),
+        "pytorch_fused": lambda: _pytorch_step(cfg, dev, data_dim, fused=True),
+        "lvmkit": lambda: _lvmkit_step(cfg, dev, batch, objective="elbo", compile=True),
+        "lvmkit_eager": lambda: _lvmkit_step(cfg, dev, batch, objective="elbo", compile=False),
+        "lvmkit_mean_field": lambda: _lvmkit_step(
+            cfg, dev, batch, objective="mean_field", compile=False
         ),
-        "pytorch_iwae": _pytorch_step(cfg, dev, data_dim, fused=True, particles=cfg.iwae_particles),
-        "lvmkit_iwae": _lvmkit_step(
-            cfg, dev, data_dim, objective=lambda: IWAE(cfg.iwae_particles), compile=False
+        "pytorch_iwae": lambda: _pytorch_step(cfg, dev, data_dim, fused=True, particles=k),
+        "lvmkit_iwae": lambda: _lvmkit_step(
+            cfg, dev, batch, objective="iwae", compile=False, particles=k
         ),
-        "pyro_svi": _pyro_svi_step(cfg, dev, data_dim),
+        "pyro_svi": lambda: _pyro_svi_step(cfg, dev, data_dim),
     }
 
 
@@ -291,11 +295,15 @@ def _time_steps(
         train[torch.randint(len(train), (batch_size,), generator=generator).to(dev)]
         for _ in range(min(total, 64))  # reused cyclically: the same batches for everyone
     ]
-    steps = _contenders(cfg, dev, train.shape[1])
-    numpyro_note = _add_numpyro(steps, cfg, dev, batches)
     # Each contender keeps its own Pyro param store, as each fit does: their parameter names agree.
     store = pyro.get_param_store()
-    states: dict[str, Any] = {name: {"params": {}, "constraints": {}} for name in steps}
+    makers = _contenders(cfg, dev, batches[0])
+    states: dict[str, Any] = {name: {"params": {}, "constraints": {}} for name in makers}
+    steps: dict[str, Step] = {}
+    for name, make in makers.items():
+        with store.scope(state=states[name]):
+            steps[name] = make()
+    numpyro_note = _add_numpyro(steps, cfg, dev, batches)
     times: dict[str, list[float]] = {name: [] for name in steps}
     peak: dict[str, float] = {}
     for name, step in steps.items():
@@ -409,7 +417,7 @@ def _pytorch_epoch(
     step = _pytorch_step(cfg, dev, data.shape[1], fused=True)
 
     def run(number: int) -> float:
-        order = _epoch_permutation(cfg.seed, number, len(data)).to(dev)
+        order = epoch_order(cfg.seed, number, len(data)).to(dev)
         total = torch.zeros((), device=dev)
         for index in order.split(batch_size):
             total += step(data[index])

@@ -1,4 +1,4 @@
-"""Objectives, the one training loop, evaluation and checkpoints."""
+"""Objectives, the one training loop, the importance-weight kernel, evaluation and checkpoints."""
 
 from importlib.metadata import PackageNotFoundError, version
 
@@ -7,6 +7,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
+from lvmkit.inference._data import Source
 from lvmkit.inference.annealing import KLSchedule
 from lvmkit.inference.callbacks import (
     Callback,
@@ -48,6 +49,7 @@ __all__ = [
     "MLflowLogger",
     "NonFiniteLossError",
     "ReweightedWakeSleep",
+    "Source",
     "TensorBoardLogger",
     "TraceELBO",
     "TraceMeanFieldELBO",

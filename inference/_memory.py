@@ -135,3 +135,47 @@ def fmt(size: float) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
         size /= 1024
     return f"{size:.2f} GiB"  # pragma: no cover
+
+
+def check_data(data_bytes: int, memory_budget: Any, dev: torch.device) -> None:
+    """Refuse data that cannot sit on ``dev`` within the budget."""
+    budget, what = budget_for(memory_budget, dev)
+    if budget is not None and data_bytes > budget:
+        raise ValueError(
+            f"the data need {fmt(data_bytes)} on {dev}, more than {what} "
+            f"({fmt(budget)}); train on a subset, or on a device with more memory"
+        )
+
+
+def check_step(
+    activations: int,
+    params: Iterable[torch.Tensor],
+    data_bytes: int,
+    memory_budget: Any,
+    dev: torch.device,
+    *,
+    batch_size: int,
+    num_particles: int,
+) -> None:
+    """Refuse a step that cannot fit: activations (measured) + parameters, gradients and the
+    optimizer's two moments + the data when the budget is the caller's total."""
+    budget, what = budget_for(memory_budget, dev)
+    fixed = 4 * tensor_bytes(params) + data_bytes
+    if budget is None or activations + fixed <= budget:
+        return
+    # activations grow about linearly with the batch; 10 % margin for what does not scale
+    fits = int(0.9 * batch_size * (budget - fixed) / max(activations, 1))
+    advice = (
+        f"Use batch_size <= {fits} or fewer num_particles"
+        if fits >= 1
+        else "The parameters and data alone take more than that: use a smaller model or data set"
+    )
+    raise ValueError(
+        f"one training step needs about {fmt(activations + fixed)} on {dev}: "
+        f"{fmt(activations)} of activations for a minibatch of {batch_size} × "
+        f"{num_particles} particle(s) (measured on the first step), "
+        f"{fmt(fixed - data_bytes)} for parameters, gradients and the optimizer's state"
+        + (f", {fmt(data_bytes)} of data" if data_bytes else "")
+        + f" — more than {what} ({fmt(budget)}). {advice}, or give a larger "
+        "memory_budget (nothing was trained)."
+    )

@@ -14,6 +14,7 @@ in a private param store:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -22,7 +23,11 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.nn import PyroModule
+from pyro.params.param_store import module_from_param_with_module_name, user_param_name
 from torch import nn
+from torch.nn.modules.module import register_module_forward_pre_hook
+
+from lvmkit.inference._data import Data
 
 
 def is_module_pair(model: Any, guide: Any) -> bool:
@@ -74,18 +79,21 @@ def _without(state: Any, owned: set[str]) -> Any:
 
 
 def collect_params(
-    step: Callable[[dict[str, torch.Tensor]], Any],
-    batch: dict[str, torch.Tensor],
+    step: Callable[[list[Data]], Any],
+    calls: list[Data],
     model: Any,
     guide: Any,
     device: torch.device,
 ) -> dict[str, torch.Tensor]:
     """Every trainable tensor: module parameters, then the ``pyro.param`` sites ``step`` touches.
 
-    Running one step on ``batch`` also creates parameters that are initialised lazily, and it runs
+    Running one step on ``calls`` also creates parameters that are initialised lazily, and it runs
     with Pyro's validation on, so model errors surface here with Pyro's own messages. Parameters of
-    plain-function pairs may still sit on the CPU when ``batch`` is on a GPU: then the step runs on
-    a CPU copy of the batch, and the parameters it finds are moved to ``device`` afterwards.
+    plain-function pairs may still sit on the CPU when the data are on a GPU: then the step runs on
+    a CPU copy of the data, and the parameters it finds are moved to ``device`` afterwards. A
+    ``pyro.module`` whose name already holds another network's parameters in the param store is
+    refused (or warned about, when the shapes agree): Pyro would train the store's copy while the
+    network computes with its own, and the loss would not move.
     """
     params: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
@@ -97,14 +105,15 @@ def collect_params(
                     seen.add(id(param))
     try:
         with poutine.trace(param_only=True) as capture, pyro.validation_enabled(True):
-            step(batch)
+            step(calls)
     except RuntimeError as err:
         if device.type == "cpu" or is_module_pair(model, guide) or "device" not in str(err):
             raise
         with poutine.trace(param_only=True) as capture, pyro.validation_enabled(True):
-            step({key: t.cpu() for key, t in batch.items()})
+            step([call.to(torch.device("cpu")) for call in calls])
     for name, site in capture.trace.nodes.items():
         value: Any = site["value"]
+        _check_not_stale(name, site)
         unconstrained = value.unconstrained() if hasattr(value, "unconstrained") else value
         if not unconstrained.requires_grad or id(unconstrained) in seen:
             continue
@@ -122,17 +131,58 @@ def collect_params(
     return params
 
 
+def _check_not_stale(name: str, site: Any) -> None:
+    """``pyro.module(m, net)`` passes each of ``net``'s parameters to ``pyro.param``; when the
+    store already holds another tensor under that name, it returns that one instead."""
+    args: tuple[Any, ...] = tuple(site.get("args") or ())
+    if len(args) < 2 or not isinstance(args[1], nn.Parameter) or args[1] is site["value"]:
+        return
+    own, stored = args[1], site["value"]
+    module = module_from_param_with_module_name(name) or name
+    what = f"{user_param_name(name)!r} of pyro.module({module!r}, ...)"
+    fix = (
+        "Call pyro.clear_param_store() before building a new network (as Pyro's examples do), "
+        "or register it under another name"
+    )
+    if tuple(own.shape) != tuple(stored.shape):
+        raise ValueError(
+            f"Pyro's param store already holds {name!r} with shape {tuple(stored.shape)} from "
+            f"another network, but {what} has shape {tuple(own.shape)}: Pyro would train the "
+            f"stored tensor while the network computes with its own. {fix}"
+        )
+    warnings.warn(
+        f"Pyro's param store already holds {name!r} from another network of the same shape: "
+        f"Pyro trains that stored tensor, while {what} computes with its own parameters (unless "
+        f"registered with update_module_params=True), so the loss may not move. {fix}",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
 @contextmanager
 def eval_mode(*objects: Any) -> Iterator[None]:
-    """Put the ``nn.Module``s among ``objects`` in eval mode (no dropout, no training-only
-    corruption or penalties) for the block, and give each back its own mode afterwards."""
-    modules = [obj for obj in objects if isinstance(obj, nn.Module)]
-    modes = [{m: m.training for m in module.modules()} for module in modules]
-    for module in modules:
-        module.eval()
+    """Modules in eval mode for the block (no dropout, BatchNorm's running statistics, no
+    training-only corruption or penalties), each given back its own mode afterwards.
+
+    The modules among ``objects`` are switched at once; so is every other module whose
+    forward runs inside the block — the networks a plain-function pair registers with
+    ``pyro.module`` — through a forward pre-hook, before their first forward computes anything.
+    """
+    modes: dict[nn.Module, bool] = {}
+
+    def to_eval(module: nn.Module, *_: Any) -> None:
+        if module not in modes:
+            modes[module] = module.training
+        module.training = False
+
+    for obj in objects:
+        if isinstance(obj, nn.Module):
+            for module in obj.modules():
+                to_eval(module)
+    handle = register_module_forward_pre_hook(to_eval)
     try:
         yield
     finally:
-        for saved in modes:
-            for m, training in saved.items():
-                m.training = training
+        handle.remove()
+        for module, training in modes.items():
+            module.training = training

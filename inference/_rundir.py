@@ -51,8 +51,12 @@ _RESUMABLE = (
     "num_points",
     "kl_schedule",
     "world_size",
+    "optimizer",
+    "scheduler",
+    "clip_norm",
 )
-_SETTING_DEFAULTS = {"world_size": 1}  # what checkpoints older than the setting mean
+# what checkpoints older than a setting mean
+_SETTING_DEFAULTS = {"world_size": 1, "optimizer": "Adam", "scheduler": None, "clip_norm": None}
 
 
 def history_columns(with_val: bool, with_kl: bool = False) -> list[str]:
@@ -160,6 +164,8 @@ class RunDir:
         def before(key: str) -> Any:
             return saved.get(key, _SETTING_DEFAULTS.get(key))
 
+        if settings.get("seed") is None:  # fit(seed=None): the run goes on with its own seed
+            settings = {**settings, "seed": before("seed")}
         changed = {k: (before(k), settings[k]) for k in _RESUMABLE if before(k) != settings[k]}
         if changed:
             diff = ", ".join(f"{k}: run has {a!r}, now {b!r}" for k, (a, b) in changed.items())

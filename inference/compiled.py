@@ -41,59 +41,88 @@ import pyro
 import pyro.infer
 import torch
 
-from lvmkit.inference._data import Batch
+from lvmkit.inference._data import Data
 
 
 class _JitTraceELBO(pyro.infer.JitTrace_ELBO):
-    """Pyro's JitTrace_ELBO without the per-step host-side NaN check."""
+    """Pyro's JitTrace_ELBO without the per-step host-side NaN check, and with the gradient of
+    the surrogate loss only: Pyro 1.9's ``differentiable_loss`` adds the surrogate's gradient to
+    the loss's own (its ``loss`` is not detached), which doubles the gradient of every
+    reparameterised term — invisible under Adam, which ignores a constant scale, but not under
+    SGD, gradient clipping or weight decay (Pyro's own ``loss_and_grads`` is right)."""
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
         loss, surrogate = self.loss_and_surrogate_loss(model, guide, *args, **kwargs)
-        return loss + (surrogate - surrogate.detach())
+        return _value_with_surrogate_gradient(loss, surrogate)
 
 
 class CompiledLoss:
-    """The Trace_ELBO loss of ``model``/``guide`` on a batch dict, traced once per batch shape.
+    """The Trace_ELBO loss of ``model``/``guide`` on a call, traced once per argument shape.
 
-    ``fallback`` computes the same loss uncompiled; it is used from the first failure on.
+    ``fallback`` computes the same loss uncompiled (on a :class:`~lvmkit.inference._data.Data`);
+    it is used from the first failure on — a model that cannot be traced, a call with arguments
+    that are not tensors, or a traced graph that fails when replayed on a later minibatch (a
+    structure that depends on the data's values: a loop over ``int(lengths.max())`` steps,
+    say) — with a warning that says why.
     """
 
     def __init__(
         self,
         model: Callable[..., Any],
         guide: Callable[..., Any],
-        keys: list[str],
-        fallback: Callable[[Batch], torch.Tensor],
+        fallback: Callable[[Data], torch.Tensor],
     ) -> None:
-        self.keys = keys
         self.fallback = fallback
         self.failure: str | None = None
         self._by_shape: dict[tuple[Any, ...], Callable[[list[torch.Tensor]], torch.Tensor]] = {}
+        self._model, self._guide = model, guide
 
-        def positional_model(*tensors: torch.Tensor):
-            return model(**dict(zip(keys, tensors, strict=True)))
-
-        def positional_guide(*tensors: torch.Tensor):
-            return guide(**dict(zip(keys, tensors, strict=True)))
-
-        self._model, self._guide = positional_model, positional_guide
-
-    def __call__(self, batch: Batch) -> torch.Tensor:
+    def __call__(self, call: Data) -> torch.Tensor:
         if self.failure is not None:
-            return self.fallback(batch)
-        tensors = [batch[key] for key in self.keys]
-        shape = tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
+            return self.fallback(call)
+        values = call.values()
+        if not all(isinstance(v, torch.Tensor) for v in values):
+            kinds = sorted({type(v).__name__ for v in values if not isinstance(v, torch.Tensor)})
+            self._give_up(f"its arguments are not all tensors ({', '.join(kinds)})")
+            return self.fallback(call)
+        keys = (len(call.args), tuple(call.kwargs))
+        shape = (keys, *((tuple(t.shape), t.dtype, t.device) for t in values))
         loss = self._by_shape.get(shape)
         if loss is None:
-            loss = self._compile(shape, tensors)
+            loss = self._compile(shape, keys, values)
             if loss is None:
-                return self.fallback(batch)
-        return loss(tensors)
+                return self.fallback(call)
+        try:
+            return loss(values)
+        except Exception as err:  # a graph traced on one minibatch that does not fit another
+            self._give_up(_why(err) + " when replaying the traced graph")
+            return self.fallback(call)
+
+    def _give_up(self, why: str) -> None:
+        self.failure = why
+        warnings.warn(
+            f"compile=True: this model/guide could not be traced with the PyTorch JIT ({why}); "
+            "training continues uncompiled. Tracing needs a model whose sample sites and shapes "
+            "are the same every step, called with tensors only.",
+            RuntimeWarning,
+            stacklevel=5,
+        )
 
     def _compile(
-        self, shape, tensors: list[torch.Tensor]
+        self, shape, keys: tuple[int, tuple[str, ...]], tensors: list[torch.Tensor]
     ) -> Callable[[list[torch.Tensor]], torch.Tensor] | None:
+        num_args, names = keys
+        model, guide = self._model, self._guide
+
+        def positional(fn: Callable[..., Any]) -> Callable[..., Any]:
+            def call(*values: torch.Tensor):
+                kwargs = dict(zip(names, values[num_args:], strict=True))
+                return fn(*values[:num_args], **kwargs)
+
+            return call
+
         elbo = _JitTraceELBO(ignore_jit_warnings=True)
+        traced_model, traced_guide = positional(model), positional(guide)
         devices = [t.device.index or 0 for t in tensors if t.is_cuda]
         try:
             # Tracing runs the model several times; keep those draws out of the random stream.
@@ -104,24 +133,22 @@ class CompiledLoss:
                 warnings.filterwarnings(
                     "ignore", r".*torch\.jit\.trace. is deprecated", DeprecationWarning
                 )
-                elbo.differentiable_loss(self._model, self._guide, *tensors)
+                elbo.differentiable_loss(traced_model, traced_guide, *tensors)
         except Exception as err:  # any tracing failure means: this model cannot be compiled
-            self.failure = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
-            warnings.warn(
-                "compile=True: this model/guide could not be traced with the PyTorch JIT "
-                f"({self.failure}); training continues uncompiled. Tracing needs a model whose "
-                "sample sites and shapes are the same every step.",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+            self._give_up(_why(err))
             return None
         try:
             loss: Callable[[list[torch.Tensor]], torch.Tensor] = _Specialized(elbo)
         except Exception:  # TorchScript internals that a torch version lacks: the plain replay
-            model, guide = self._model, self._guide
-            loss = lambda tensors: elbo.differentiable_loss(model, guide, *tensors)  # noqa: E731
+            loss = lambda values: elbo.differentiable_loss(  # noqa: E731
+                traced_model, traced_guide, *values
+            )
         self._by_shape[shape] = loss
         return loss
+
+
+def _why(err: Exception) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
 
 
 class _Specialized:
@@ -152,4 +179,9 @@ class _Specialized:
         params = [unconstrained[name] for name in self.names]
         with torch.jit.optimized_execution(False):
             loss, surrogate = self.function(*params, *tensors)
-        return loss + (surrogate - surrogate.detach())
+        return _value_with_surrogate_gradient(loss, surrogate)
+
+
+def _value_with_surrogate_gradient(loss: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
+    """The loss's value with the surrogate's gradient (they differ for score-function terms)."""
+    return loss.detach() + (surrogate - surrogate.detach())

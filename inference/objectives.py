@@ -8,7 +8,7 @@ own. ``Objective()(model, guide)`` is a ``torch.nn.Module`` whose forward is the
 Non-finite losses are caught by ``fit`` once per epoch instead of once per step.
 
 :class:`IWAE` and :class:`ReweightedWakeSleep` are written on the per-point log-density pass that
-evaluation uses (:func:`lvmkit.inference.evaluate.log_density_pass`): K draws per data point,
+evaluation uses (:func:`lvmkit.inference.weights.log_density_pass`): K draws per data point,
 vectorised with a particle plate, a logsumexp over K per point.
 """
 
@@ -26,8 +26,9 @@ from pyro.infer.util import check_fully_reparametrized, is_validation_enabled
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import kl_divergence
 
-from lvmkit.inference._data import cuda_devices
-from lvmkit.inference.evaluate import log_density_pass, particle_dim
+from lvmkit.inference._data import Data, call_of, cuda_devices, signature
+from lvmkit.inference._params import eval_mode
+from lvmkit.inference.weights import Layout, find_layout, log_density_pass
 from lvmkit.models._checks import check_choice, check_float, check_int
 
 
@@ -107,31 +108,36 @@ class TraceMeanFieldELBO(_OnDeviceLoss, pyro.infer.TraceMeanField_ELBO):
         return elbo.detach(), elbo  # type: ignore[union-attr]
 
 
-class _PerPointBound(pyro.infer.Trace_ELBO):
-    """Shared set-up of the K-sample objectives: keyword data only, the particle dim found once
-    per (model, guide) pair, and Trace_ELBO's single-trace ``_get_traces`` kept for ``fit``'s
-    non-finite diagnosis."""
+class PerPointBound(pyro.infer.Trace_ELBO):
+    """Shared set-up of the K-sample objectives: the pair's layout found once per (model, guide)
+    (its data plate, and whether its particles can be vectorised), and Trace_ELBO's single-trace
+    ``_get_traces`` kept for ``fit``'s non-finite diagnosis."""
 
     needs_reparam = True
 
     def __init__(self, num_particles: int = 5) -> None:
         super().__init__(num_particles=check_int("num_particles", num_particles))
-        self._dims: dict[tuple[int, int], int] = {}
+        self._layouts: dict[tuple[int, int], Layout] = {}
+        self.data_plate: str | None = None  # set by fit from its data_plate=
+        self.vectorize: bool | None = None  # as fit's vectorize_particles=
 
-    def _particle_dim(self, model, guide, batch) -> int:
+    def _layout(self, model, guide, call: Data) -> Layout:
         key = (id(model), id(guide))
-        if key not in self._dims:
+        if key not in self._layouts:
             if self.needs_reparam:
-                _check_reparameterized(guide, batch, type(self).__name__)
-            self._dims[key] = particle_dim(model, guide, batch)
-        return self._dims[key]
-
-    def _batch(self, args, kwargs) -> dict:
-        if args:
-            raise TypeError(
-                f"{type(self).__name__} takes the data as keywords (x=..., ...), as fit passes them"
-            )
-        return kwargs
+                _check_reparameterized(guide, call, type(self).__name__)
+            with eval_mode(model, guide):  # probing must not move BatchNorm's statistics
+                layout = find_layout(
+                    model, guide, call, plate=self.data_plate, vectorize=self.vectorize
+                )
+            if layout.global_sites:
+                raise ValueError(
+                    f"{type(self).__name__} is a bound per data point, but sites "
+                    f"{list(layout.global_sites)} lie outside the data plate {layout.plate!r}; "
+                    "train a model with global latents with objective='elbo'"
+                )
+            self._layouts[key] = layout
+        return self._layouts[key]
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         with torch.no_grad():
@@ -143,7 +149,7 @@ class _PerPointBound(pyro.infer.Trace_ELBO):
         return float(loss.detach())
 
 
-class IWAE(_PerPointBound):
+class IWAE(PerPointBound):
     """The importance-weighted bound of Burda, Grosse & Salakhutdinov (ICLR 2016), as a loss:
 
         −Σ_n [logsumexp_k (log p(x_n, z_nk) − log q(z_nk | x_n)) − log K],  z_nk ~ q(z | x_n),
@@ -165,15 +171,15 @@ class IWAE(_PerPointBound):
     """
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        batch = self._batch(args, kwargs)
-        dim = self._particle_dim(model, guide, batch)
+        call = call_of(args, kwargs)
+        layout = self._layout(model, guide, call)
         k = self.num_particles
-        log_p, log_q, scale = log_density_pass(model, guide, batch, k, dim)
+        log_p, log_q = log_density_pass(model, guide, call, k, layout)
         bound = torch.logsumexp(log_p - log_q, dim=0) - math.log(k)  # (n,)
-        return -bound.sum() * scale
+        return -bound.sum() * (layout.represented(bound.shape[0]) / bound.shape[0])
 
 
-class ReweightedWakeSleep(_PerPointBound):
+class ReweightedWakeSleep(PerPointBound):
     """Reweighted wake-sleep (Bornschein & Bengio, ICLR 2015), per data point.
 
     With K draws z_nk ~ q(z | x_n) cut from the graph and normalized weights w̃_nk ∝ p(x_n, z_nk)
@@ -210,10 +216,10 @@ class ReweightedWakeSleep(_PerPointBound):
         self.insomnia = insomnia
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        batch = self._batch(args, kwargs)
-        dim = self._particle_dim(model, guide, batch)
+        call = call_of(args, kwargs)
+        layout = self._layout(model, guide, call)
         k = self.num_particles
-        log_p, log_q, scale = log_density_pass(model, guide, batch, k, dim, detach=True)
+        log_p, log_q = log_density_pass(model, guide, call, k, layout, detach=True)
         log_w = log_p - log_q.detach()
         lse = torch.logsumexp(log_w, dim=0)
         wake_theta = -(lse - math.log(k)).sum()
@@ -222,20 +228,25 @@ class ReweightedWakeSleep(_PerPointBound):
             normalized = torch.exp(log_w - lse).detach()
             phi = phi - self.insomnia * (normalized * log_q).sum()
         if self.insomnia < 1:
-            phi = phi + (1 - self.insomnia) * _sleep_phi(model, guide, batch)
-        return (wake_theta + phi - phi.detach()) * scale
+            phi = phi + (1 - self.insomnia) * _sleep_phi(model, guide, call)
+        n = log_p.shape[1]
+        return (wake_theta + phi - phi.detach()) * (layout.represented(n) / n)
 
 
-def _sleep_phi(model, guide, batch) -> torch.Tensor:
-    """−log q(z | x) for one (x, z) drawn from the model (observed sites unconditioned; batch
-    entries named like a model site are replaced by its dreamt value)."""
+def _sleep_phi(model, guide, call: Data) -> torch.Tensor:
+    """−log q(z | x) for one (x, z) drawn from the model (observed sites unconditioned; the
+    model's arguments named like one of its sites are replaced by its dreamt value)."""
     with torch.no_grad():
-        dream = poutine.trace(poutine.uncondition(model)).get_trace(**batch)
-    dreamt = {
-        key: dream.nodes[key]["value"].detach() if key in dream.nodes else value
-        for key, value in batch.items()
-    }
-    trace = poutine.trace(poutine.replay(guide, trace=dream)).get_trace(**dreamt)
+        dream = poutine.trace(poutine.uncondition(model)).get_trace(*call.args, **call.kwargs)
+    args, kwargs = call.args, call.kwargs
+    sig = signature(model)
+    if sig is not None:
+        bound = sig.bind_partial(*args, **kwargs)
+        for key in list(bound.arguments):
+            if key in dream.nodes and torch.is_tensor(bound.arguments[key]):
+                bound.arguments[key] = dream.nodes[key]["value"].detach()
+        args, kwargs = bound.args, bound.kwargs
+    trace = poutine.trace(poutine.replay(guide, trace=dream)).get_trace(*args, **kwargs)
     trace.compute_log_prob()
     return -sum(
         site["log_prob"].sum()
@@ -247,9 +258,9 @@ def _sleep_phi(model, guide, batch) -> torch.Tensor:
     )
 
 
-def _check_reparameterized(guide, batch, who: str) -> None:
+def _check_reparameterized(guide, call: Data, who: str) -> None:
     with torch.no_grad(), poutine.block(), torch.random.fork_rng(devices=cuda_devices()):
-        trace = poutine.trace(guide).get_trace(**batch)
+        trace = poutine.trace(guide).get_trace(*call.args, **call.kwargs)
     for name, site in trace.nodes.items():
         latent = site["type"] == "sample" and not site["is_observed"]
         if latent and not site_is_subsample(site) and not getattr(site["fn"], "has_rsample", False):
@@ -268,12 +279,16 @@ OBJECTIVES: dict[str, type[pyro.infer.ELBO]] = {
 }
 
 
-def make_objective(objective: str | pyro.infer.ELBO, *, num_particles: int = 1) -> pyro.infer.ELBO:
+def make_objective(
+    objective: str | pyro.infer.ELBO, *, num_particles: int = 1, vectorize: bool = True
+) -> pyro.infer.ELBO:
     """Return an ELBO instance from a name in :data:`OBJECTIVES` or a ready Pyro ELBO.
 
     ``"iwae"`` and ``"rws"`` take ``num_particles`` as their K (importance samples per point).
-    A Pyro ELBO passed in is used as it is (e.g. ``TraceEnum_ELBO(max_plate_nesting=1)``); note
-    that Pyro's own classes sync with the host every step.
+    ``vectorize``: draw the particles of ``"elbo"``/``"mean_field"`` in one vectorised pass (for
+    models that broadcast over an extra leftmost dimension) rather than one by one. A Pyro ELBO
+    passed in is used as it is (e.g. ``TraceEnum_ELBO(max_plate_nesting=1)``); note that Pyro's
+    own classes sync with the host every step.
     """
     if isinstance(objective, pyro.infer.ELBO):
         return objective
@@ -281,4 +296,6 @@ def make_objective(objective: str | pyro.infer.ELBO, *, num_particles: int = 1) 
     check_int("num_particles", num_particles)
     if name in ("iwae", "rws"):
         return OBJECTIVES[name](num_particles=num_particles)
-    return OBJECTIVES[name](num_particles=num_particles, vectorize_particles=num_particles > 1)
+    return OBJECTIVES[name](
+        num_particles=num_particles, vectorize_particles=num_particles > 1 and vectorize
+    )

@@ -4,16 +4,22 @@ dims ArviZ expects, so that ``az.summary``, ``az.plot_posterior``, ``az.plot_ppc
 ``az.plot_khat`` work on them.
 
 One pass of ``num_samples`` draws per data point, vectorised with a particle plate like
-:func:`lvmkit.evaluate`, and chunked over the draws so that one pass holds about ``max_pairs``
-(draw, point) pairs (at least one draw of every point):
+:func:`lvmkit.evaluate` (or one draw per pass for models that do not broadcast over particles),
+and chunked over the draws so that one pass holds about ``max_pairs`` (draw, point) pairs (at
+least one draw of every point). The plate over the data points is found as ``evaluate`` finds it
+(``data_plate=`` names it):
 
 - **posterior**: every sample site of the guide — per-point latents with dims
-  ``(chain, draw, point, <site>_dim_0, …)``, global latents (outside the ``"data"`` plate, e.g.
+  ``(chain, draw, point, <site>_dim_0, …)``, global latents (outside the data plate, e.g.
   the means of a Bayesian mixture) with ``(chain, draw, <site>_dim_0, …)`` — and the model's
   enumerated discrete latents, drawn from their exact conditional posterior given the guide's
   draws (a Gaussian mixture's component labels);
 - **posterior_predictive**: each observed site drawn again from the model given those latents;
 - **observed_data**: the observed sites' values;
+- **log_likelihood**: per observed site, log p(x_n | z_n, θ) of each point at each draw, with
+  the model's enumerated discrete sites summed out (for a mixture, log p(x_n | θ) exactly), so
+  that ``az.loo`` and ``az.waic`` work on it. The draws come from the guide, not from an exact
+  posterior: read LOO's k̂ with that in mind;
 - **sample_stats**: ``log_weight`` = log p(x, z) − log q(z | x) per draw (and per point, when
   every site lies in the data plate; otherwise one joint weight per draw for the whole data set:
   the global latents tie the points together) and ``pareto_k``, ArviZ's PSIS k̂ of those weights
@@ -24,6 +30,7 @@ There is one chain (the draws are independent, not a Markov chain).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable
@@ -37,33 +44,36 @@ from pyro.distributions.util import scale_and_mask
 
 from lvmkit.inference import __version__
 from lvmkit.inference._data import (
-    Batch,
-    as_batch,
+    Data,
+    as_data,
     check_with_model,
+    from_transform,
     model_failures_as_data_errors,
-    num_points,
-    to_device,
 )
 from lvmkit.inference.evaluate import (
-    _MIN_SAMPLES_FOR_PSIS,
-    DATA_PLATE,
-    _default_max_pairs,
-    _eval_device,
-    _import_arviz,
-    _in_data_plate,
-    _is_enumerated,
-    _is_sample,
-    _paired_traces,
-    _pareto_k,
-    _plate_nesting,
-    _scored_sites,
-    enumerated_log_joint,
-    log_densities,
+    MIN_SAMPLES_FOR_PSIS,
+    default_max_pairs,
+    eval_device,
+    import_arviz,
+    pareto_k,
     scoring,
+)
+from lvmkit.inference.weights import (
+    PARTICLE_PLATE,
+    Layout,
+    Traces,
+    find_layout,
+    in_plate,
+    is_enumerated,
+    is_sample,
+    log_densities,
+    log_joint,
+    paired_traces,
+    scored_sites,
+    site_log_prob,
 )
 from lvmkit.models._checks import check_int
 
-_PARTICLES = "_lvmkit_particles"
 POINT_DIM = "point"  # the name of the data-point dimension in every group
 
 
@@ -77,14 +87,18 @@ def to_inference_data(
     max_pairs: int | None = None,
     device: str | torch.device | None = None,
     posterior_predictive: bool = True,
+    log_likelihood: bool = True,
     max_bytes: int = 2 << 30,
+    data_plate: str | None = None,
+    transform: Callable[[Any], Any] | None = None,
+    vectorize_particles: bool | None = None,
 ):
     """Draw from the guide and the model on ``data`` into an ArviZ ``InferenceData``.
 
     Args:
-        model, guide: a pair as for :func:`lvmkit.fit`; sites per data point inside
-            ``pyro.plate("data", N)``, global ones outside it.
-        data: a tensor passed as ``x``, or a dict of equal-length tensors passed as keywords.
+        model, guide: a pair as for :func:`lvmkit.fit`; sites per data point inside the data
+            plate, global ones outside it.
+        data: the model's arguments, as for :func:`lvmkit.evaluate`.
         num_samples: draws per data point (the ``draw`` dimension).
         seed: fixes the draws without disturbing the caller's random state (``None``: use it).
         max_pairs: (draw, point) pairs per forward pass (default: by device, as ``evaluate``);
@@ -92,8 +106,10 @@ def to_inference_data(
             points of a draw together.
         device: where to compute (default: where the pair's parameters are).
         posterior_predictive: also draw replicated data (set False to save memory).
+        log_likelihood: also write the ``log_likelihood`` group (for ``az.loo``/``az.waic``).
         max_bytes: refuse, before drawing, a result larger than this (default 2 GiB): the
             posterior predictive of MNIST is ``num_samples × N × 784`` numbers.
+        data_plate, transform, vectorize_particles: as for :func:`lvmkit.evaluate`.
 
     Example::
 
@@ -107,34 +123,57 @@ def to_inference_data(
         >>> dict(idata.sample_stats["pareto_k"].sizes)
         {'point': 5}
     """
-    az = _import_arviz()
+    az = import_arviz()
     num_samples = check_int("num_samples", num_samples)
     if max_pairs is not None:
         max_pairs = check_int("max_pairs", max_pairs)
-    if not isinstance(posterior_predictive, bool):
-        raise TypeError(f"posterior_predictive must be True or False; got {posterior_predictive!r}")
-    batch = as_batch(data)
-    check_with_model(model, batch)
-    n = num_points(batch)
-    dev = _eval_device(model, guide, device)
-    pairs = max_pairs or _default_max_pairs(dev)
-    per_pass = max(1, min(num_samples, pairs // n))
-    batch = to_device(batch, dev)
+    for flag, value in (
+        ("posterior_predictive", posterior_predictive),
+        ("log_likelihood", log_likelihood),
+    ):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be True or False; got {value!r}")
+    if transform is not None and not callable(transform):
+        raise TypeError(f"transform must be callable or None; got {type(transform).__name__}")
+    values = as_data(data, model)
+    check_with_model(model, values)
+    dev = eval_device(model, guide, device)
+
+    def prepare(part: Data) -> Data:
+        return part if transform is None else from_transform(transform(part.user_form()), part)
+
     with scoring(model, guide, seed):
-        with model_failures_as_data_errors("the data", batch), pyro.validation_enabled(True):
-            probe_guide, probe_model, _ = _paired_traces(model, guide, batch)
-        particle_dim = -(_plate_nesting(probe_guide, probe_model) + 1)
-        _check_size(probe_guide, probe_model, num_samples, n, posterior_predictive, max_bytes)
-        draws: dict[str, dict[str, list[np.ndarray]]] = {"posterior": {}, "ppc": {}}
+        layout = find_layout(
+            model, guide, values.to(dev), plate=data_plate, vectorize=vectorize_particles,
+            prepare=prepare,
+        )  # fmt: skip
+        call = prepare(values.to(dev))
+        n = layout.num_points if layout.subsampled else values.check_sliceable()
+        assert n is not None
+        if layout.subsampled:
+            raise ValueError(
+                "to_inference_data draws every point in one pass, but this model subsamples "
+                f"its plate {layout.plate!r} itself ({layout.subsample_size} of {n} points a "
+                "call); use lvmkit.evaluate, which scores it subsample by subsample"
+            )
+        subsample = None
+        with model_failures_as_data_errors("the data", call), pyro.validation_enabled(True):
+            probe = paired_traces(model, guide, call, subsample=subsample)
+        _check_size(probe, num_samples, n, posterior_predictive, max_bytes)
+        pairs = max_pairs or default_max_pairs(dev)
+        per_pass = max(1, min(num_samples, pairs // n)) if layout.vectorized else 1
+        draws: dict[str, dict[str, list[np.ndarray]]] = {"posterior": {}, "ppc": {}, "ll": {}}
         weights: list[np.ndarray] = []
-        global_model = False
         dims: dict[str, list[str]] = {}
         observed: dict[str, np.ndarray] = {}
         with pyro.validation_enabled(False):
             for k0 in range(0, num_samples, per_pass):
                 k = min(per_pass, num_samples - k0)
-                out = _one_pass(model, guide, batch, k, n, particle_dim, posterior_predictive)
-                for group in ("posterior", "ppc"):
+                out = _one_pass(
+                    model, guide, call, k, n, layout, posterior_predictive, log_likelihood,
+                    subsample,
+                )  # fmt: skip
+                for group in ("posterior", "ppc", "ll"):
                     for name, (value, site_dims) in out[group].items():
                         draws[group].setdefault(name, []).append(value)
                         dims[name] = site_dims
@@ -142,8 +181,8 @@ def to_inference_data(
                     observed[name] = value
                     dims[name] = site_dims
                 weights.append(out["log_weight"])
-                global_model = out["global"]
     log_weight = np.concatenate(weights, axis=0)  # (K, n) or (K,)
+    global_model = bool(layout.global_sites)
 
     def stacked(group: str) -> dict[str, np.ndarray]:
         return {name: np.concatenate(v, axis=0)[None] for name, v in draws[group].items()}
@@ -155,6 +194,7 @@ def to_inference_data(
         idata = az.from_dict(
             posterior=stacked("posterior"),
             posterior_predictive=stacked("ppc") if posterior_predictive else None,
+            log_likelihood=stacked("ll") if log_likelihood else None,
             observed_data=observed,
             sample_stats={"log_weight": log_weight[None]},
             coords={POINT_DIM: np.arange(n)},
@@ -171,65 +211,82 @@ def to_inference_data(
     return idata
 
 
-def _one_pass(model, guide, batch: Batch, k: int, n: int, particle_dim: int, ppc: bool):
-    """k draws per point: posterior values, replicated data, observed data and log weights."""
-    with pyro.plate(_PARTICLES, k, dim=particle_dim):
-        guide_trace, model_trace, latents = _paired_traces(
-            model, guide, batch, enum_dim=particle_dim - 1
+def _one_pass(
+    model, guide, call: Data, k: int, n: int, layout: Layout, ppc: bool, ll: bool, subsample
+):
+    """k draws per point: posterior values, replicated data, log-likelihoods, observed data and
+    log weights (k = 1 without a particle plate where the model does not broadcast)."""
+    device = call.tensors()[0].device if call.tensors() else torch.device("cpu")
+    plate = (
+        pyro.plate(PARTICLE_PLATE, k, dim=layout.particle_dim)
+        if layout.vectorized
+        else contextlib.nullcontext()
+    )
+    with plate:
+        traces = paired_traces(
+            model, guide, call, enum_dim=layout.particle_dim - 1, subsample=subsample
         )
         enumerated = [
             name
-            for name, site in model_trace.nodes.items()
-            if _is_sample(site) and _is_enumerated(site)
+            for name, site in traces.model.nodes.items()
+            if is_sample(site) and is_enumerated(site)
         ]
-        device = next(iter(batch.values())).device
-        discrete = _sample_enumerated(model_trace, latents, enumerated, particle_dim, k, n, device)
+        discrete = _sample_enumerated(traces, layout, enumerated, k, n, device)
         replicated = None
         if ppc:
-            only_latents = guide_trace.copy()
+            only_latents = traces.guide.copy()
             for name, site in list(only_latents.nodes.items()):
                 if site["type"] == "sample" and site["is_observed"]:
                     only_latents.remove_node(name)
             rerun = poutine.condition(
                 poutine.replay(poutine.uncondition(model), trace=only_latents), data=discrete
             )
-            replicated = poutine.trace(rerun).get_trace(**batch)
-    out: dict[str, Any] = {"posterior": {}, "ppc": {}, "observed": {}}
-    for name, site in guide_trace.nodes.items():
-        if _is_sample(site):
-            out["posterior"][name] = _values(name, site, particle_dim, k)
+            if subsample:
+                rerun = poutine.condition(rerun, data=subsample)
+            replicated = poutine.trace(rerun).get_trace(*call.args, **call.kwargs)
+    out: dict[str, Any] = {"posterior": {}, "ppc": {}, "ll": {}, "observed": {}}
+    for name, site in traces.guide.nodes.items():
+        if is_sample(site):
+            out["posterior"][name] = _values(name, site, layout, k)
     for name, drawn in discrete.items():
-        site = {**model_trace.nodes[name], "value": drawn}
-        out["posterior"][name] = _values(name, site, particle_dim, k)
+        site = {**traces.model.nodes[name], "value": drawn}
+        out["posterior"][name] = _values(name, site, layout, k)
     observed_names = [
-        name for name, site in model_trace.nodes.items() if _is_sample(site) and site["is_observed"]
+        name for name, site in traces.model.nodes.items() if is_sample(site) and site["is_observed"]
     ]
     for name in observed_names:
-        array, site_dims = _values(name, model_trace.nodes[name], particle_dim, 1)
+        site = traces.model.nodes[name]
+        array, site_dims = _values(name, site, layout, 1)
         out["observed"][name] = (array[0], site_dims)
         if replicated is not None:
-            out["ppc"][name] = _values(name, replicated.nodes[name], particle_dim, k)
-    scored = dict(_scored_sites(model_trace, latents))
-    global_sites = [
-        name
-        for name, site in [*scored.items(), *((m, guide_trace.nodes[m]) for m in latents)]
-        if not _in_data_plate(site)
-    ]
-    out["global"] = bool(global_sites)
-    if global_sites:
-        out["log_weight"] = _joint_log_weight(
-            guide_trace, model_trace, latents, particle_dim, k, n, device
-        )
+            out["ppc"][name] = _values(name, replicated.nodes[name], layout, k)
+        if ll and in_plate(site, layout.plate):
+            out["ll"][name] = (
+                _site_log_likelihood(traces, site, layout, k, n, device),
+                [POINT_DIM],
+            )
+    if layout.global_sites:
+        out["log_weight"] = _joint_log_weight(traces, layout, k, n, device)
     else:
-        log_p, log_q, _ = log_densities(
-            guide_trace, model_trace, latents, particle_dim, k, n, device
-        )
+        log_p, log_q = log_densities(traces, layout, k, n, device)
         out["log_weight"] = (log_p - log_q).double().cpu().numpy()
     return out
 
 
+def _site_log_likelihood(traces: Traces, site: Any, layout: Layout, k: int, n: int, device):
+    """log p(x_n | z_n, θ) of one observed site per draw and point, ``(k, n)``: the model's
+    enumerated sites in the data plate summed out with it (their prior included)."""
+    total = site_log_prob(site, layout, k, n)
+    for _, other in scored_sites(traces):
+        if is_enumerated(other) and in_plate(other, layout.plate):
+            total = total + site_log_prob(other, layout, k, n)
+    if total.dim() > 2:
+        total = total.reshape(-1, k, n).logsumexp(dim=0)
+    return total.double().cpu().numpy()
+
+
 def _sample_enumerated(
-    model_trace, latents, names: list[str], particle_dim: int, k: int, n: int, device
+    traces: Traces, layout: Layout, names: list[str], k: int, n: int, device
 ) -> dict[str, torch.Tensor]:
     """Draw the model's enumerated sites from their exact posterior given the guide's draws,
     one joint draw per (particle, point): a categorical over the enumerated configurations,
@@ -237,16 +294,14 @@ def _sample_enumerated(
     would share one draw across the particles, which its factors do not depend on.)"""
     if not names:
         return {}
-    log_joint, _ = enumerated_log_joint(
-        model_trace, latents, particle_dim, k, n, device, local_only=True
-    )
-    enum_shape = tuple(log_joint.shape[:-2])
-    index = torch.distributions.Categorical(logits=log_joint.reshape(-1, k, n).permute(1, 2, 0))
+    joint = log_joint(traces, layout, k, n, device)
+    enum_shape = tuple(joint.shape[:-2])
+    index = torch.distributions.Categorical(logits=joint.reshape(-1, k, n).permute(1, 2, 0))
     flat = index.sample()  # (k, n) indices into the enumerated configurations
-    width = -particle_dim
+    width = -layout.particle_dim
     out: dict[str, torch.Tensor] = {}
     for name in names:
-        site = model_trace.nodes[name]
+        site = traces.model.nodes[name]
         dim = site["infer"]["_enumerate_dim"]  # negative, left of the particle dim
         axis = len(enum_shape) - (-dim - width)  # its position in enum_shape
         stride = math.prod(enum_shape[axis + 1 :])
@@ -257,13 +312,13 @@ def _sample_enumerated(
     return out
 
 
-def _values(name: str, site: Any, particle_dim: int, k: int) -> tuple[np.ndarray, list[str]]:
+def _values(name: str, site: Any, layout: Layout, k: int) -> tuple[np.ndarray, list[str]]:
     """A site's value as ``(k, [point], [other plates], *event)`` with its dim names."""
     value = torch.as_tensor(site["value"])
     event_dim = site["fn"].event_dim if hasattr(site["fn"], "event_dim") else 0
     event_shape = tuple(value.shape[value.dim() - event_dim :])
     batch_shape = tuple(value.shape[: value.dim() - event_dim])
-    width = -particle_dim
+    width = -layout.particle_dim
     if len(batch_shape) > width:
         raise ValueError(
             f"site {name!r} has batch dims {batch_shape} outside any plate; put them in a plate "
@@ -273,13 +328,13 @@ def _values(name: str, site: Any, particle_dim: int, k: int) -> tuple[np.ndarray
     value = value.reshape(batch_shape + event_shape)
     plates = {width + f.dim: f.name for f in site["cond_indep_stack"] if f.vectorized}
     keep, names = [0], []
-    if DATA_PLATE in plates.values():
-        axis = next(a for a, p in plates.items() if p == DATA_PLATE)
+    if layout.plate in plates.values():
+        axis = next(a for a, p in plates.items() if p == layout.plate)
         keep.append(axis)
         names.append(POINT_DIM)
     for axis in range(1, width):
         name_of = plates.get(axis)
-        if name_of in (DATA_PLATE, _PARTICLES):
+        if name_of in (layout.plate, PARTICLE_PLATE):
             continue
         if name_of is not None or batch_shape[axis] > 1:
             keep.append(axis)
@@ -292,24 +347,20 @@ def _values(name: str, site: Any, particle_dim: int, k: int) -> tuple[np.ndarray
     return value.cpu().numpy(), names
 
 
-def _joint_log_weight(
-    guide_trace, model_trace, latents, particle_dim: int, k: int, n: int, device
-) -> np.ndarray:
+def _joint_log_weight(traces: Traces, layout: Layout, k: int, n: int, device) -> np.ndarray:
     """log p(X, Z, θ) − log q(Z, θ | X) per draw, for pairs with global latents θ: the per-point
     weights (enumerated sites summed out per point) summed over the points, plus the global
     sites' log-densities."""
-    log_p, log_q, _ = log_densities(
-        guide_trace, model_trace, latents, particle_dim, k, n, device, local_only=True
-    )
+    log_p, log_q = log_densities(traces, layout, k, n, device)
     total = (log_p - log_q).double().sum(dim=1)
-    width = -particle_dim
-    guide_sites = [(name, guide_trace.nodes[name]) for name in latents if name in model_trace.nodes]
-    for sign, sites in ((1, _scored_sites(model_trace, latents)), (-1, guide_sites)):
-        for name, site in sites:
-            if _in_data_plate(site):
+    width = -layout.particle_dim
+    guide_sites = [
+        (name, traces.guide.nodes[name]) for name in traces.latents if name in traces.model.nodes
+    ]
+    for sign, sites in ((1, list(scored_sites(traces))), (-1, guide_sites)):
+        for _, site in sites:
+            if in_plate(site, layout.plate):
                 continue
-            if _is_enumerated(site):
-                raise ValueError(f"cannot weight the enumerated global site {name!r}")
             log_prob = scale_and_mask(site["fn"].log_prob(site["value"]), mask=site["mask"])
             log_prob = log_prob.reshape((1,) * max(0, width - log_prob.dim()) + log_prob.shape)
             axis = log_prob.dim() - width  # the particle axis
@@ -323,13 +374,13 @@ def _k_hat(log_weight: np.ndarray, joint: bool) -> np.ndarray | float:
     """PSIS k̂ per point (or of the joint weights); NaN when there are too few draws."""
     draws = log_weight.shape[0]
     if joint:
-        return float(_pareto_k(log_weight[None])[0]) if draws >= _MIN_SAMPLES_FOR_PSIS else math.nan
-    if draws < _MIN_SAMPLES_FOR_PSIS:
+        return float(pareto_k(log_weight[None])[0]) if draws >= MIN_SAMPLES_FOR_PSIS else math.nan
+    if draws < MIN_SAMPLES_FOR_PSIS:
         return np.full(log_weight.shape[1], math.nan)
-    return _pareto_k(log_weight.T)
+    return pareto_k(log_weight.T)
 
 
-def _check_size(guide_trace, model_trace, k: int, n: int, ppc: bool, max_bytes: int) -> None:
+def _check_size(traces: Traces, k: int, n: int, ppc: bool, max_bytes: int) -> None:
     """Refuse before drawing when the arrays would exceed ``max_bytes`` (sizes read from one
     draw: the guide's sites, and the observed sites again for the posterior predictive)."""
 
@@ -337,10 +388,10 @@ def _check_size(guide_trace, model_trace, k: int, n: int, ppc: bool, max_bytes: 
         return sum(
             torch.as_tensor(site["value"]).numel() * torch.as_tensor(site["value"]).element_size()
             for site in trace.nodes.values()
-            if _is_sample(site) and site["is_observed"] == observed
+            if is_sample(site) and site["is_observed"] == observed
         )
 
-    need = k * (size(guide_trace, False) + (size(model_trace, True) if ppc else 0) + 8 * n)
+    need = k * (size(traces.guide, False) + (size(traces.model, True) if ppc else 0) + 8 * n)
     if need > max_bytes:
         raise ValueError(
             f"to_inference_data would hold about {need / 2**30:.2f} GiB of draws "

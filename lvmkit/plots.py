@@ -365,9 +365,9 @@ def khat_plot(pareto_k: Any, *, title: str | None = None, path: str | Path | Non
     ``plot_khat``); ``pareto_k`` from ``evaluate`` (a column) or ``to_inference_data``."""
     import xarray as xr
 
-    from lvmkit.inference.evaluate import _import_arviz
+    from lvmkit.inference.evaluate import import_arviz
 
-    az = _import_arviz()
+    az = import_arviz()
     plt = pyplot()
     if isinstance(pareto_k, pd.Series):
         pareto_k = pareto_k.to_numpy()

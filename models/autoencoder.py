@@ -15,9 +15,9 @@ mode (``fit`` switches it on; evaluation switches it off); the guide is
   Frobenius norm of the encoder's Jacobian, computed exactly (one backward pass per unit);
 - ``"aae"`` (Makhzani et al., ICLR 2016, deterministic encoder): a discriminator D(z) tells
   prior draws from codes; the encoder is also trained to fool it. The guide's ``adversary`` is D,
-  so ``fit`` steps it with a second Adam (``adversary_lr``). One backward pass serves both
-  players: D's loss sees the codes detached, and the encoder's loss sees D with its parameters
-  detached, so each gradient reaches only its own player's parameters.
+  so ``fit`` gives its parameters a group of their own in the optimizer (``adversary_lr``). One
+  backward pass serves both players: D's loss sees the codes detached, and the encoder's loss
+  sees D with its parameters detached, so each gradient reaches only its own player's parameters.
 
 The penalties enter the loss as ``pyro.factor`` sites of the guide (a guide factor adds its value
 to the loss); ``train_loss`` therefore includes them, and ``val_elbo`` does not. These models have
@@ -34,7 +34,7 @@ import pyro.distributions as dist
 import torch
 
 from lvmkit.models._checks import check_choice, check_float, check_sizes
-from lvmkit.models.vae import VAE, VAEConfig, _num_points
+from lvmkit.models.vae import VAE, VAEConfig, num_points_of
 
 KINDS = ("ae", "dae", "cae", "aae")
 
@@ -80,7 +80,7 @@ class Autoencoder(VAE):
     static_structure = False  # the guide's training-only branches must not be frozen by tracing
 
     def forward(self, x: torch.Tensor | None = None, *, batch_size: int | None = None):
-        n = _num_points(x, batch_size)
+        n = num_points_of(x, batch_size)
         with pyro.plate("data", n):
             prior = dist.Normal(self.prior_loc, self.prior_scale).to_event(1)
             z = pyro.sample("z", prior.mask(x is None))  # batch (N,) event (Dz,)

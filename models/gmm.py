@@ -357,9 +357,9 @@ class GaussianMixture:
         return self.model_
 
     def _check_X(self, X: Any, *, fitting: bool = False) -> torch.Tensor:
-        from lvmkit.inference._data import as_batch
+        from lvmkit.inference._data import as_points
 
-        x = as_batch(X, name="X")["x"]
+        x = as_points(X, name="X")
         if not x.is_floating_point():
             x = x.to(torch.get_default_dtype())
         if x.dim() != 2:

@@ -90,7 +90,7 @@ class VAE(PyroModule):
         self.register_buffer("prior_scale", torch.ones(config.latent_dim))
 
     def forward(self, x: torch.Tensor | None = None, *, batch_size: int | None = None):
-        n = _num_points(x, batch_size)
+        n = num_points_of(x, batch_size)
         with pyro.plate("data", n):
             prior = dist.Normal(self.prior_loc, self.prior_scale).to_event(1)
             z = pyro.sample("z", prior)  # batch (N,) event (Dz,)
@@ -115,7 +115,8 @@ class VAE(PyroModule):
             check_bernoulli_data(x)
 
 
-def _num_points(x: torch.Tensor | None, batch_size: int | None) -> int:
+def num_points_of(x: torch.Tensor | None, batch_size: int | None) -> int:
+    """The points a model call covers: ``x``'s length, or ``batch_size`` when sampling."""
     if x is not None:
         if batch_size is not None and batch_size != x.shape[0]:
             raise ValueError(f"batch_size={batch_size} disagrees with x of length {x.shape[0]}")

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import lvmkit
-from lvmkit.inference.evaluate import _log_weights_pass
+from lvmkit.inference._data import call_of
 from lvmkit.inference.objectives import TraceELBO, TraceMeanFieldELBO
+from lvmkit.inference.weights import Layout, log_density_pass
 
 META = torch.device("meta")
 
@@ -41,7 +42,9 @@ def test_generation_and_log_weights_stay_on_the_device(likelihood):
     model, guide = _meta_pair(likelihood)
     with pyro.validation_enabled(False), torch.no_grad():
         assert model(batch_size=3).device == META
-        lw = _log_weights_pass(model, guide, {"x": torch.empty(4, 6, device=META)}, 7, -2)
+        call = call_of((), {"x": torch.empty(4, 6, device=META)})
+        log_p, log_q = log_density_pass(model, guide, call, 7, Layout(plate="data", nesting=1))
+        lw = log_p - log_q
     assert lw.device == META and lw.shape == (7, 4)
 
 

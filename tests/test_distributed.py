@@ -92,7 +92,9 @@ def test_two_process_resume_from_a_mid_epoch_checkpoint_after_a_crash(tmp_path):
     _torchrun(script, "crash", str(tmp_path), cwd=tmp_path, fails=True)  # rank 0 exits mid-epoch
     state = load_checkpoint(tmp_path / "crashed" / "checkpoint.pt")
     assert (state["epoch"], state["step"]) == (1, 3)
-    assert [r["order"] is not None for r in state["ranks"]] == [True, True]
+    # each rank's own random state and running-loss share (its shard's order is a function of
+    # the seed and the epoch, recomputed on resume)
+    assert sorted(state["ranks"][0]) == ["rng", "running"] and len(state["ranks"]) == 2
     _torchrun(script, "resume", str(tmp_path), cwd=tmp_path)
     for rank in (0, 1):
         straight = torch.load(tmp_path / f"straight-rank{rank}.pt", weights_only=False)

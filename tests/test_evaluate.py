@@ -62,8 +62,9 @@ def test_chunking_is_exact_and_bounds_each_pass():
     counting_model = _counting(model, seen)
     lw = lvmkit.log_weights(counting_model, guide, x, num_samples=40, max_pairs=64)
     assert lw.shape == (40, 37)
-    # seen[:2] are the one-pair probes: the plate check and the memory measurement
-    assert seen[:2] == [1, 1] and max(seen[2:]) <= 64 and sum(seen[2:]) == 40 * 37
+    # seen[:3] are the probes: the plate check on 2 points, the particle check (3 particles of
+    # those 2 points) and the memory measurement (one pair)
+    assert seen[:3] == [2, 6, 1] and max(seen[3:]) <= 64 and sum(seen[3:]) == 40 * 37
     assert_close(lw, model.exact_log_prob(x).expand(40, -1), atol=1e-4, rtol=0)
 
 
@@ -111,19 +112,30 @@ def test_few_samples_give_nan_pareto_k_not_an_error():
     assert math.isnan(lvmkit.summarize(scores).frac_pareto_k_above_0_7)
 
 
-def test_site_outside_data_plate_is_a_clear_error():
+def test_a_global_latent_gives_the_posterior_predictive_density_per_point():
+    """Sites outside the data plate are drawn from the guide and conditioned on: with
+    q(shift) = N(m, s²) and x_n | shift ~ N(shift·1, I) in 3-D, the per-point estimate is
+    log E_q[p(x_n | shift)] = log N(x_n; m·1, I + s²·11ᵀ), known exactly."""
     import pyro.distributions as dist
 
+    m, s = 0.5, 0.7
+
     def model(x=None, batch_size=None):
-        shift = pyro.sample("shift", dist.Normal(0.0, 1.0))  # a global latent: no per-point weight
+        shift = pyro.sample("shift", dist.Normal(0.0, 1.0))  # a global latent
         with pyro.plate("data", x.shape[0]):
+            # expand(len(x), 3): this model does not broadcast over particles (sequential passes)
             pyro.sample("x", dist.Normal(shift, 1.0).expand([x.shape[0], 3]).to_event(1), obs=x)
 
     def guide(x=None, batch_size=None):
-        pyro.sample("shift", dist.Normal(0.0, 1.0))
+        pyro.sample("shift", dist.Normal(m, s))
 
-    with pytest.raises(ValueError, match='site "shift" is outside the data plate'):
-        lvmkit.evaluate(model, guide, torch.zeros(4, 3), num_samples=2)
+    x = torch.tensor([[0.0, 0.5, 1.0], [2.0, 1.5, 1.0], [-1.0, 0.0, 0.0]])
+    scores = lvmkit.evaluate(model, guide, x, num_samples=3000)
+    cov = torch.eye(3) + s**2 * torch.ones(3, 3)
+    exact = dist.MultivariateNormal(torch.full((3,), m), cov).log_prob(x)
+    assert_close(scores.log_likelihood, exact, atol=0.03, rtol=0)
+    assert scores.attrs["likelihood"] == "log E_q(θ)[p(x | θ)], θ = shift drawn from the guide"
+    assert lvmkit.summarize(scores).likelihood == scores.attrs["likelihood"]
 
 
 def test_missing_data_plate_is_a_clear_error():
@@ -135,5 +147,5 @@ def test_missing_data_plate_is_a_clear_error():
     def guide(x=None):
         pass
 
-    with pytest.raises(ValueError, match='no plate named "data"'):
+    with pytest.raises(ValueError, match=r"found no plate over the 4 data points.*data_plate="):
         lvmkit.log_weights(model, guide, torch.zeros(4, 3), num_samples=2)

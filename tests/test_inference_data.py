@@ -14,10 +14,10 @@ from sklearn.datasets import load_iris
 
 import lvmkit
 from conftest import assert_close
-from lvmkit.inference.evaluate import _import_arviz
+from lvmkit.inference.evaluate import import_arviz
 from lvmkit.models.gmm import empty_guide
 
-az = _import_arviz()
+az = import_arviz()
 
 
 def _vae(seed: int = 0):
@@ -36,6 +36,7 @@ def test_vae_groups_dims_and_values_match_direct_computation():
     assert set(idata.groups()) == {
         "posterior",
         "posterior_predictive",
+        "log_likelihood",
         "observed_data",
         "sample_stats",
     }
@@ -55,6 +56,9 @@ def test_vae_groups_dims_and_values_match_direct_computation():
         log_prior = dist.Normal(0.0, 1.0).log_prob(z).sum(-1)
         log_lik = model.likelihood(z).log_prob(x)
     expected = (log_lik + log_prior - log_q).double().numpy()
+    # log_likelihood: log p(x_n | z) of the observed site at each draw (for az.loo / az.waic)
+    assert idata.log_likelihood["x"].dims == ("chain", "draw", "point")
+    np.testing.assert_allclose(idata.log_likelihood["x"].values[0], log_lik, rtol=1e-5, atol=1e-4)
     log_weight = idata.sample_stats["log_weight"]
     assert log_weight.dims == ("chain", "draw", "point")
     np.testing.assert_allclose(log_weight.values[0], expected, rtol=1e-5, atol=1e-4)

@@ -185,6 +185,6 @@ def test_a_model_failing_on_the_data_is_reported_as_a_mismatch():
         lvmkit.fit(model, guide, x, epochs=1, batch_size=8, device="cpu", progress=False)
     assert isinstance(info.value.__cause__, RuntimeError)
     with pytest.raises(
-        ValueError, match=r"first data point \(x: \(1, 3\) torch.float32\): Runtime"
+        ValueError, match=r"first data points \(x: \(2, 3\) torch.float32\): Runtime"
     ):
         lvmkit.evaluate(model, guide, x, 2, device="cpu")

@@ -67,13 +67,13 @@ def test_evaluation_lowers_max_pairs_to_the_budget_or_refuses(monkeypatch):
     model, guide = _vae()
     x = _data(8)
     passes = []
-    real = evaluate_module._log_weights_pass
+    real = evaluate_module.log_density_pass
 
-    def spy(model, guide, chunk, k, particle_dim):
-        passes.append(k * next(iter(chunk.values())).shape[0])
-        return real(model, guide, chunk, k, particle_dim)
+    def spy(model, guide, call, k, layout, **kwargs):
+        passes.append(k * call.num_points)
+        return real(model, guide, call, k, layout, **kwargs)
 
-    monkeypatch.setattr(evaluate_module, "_log_weights_pass", spy)
+    monkeypatch.setattr(evaluate_module, "log_density_pass", spy)
     lvmkit.evaluate(model, guide, x, 200, memory_budget="256KiB")
     per_pair = passes[0]  # the measuring probe is one pair; then the real passes
     assert per_pair == 1 and max(passes[1:]) < 4096  # lowered from the default 4096 pairs
@@ -106,13 +106,13 @@ def test_evaluation_pair_estimate_does_not_grow_with_the_data(monkeypatch):
     evaluating more points silently shrank the passes (on CPU, 10k MNIST images: 4096 → ~600)."""
     model, guide = _vae()
     chosen = []
-    real = evaluate_module._pairs_in_budget
+    real = evaluate_module.WeightStream._pairs_in_budget
 
-    def spy(*args, **kwargs):
-        chosen.append(real(*args, **kwargs))
+    def spy(self, *args, **kwargs):
+        chosen.append(real(self, *args, **kwargs))
         return chosen[-1]
 
-    monkeypatch.setattr(evaluate_module, "_pairs_in_budget", spy)
+    monkeypatch.setattr(evaluate_module.WeightStream, "_pairs_in_budget", spy)
     budget = "8MiB"
     lvmkit.evaluate(model, guide, _data(4), 50, memory_budget=budget)
     lvmkit.evaluate(model, guide, _data(20_000), 1, memory_budget=budget)

@@ -1,0 +1,263 @@
+"""One SVI step, and what a training run builds before its first one.
+
+:func:`prepare` turns a model/guide pair, its data and fit's options into a :class:`Trainer`:
+the objective's loss on one minibatch of each data source (traced with the PyTorch JIT when
+asked), the parameters it trains (found by running the loss once, which also initialises lazily
+built guides, from the caller's random state), the optimizer with its schedule, and each
+source's layout (its data plate and scale). :meth:`Trainer.step` is the whole of a training step:
+
+    loss = trainer.loss(calls); zero_grad; loss.backward(); clip; optimizer.step(); schedule
+
+``fit`` calls it in its loop, and ``lvmkit bench speed`` times exactly it. Pyro's ``SVI.step``
+and NumPyro's ``SVI.update`` are the models.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyro
+import pyro.infer
+import pyro.poutine as poutine
+import torch
+
+from lvmkit.inference import _distributed, _memory
+from lvmkit.inference._data import (
+    Data,
+    Feed,
+    check_signature,
+    cuda_devices,
+    model_failures_as_data_errors,
+)
+from lvmkit.inference._params import collect_params, eval_mode
+from lvmkit.inference.annealing import LatentScale
+from lvmkit.inference.compiled import CompiledLoss
+from lvmkit.inference.objectives import PerPointBound, make_objective
+from lvmkit.inference.optim import Optim, OptimSpec, build
+from lvmkit.inference.weights import (
+    Layout,
+    broadcasts,
+    layout_of,
+    note_sequential,
+    paired_traces,
+)
+
+
+@dataclass
+class Source:
+    """A data source as the step uses it: its feed and the layout found on its first minibatch."""
+
+    feed: Feed
+    layout: Layout | None  # None: no plate over the points found (each call counts its points)
+
+    def represented(self, points: int) -> float:
+        """The data points a loss on ``points`` of them stands for: the plate's declared full
+        size when the model scales its minibatches up to it (N / n), else the points."""
+        return self.layout.represented(points) if self.layout is not None else float(points)
+
+
+@dataclass
+class Trainer:
+    """What a training step uses: the loss of one minibatch per source, the parameters it
+    trains, and the optimizer (with schedule and clipping) that updates them."""
+
+    loss: Callable[[list[Data]], torch.Tensor]
+    params: dict[str, torch.Tensor]
+    optim: Optim
+    sources: list[Source]
+    objective: pyro.infer.ELBO
+    scored: tuple[Any, Any]  # the pair as the loss sees it (latent sites weighted by a schedule)
+    compiled: CompiledLoss | None = None
+    active: dict[str, Any] = field(default_factory=dict)  # the loss module, DDP's factor
+
+    def step(self, calls: list[Data]) -> torch.Tensor:
+        """One SVI step; returns the loss as a device tensor (no host sync)."""
+        loss = self.loss(calls)
+        self.optim.zero_grad()
+        loss.backward()
+        self.optim.step()
+        return loss.detach()
+
+    def distribute(self, world: _distributed.World, dev: torch.device) -> None:
+        """Wrap the loss for several processes: DDP (or gradient averaging for plain pairs),
+        each process's loss multiplied by their number so that the averaged gradient is the
+        gradient of the loss summed over every process's minibatch."""
+        self.active["loss"], average = _distributed.wrap_loss(
+            world, self.active["loss"], self.params, dev
+        )
+        self.active["factor"] = world.size
+        if average:
+            params = list(self.params.values())
+            self.optim.before_step = lambda: _distributed.average_grads(world, params)
+
+
+def prepare(
+    model: Any,
+    guide: Any,
+    sources: list[Feed],
+    *,
+    objective: str | pyro.infer.ELBO = "elbo",
+    num_particles: int = 1,
+    optim: OptimSpec | None = None,
+    device: torch.device | None = None,
+    compile: bool = False,
+    scaler: LatentScale | None = None,
+    transform: Callable[[Any], Any] | None = None,
+    data_plate: str | None = None,
+    vectorize_particles: bool | None = None,
+    memory_budget: Any = None,
+    data_bytes: int = 0,
+) -> Trainer:
+    """Build the :class:`Trainer` of a pair on its data sources (see the module docstring).
+
+    Runs inside the caller's ``param_scope``, with the modules on ``device``. The set-up step
+    runs from the caller's random state and leaves it as it was: lazily initialised guides
+    (autoguides, ``init_loc_fn``) are initialised on the first minibatch, as by Pyro's own first
+    step, and whatever seeding the caller did holds.
+    """
+    dev = device or torch.device("cpu")
+    scored = (scaler(model), scaler(guide)) if scaler is not None else (model, guide)
+    by_name = not isinstance(objective, pyro.infer.ELBO)
+    vectorize = vectorize_particles is not False
+
+    def objective_module(vectorized: bool) -> tuple[pyro.infer.ELBO, Any]:
+        elbo = make_objective(objective, num_particles=num_particles, vectorize=vectorized)
+        if isinstance(elbo, PerPointBound):  # finds its plate and particles as evaluate does
+            elbo.data_plate, elbo.vectorize = data_plate, vectorize_particles
+        return elbo, elbo(*scored)
+
+    elbo, module = objective_module(vectorize)
+    active: dict[str, Any] = {"loss": module, "factor": 1}
+
+    def eager(call: Data) -> torch.Tensor:
+        return active["loss"](*call.args, **call.kwargs)
+
+    traced = CompiledLoss(*scored, eager) if compile else None
+    source_loss = traced if traced is not None else eager
+
+    def loss(calls: list[Data]) -> torch.Tensor:
+        total = source_loss(calls[0])
+        for call in calls[1:]:
+            total = total + source_loss(call)
+        return total * active["factor"] if active["factor"] != 1 else total
+
+    first = [_first_call(feed, transform).to(dev) for feed in sources]
+    for feed, call in zip(sources, first, strict=True):
+        check_signature(model, call, name=feed.name)
+        check_signature(guide, call, name=feed.name, role="guide")
+
+    def set_up() -> tuple[dict[str, torch.Tensor], int]:
+        where = "the first minibatch of data" + (" (after transform)" if transform else "")
+        with (
+            torch.random.fork_rng(devices=cuda_devices()),  # the caller's stream, left as it was
+            model_failures_as_data_errors(where, first[0]),
+        ):
+            found, saved = _memory.measure_saved(
+                lambda: collect_params(
+                    lambda calls: _sum(map(eager, calls)), first, model, guide, dev
+                )
+            )
+        return found, _memory.activation_bytes(saved, found.values())
+
+    try:
+        params, activations = set_up()
+    except Exception:
+        # particles drawn in one vectorised pass need a model that broadcasts over them; if the
+        # model does not, they are drawn one by one (Pyro's vectorize_particles=False)
+        if not (by_name and num_particles > 1 and vectorize and vectorize_particles is None):
+            raise
+        elbo, active["loss"] = objective_module(False)
+        params, activations = set_up()
+        note_sequential(model, guide, "its vectorised particles failed on the first minibatch")
+    _memory.check_step(
+        activations, params.values(), data_bytes if memory_budget is not None else 0,
+        memory_budget, dev,
+        batch_size=sum(c.num_points or 1 for c in first), num_particles=num_particles,
+    )  # fmt: skip
+    laid = [
+        Source(feed, _layout(model, guide, call, feed, data_plate))
+        for feed, call in zip(sources, first, strict=True)
+    ]
+    if by_name and num_particles > 1 and vectorize_particles is None and vectorize:
+        # a model can run with vectorised particles and still compute the wrong thing (a value
+        # of plausible shape from indexing a particle-batched tensor): check every site's shape
+        with eval_mode(model, guide):  # (the probe must not move BatchNorm's statistics)
+            fits = all(
+                broadcasts(model, guide, call, source.layout)
+                for source, call in zip(laid, first, strict=True)
+                if source.layout is not None
+            )
+        if not fits:
+            elbo, active["loss"] = objective_module(False)
+    for source in laid:
+        _warn_global_prior(source)
+    return Trainer(
+        loss=loss,
+        params=params,
+        optim=build(optim or OptimSpec(), params, model, guide),
+        sources=laid,
+        objective=elbo,
+        scored=scored,
+        compiled=traced,
+        active=active,
+    )
+
+
+def _sum(values):
+    total = None
+    for value in values:
+        total = value if total is None else total + value
+    return total
+
+
+def _first_call(feed: Feed, transform) -> Data:
+    """The set-up step's minibatch: a source's first points in their stored order."""
+    if feed.batch_size is None:
+        return feed.prepare(feed.data, transform)
+    start, stop = feed.bounds(0, feed.num_points or 1)
+    return feed.prepare(feed.data.take(slice(0, max(1, stop - start))), transform)
+
+
+def _layout(model, guide, call: Data, feed: Feed, plate: str | None) -> Layout | None:
+    """The layout a source's first minibatch shows (one paired trace of it, which neither
+    trains nor moves BatchNorm's statistics nor the random state), or None where no plate over
+    the points is found: training does not need one, and evaluation says what is missing."""
+    try:
+        with (
+            torch.no_grad(),
+            torch.random.fork_rng(devices=cuda_devices()),
+            pyro.validation_enabled(False),
+            poutine.block(),
+            eval_mode(model, guide),
+        ):
+            traces = paired_traces(model, guide, call)
+        return layout_of(traces, call.num_points, plate=plate, whole=feed.batch_size is None)
+    except Exception:
+        if plate is not None:
+            raise
+        return None
+
+
+def _warn_global_prior(source: Source) -> None:
+    """Minibatches of a model with global latents whose data plate is not scaled to the data:
+    each step counts the global prior once per minibatch."""
+    layout, feed = source.layout, source.feed
+    if layout is None or feed.batch_size is None or feed.num_points is None:
+        return
+    size = feed.bounds(0, feed.num_points)[1]
+    globals_ = layout.model_global_sites
+    if not globals_ or size >= feed.num_points or layout.full_size is not None:
+        return
+    ratio = feed.num_points / size
+    warnings.warn(
+        f"the model has global latent sites {list(globals_)} outside its data plate "
+        f"{layout.plate!r}, but minibatches of {size} of the {feed.num_points} points are not "
+        f"scaled up to the data: each epoch counts their prior about {ratio:.0f} times. Give the "
+        f"plate the full size (pyro.plate({layout.plate!r}, N, subsample=...) or "
+        "poutine.scale(scale=N / n)), or train on the whole data with batch_size=None",
+        RuntimeWarning,
+        stacklevel=4,
+    )

@@ -1,0 +1,90 @@
+"""Pyro's own SVI loop, run on the same initial weights and the same minibatches as ``lvmkit.fit``.
+
+``fit`` takes each epoch's points in the order ``lvmkit.inference.train.epoch_order(seed, epoch,
+n)``; :func:`pyro_loop` goes through the same order with ``pyro.infer.SVI`` (or, for several
+sources, with the body of ``SVI.step`` — ``loss_and_grads`` on each source's minibatch, then one
+update — since Pyro's SVI has no notion of several data sets) and reports the loss per point of
+each epoch, as ``fit``'s history does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.infer import SVI
+
+from lvmkit.inference.train import epoch_order
+
+
+def minibatches(arrays: Sequence[torch.Tensor], batch_size: int, seed: int, epoch: int):
+    """The minibatches ``fit`` draws in ``epoch`` (numbered from 1) of one source."""
+    n = arrays[0].shape[0]
+    order = epoch_order(seed, epoch, n)
+    for start in range(0, n, batch_size):
+        index = order[start : start + batch_size]
+        yield tuple(a[index] for a in arrays)
+
+
+def pyro_loop(
+    model: Callable[..., Any],
+    guide: Callable[..., Any],
+    optim: Any,
+    loss: Any,
+    arrays: Sequence[torch.Tensor],
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int = 0,
+    transform: Callable[..., tuple] | None = None,
+) -> list[float]:
+    """Pyro's ``SVI`` over ``fit``'s minibatches; the loss per point of each epoch."""
+    svi = SVI(model, guide, optim, loss=loss)
+    pyro.set_rng_seed(seed)
+    n = arrays[0].shape[0]
+    out = []
+    for epoch in range(1, epochs + 1):
+        total = 0.0
+        for batch in minibatches(arrays, batch_size, seed, epoch):
+            args = transform(*batch) if transform is not None else batch
+            total += svi.step(*args)
+        out.append(total / n)
+    return out
+
+
+def pyro_loop_two_sources(
+    model, guide, optim, loss, first, second, *, epochs, batch_sizes, seed=0
+) -> list[float]:
+    """``SVI.step``'s body with one minibatch of each source per step: the summed loss's
+    gradients, one update. Both sources pass once per epoch (their batch sizes say how)."""
+    pyro.set_rng_seed(seed)
+    n = first[0].shape[0] + second[0].shape[0]
+    out = []
+    for epoch in range(1, epochs + 1):
+        total = 0.0
+        pairs = zip(
+            minibatches(first, batch_sizes[0], seed, epoch),
+            _second(second, batch_sizes[1], seed, epoch),
+            strict=False,
+        )
+        for a, b in pairs:
+            with poutine.trace(param_only=True) as params:
+                total += loss.loss_and_grads(model, guide, *a)
+                total += loss.loss_and_grads(model, guide, *b)
+            found = {site["value"].unconstrained() for site in params.trace.nodes.values()}
+            optim(found)
+            pyro.infer.util.zero_grads(found)
+        out.append(total / n)
+    return out
+
+
+def _second(arrays, batch_size, seed, epoch):
+    """The second source's minibatches as fit draws them (its own order for each pass)."""
+    n = arrays[0].shape[0]
+    order = epoch_order(seed, epoch, n, source=1, cycle=0)
+    for start in range(0, n, batch_size):
+        index = order[start : start + batch_size]
+        yield tuple(a[index] for a in arrays)
