@@ -247,9 +247,14 @@ def _lvmkit_step(
         num_particles=particles, device=dev, compile=compile, optim=OptimSpec(lr=cfg.lr),
     )  # fmt: skip
 
+    calls: dict[int, Any] = {}  # each minibatch's call, built once as fit builds its data once
+
     def step(x: torch.Tensor) -> torch.Tensor:
+        call = calls.get(id(x))
+        if call is None:
+            call = calls[id(x)] = [as_data(x, model)]
         with pyro.validation_enabled(False):  # as in fit after its first, validated step
-            return trainer.step([as_data(x, model)])
+            return trainer.step(call)
 
     return step
 
@@ -304,6 +309,8 @@ def _time_steps(
         with store.scope(state=states[name]):
             steps[name] = make()
     numpyro_note = _add_numpyro(steps, cfg, dev, batches)
+    for name in steps:  # (NumPyro keeps no Pyro parameters, but is timed alike)
+        states.setdefault(name, {"params": {}, "constraints": {}})
     times: dict[str, list[float]] = {name: [] for name in steps}
     peak: dict[str, float] = {}
     for name, step in steps.items():

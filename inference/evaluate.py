@@ -53,6 +53,7 @@ from lvmkit.inference.weights import (
     PARTICLE_PLATE,
     Layout,
     find_layout,
+    is_deterministic,
     is_sample,
     log_density_pass,
     site_log_prob,
@@ -455,7 +456,7 @@ def _reconstruction_pass(model, guide, chunk: Data, site: str, layout: Layout) -
         model_trace = poutine.trace(replayed).get_trace(*chunk.args, **chunk.kwargs)
     log_p = torch.zeros(1, n, device=chunk.tensors()[0].device)
     for _, s in model_trace.nodes.items():
-        if is_sample(s) and s["is_observed"]:
+        if is_sample(s) and s["is_observed"] and not is_deterministic(s):
             log_p = log_p + site_log_prob(s, layout, 1, n)
     if log_p.dim() > 2:
         log_p = log_p.reshape(-1, 1, n).logsumexp(dim=0)

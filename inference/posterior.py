@@ -64,6 +64,7 @@ from lvmkit.inference.weights import (
     Traces,
     find_layout,
     in_plate,
+    is_deterministic,
     is_enumerated,
     is_sample,
     log_densities,
@@ -252,7 +253,9 @@ def _one_pass(
         site = {**traces.model.nodes[name], "value": drawn}
         out["posterior"][name] = _values(name, site, layout, k)
     observed_names = [
-        name for name, site in traces.model.nodes.items() if is_sample(site) and site["is_observed"]
+        name
+        for name, site in traces.model.nodes.items()
+        if is_sample(site) and site["is_observed"] and not is_deterministic(site)
     ]
     for name in observed_names:
         site = traces.model.nodes[name]

@@ -89,6 +89,11 @@ def is_enumerated(site: Any) -> bool:
     return site["infer"].get("_enumerate_dim") is not None
 
 
+def is_deterministic(site: Any) -> bool:
+    """A ``pyro.deterministic`` record: an observed site that is not data and has no density."""
+    return bool((site.get("infer") or {}).get("_deterministic", False))
+
+
 def paired_traces(
     model,
     guide,
@@ -126,6 +131,8 @@ def scored_sites(traces: Traces) -> Iterator[tuple[str, Any]]:
     discrete latents (summed out). Other model latents the guide does not propose are drawn from
     their prior, so they cancel."""
     for name, site in traces.model.nodes.items():
+        if is_deterministic(site):
+            continue
         if is_sample(site) and (
             site["is_observed"] or name in traces.latents or is_enumerated(site)
         ):

@@ -628,3 +628,17 @@ def test_a_run_started_with_seed_none_resumes_with_its_own_seed(tmp_path):
     resumed = run(tmp_path / "run", 3, resume=True)
     for name, value in reference.params.items():
         assert torch.equal(value, resumed.params[name]), name
+
+
+def test_deterministic_sites_are_neither_data_nor_density():
+    """pyro.deterministic records an observed site with no density, often outside any plate."""
+    model, guide, x = _gaussian_loc()
+
+    def recorded(data):
+        pyro.deterministic("mean", data.mean())  # outside the plate
+        model(data)
+
+    scores = lvmkit.evaluate(recorded, guide, x, num_samples=2)
+    assert_close(scores.log_likelihood, dist.Normal(0.0, 1.0).log_prob(x), atol=1e-6)
+    idata = lvmkit.to_inference_data(recorded, guide, x, num_samples=2)
+    assert "mean" not in idata.observed_data and "mean" not in idata.log_likelihood
