@@ -56,6 +56,14 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def wanted() -> bool:
+    """Whether this process trains among several: started by torchrun, or in a process group
+    of more than one that the caller initialised."""
+    return launched() or (
+        dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    )
+
+
 def join(dev: torch.device) -> tuple[World, torch.device]:
     """Join (or reuse) the process group; return this process's world and its device (for CUDA,
     the GPU ``LOCAL_RANK``)."""

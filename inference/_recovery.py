@@ -66,7 +66,7 @@ def recover(loop: _Loop) -> None:
         else f"the checkpoint after epoch {p.epoch}"
     )
     lr = optim.lr
-    if loop.on_nonfinite == "reduce_lr" and p.lr_reductions < MAX_LR_REDUCTIONS:
+    if loop.options.on_nonfinite == "reduce_lr" and p.lr_reductions < MAX_LR_REDUCTIONS:
         warnings.warn(
             f"{where}; rolled back to {rolled} and continuing with "
             f"lr {lr:g} → {lr * LR_REDUCTION:g} (reduction "
@@ -82,7 +82,7 @@ def recover(loop: _Loop) -> None:
         return
     advice = (
         f"on_nonfinite='reduce_lr' already lowered the lr {MAX_LR_REDUCTIONS} times"
-        if loop.on_nonfinite == "reduce_lr"
+        if loop.options.on_nonfinite == "reduce_lr"
         else "Lower lr, or pass on_nonfinite='reduce_lr' to lower it automatically"
     )
     saved = f" ({loop.rundir.checkpoint} holds it)" if loop.rundir is not None else ""

@@ -19,7 +19,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -205,70 +205,48 @@ def fit(
         [1, 2]
     """
     epochs = check_int("epochs", epochs)
-    if batch_size is not None:
-        batch_size = check_int("batch_size", batch_size)
-    if seed is not None:
-        seed = check_int("seed", seed, minimum=0)
-    for flag, value in (("resume", resume), ("validate", validate), ("progress", progress)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{flag} must be True or False; got {value!r}")
-    if run_dir is not None and not isinstance(run_dir, (str, os.PathLike)):
-        raise TypeError(f"run_dir must be a str or os.PathLike; got {type(run_dir).__name__}")
-    if metadata is not None:
-        try:
-            json.dumps(metadata)
-        except (TypeError, ValueError) as err:
-            raise TypeError(f"metadata must be a JSON-serialisable dict: {err}") from err
-    for name, obj in (("model", model), ("guide", guide)):
-        if not callable(obj):
-            raise TypeError(f"{name} must be a Pyro {name} (a callable); got {type(obj).__name__}")
-    if transform is not None and not callable(transform):
-        raise TypeError(f"transform must be callable or None; got {type(transform).__name__}")
-    if data_plate is not None and not isinstance(data_plate, str):
-        raise TypeError(f"data_plate must be a plate's name (a str) or None; got {data_plate!r}")
-    if vectorize_particles is not None and not isinstance(vectorize_particles, bool):
-        raise TypeError(
-            f"vectorize_particles must be True, False or None; got {vectorize_particles!r}"
-        )
-    if checkpoint_every is not None:
-        checkpoint_every = check_int("checkpoint_every", checkpoint_every)
-    check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
-    if kl_schedule is not None and not isinstance(kl_schedule, KLSchedule):
-        raise TypeError(
-            f"kl_schedule must be a lvmkit.KLSchedule or None; got {type(kl_schedule).__name__}"
-        )
-    annealed = kl_schedule is not None and not kl_schedule.constant
-    _memory.parse_budget(memory_budget)
-    callbacks = check_callbacks(callbacks)
+    batch_size = check_int("batch_size", batch_size) if batch_size is not None else None
+    seed = check_int("seed", seed, minimum=0) if seed is not None else None
+    _check_options(
+        model, guide, resume=resume, validate=validate, progress=progress, run_dir=run_dir,
+        metadata=metadata, transform=transform, data_plate=data_plate,
+        vectorize_particles=vectorize_particles, on_nonfinite=on_nonfinite,
+        kl_schedule=kl_schedule, memory_budget=memory_budget, compile=compile,
+    )  # fmt: skip
+    options = _LoopOptions(
+        transform=transform,
+        validate=validate,
+        checkpoint_every=check_int("checkpoint_every", checkpoint_every)
+        if checkpoint_every is not None
+        else None,
+        on_nonfinite=on_nonfinite,
+        data_plate=data_plate,
+        kl_schedule=kl_schedule,
+        scaler=LatentScale() if kl_schedule is not None else None,
+        callbacks=check_callbacks(callbacks),
+    )
     optim = OptimSpec(
         optimizer, dict(optimizer_args or {}), lr, scheduler, dict(scheduler_args or {}),
         scheduler_interval, clip_norm,
     )  # fmt: skip
-    if compile is not None and not isinstance(compile, bool):
-        raise TypeError(f"compile must be True, False or None (auto); got {compile!r}")
-    distributed = _distributed.launched() or (
-        torch.distributed.is_available()
-        and torch.distributed.is_initialized()
-        and torch.distributed.get_world_size() > 1
-    )
+    distributed = _distributed.wanted()
+    annealed = kl_schedule is not None and not kl_schedule.constant
     compile = _check_compile(compile, distributed, objective, num_particles, annealed, model, guide)
     train = feeds(data, model, batch_size)
-    for f in train:
+    val = _validation(validation_data, model)
+    for f in [*train, *([val] if val else [])]:
         check_with_model(model, f.data)
     if distributed and (len(train) > 1 or train[0].shares is not None):
         raise ValueError(
             "several data sources (a list of lvmkit.Source) are not supported with several "
             "processes (torchrun) yet; train in one process, or on one source"
         )
-    val = _validation(validation_data, model)
-    if val is not None:
-        check_with_model(model, val.data)
+    if resume and run_dir is None:
+        raise ValueError("resume=True needs run_dir: the folder holding checkpoint.pt")
     dev = resolve_device(device)
     world = _distributed.SINGLE
     if distributed:
         world, dev = _distributed.join(dev)
-    if resume and run_dir is None:
-        raise ValueError("resume=True needs run_dir: the folder holding checkpoint.pt")
     data_bytes = _memory.tensor_bytes(
         [t for f in [*train, *([val] if val else [])] for t in f.data.tensors()]
     )
@@ -280,98 +258,59 @@ def fit(
             obj.train()
     for f in [*train, *([val] if val else [])]:
         f.data = f.data.to(dev)
-    scaler = LatentScale() if kl_schedule is not None else None
-    if scaler is not None:  # a constant weight is set once here, a warm-up every step
-        scaler.weight = kl_schedule.weight(0.0)  # type: ignore[union-attr]
+    if options.scaler is not None:  # a constant weight is set once here, a warm-up every step
+        options.scaler.weight = options.kl_schedule.weight(0.0)  # type: ignore[union-attr]
 
-    run: RunDir | None = None
-    reader: RunDir | None = None  # ranks other than 0 only read the checkpoint
-    try:
+    with _RunFiles(run_dir, resume, world) as files, param_scope(model, guide, publish=True):
+        trainer = prepare(
+            model, guide, train, objective=objective, num_particles=num_particles, optim=optim,
+            device=dev, compile=compile, scaler=options.scaler, transform=transform,
+            data_plate=data_plate, vectorize_particles=vectorize_particles,
+            memory_budget=memory_budget, data_bytes=data_bytes,
+        )  # fmt: skip
+        if seed is not None:
+            pyro.set_rng_seed(seed + world.rank)  # each process its own draws
+        order_seed = seed if seed is not None else int(torch.randint(2**31 - 1, ()).item())
+        settings = {
+            "objective": objective if isinstance(objective, str) else type(objective).__name__,
+            "num_particles": num_particles,
+            "batch_size": batch_size,
+            "lr": trainer.optim.lr,
+            "seed": order_seed,
+            "compile": bool(compile),
+            "kl_schedule": kl_schedule.to_dict() if kl_schedule is not None else None,
+            "world_size": world.size,
+            "num_points": train[0].num_points,
+            **optim.describe(),
+            **({"sources": [f.name for f in train]} if len(train) > 1 else {}),
+        }
+        val_total = 0
+        if val is not None and world.distributed:  # each process scores its share
+            val_total = val.data.check_sliceable("validation_data")
+            share = torch.arange(world.rank, val_total, world.size, device=dev)
+            val.data = val.data.take(share)
+        if not world.main:
+            options = replace(options, callbacks=[])
+        loop = _Loop(
+            trainer, train, model, guide, options, seed=order_seed, dev=dev, world=world,
+            run=files.run, val=val, val_total=val_total,
+        )  # fmt: skip
+        files.open(loop, settings, metadata, keep_seed=seed is None)
+        if world.distributed:
+            trainer.distribute(world, dev)
+        columns = history_columns(val is not None, kl_schedule is not None)
+        info = FitInfo(
+            settings, dict(metadata or {}), epochs, files.path, loop.progress.history, world.size
+        )
+        notify(options.callbacks, "on_fit_start", info)
         try:
-            if run_dir is not None and world.main:
-                run = RunDir(run_dir, resume=resume)
-            elif run_dir is not None and resume:
-                reader = RunDir(run_dir, resume=True, read_only=True)
-        except BaseException:
-            _distributed.agree(world, False, "set-up")
+            loop.run(epochs, progress=progress and world.main)
+        except BaseException as err:
+            history = pd.DataFrame(loop.progress.history, columns=columns)
+            notify(options.callbacks, "on_fit_end", history, err)
             raise
-        with param_scope(model, guide, publish=True):
-            trainer = prepare(
-                model, guide, train, objective=objective, num_particles=num_particles,
-                optim=optim, device=dev, compile=compile, scaler=scaler, transform=transform,
-                data_plate=data_plate, vectorize_particles=vectorize_particles,
-                memory_budget=memory_budget, data_bytes=data_bytes,
-            )  # fmt: skip
-            given_seed = seed
-            if seed is None:  # the caller's stream goes on; the data order needs a seed
-                seed = int(torch.randint(2**31 - 1, ()).item())
-            else:
-                pyro.set_rng_seed(seed + world.rank)  # each process its own draws
-            settings = {
-                "objective": objective if isinstance(objective, str) else type(objective).__name__,
-                "num_particles": num_particles,
-                "batch_size": batch_size,
-                "lr": trainer.optim.lr,
-                "seed": seed,
-                "compile": bool(compile),
-                "kl_schedule": kl_schedule.to_dict() if kl_schedule is not None else None,
-                "world_size": world.size,
-                "num_points": train[0].num_points,
-                **optim.describe(),
-                **({"sources": [f.name for f in train]} if len(train) > 1 else {}),
-            }
-            val_total = 0
-            if val is not None and world.distributed:  # each process scores its share
-                val_total = val.data.check_sliceable("validation_data")
-                share = torch.arange(world.rank, val_total, world.size, device=dev)
-                val.data = val.data.take(share)
-            loop = _Loop(
-                trainer, train, model, guide, seed=seed, dev=dev, world=world, run=run,
-                transform=transform, validate=validate, checkpoint_every=checkpoint_every,
-                on_nonfinite=on_nonfinite, val=val, val_total=val_total, data_plate=data_plate,
-                kl_schedule=kl_schedule, scaler=scaler, callbacks=callbacks if world.main else [],
-            )  # fmt: skip
-            shapes = {k: tuple(v.shape) for k, v in trainer.params.items()}
-            if given_seed is None and resume:  # a run started with seed=None keeps its seed
-                settings["seed"] = None
-            try:
-                if run is not None and resume:
-                    loop.restore(run.load(settings, shapes))
-                elif reader is not None:
-                    loop.restore(reader.load(settings, shapes))
-                elif run is not None:
-                    run.start(settings, metadata)
-                source = run if run is not None else reader
-                if given_seed is None and resume and source is not None:
-                    loop.seed = settings["seed"] = int(source.settings["seed"])
-            except BaseException:
-                _distributed.agree(world, False, "set-up")
-                raise
-            _distributed.agree(world, True, "set-up")
-            if world.distributed:
-                trainer.distribute(world, dev)
-            columns = history_columns(val is not None, kl_schedule is not None)
-            info = FitInfo(
-                settings,
-                dict(metadata or {}),
-                epochs,
-                run.path if run else None,
-                loop.progress.history,
-                world.size,
-            )
-            notify(loop.callbacks, "on_fit_start", info)
-            try:
-                loop.run(epochs, progress=progress and world.main)
-            except BaseException as err:
-                history = pd.DataFrame(loop.progress.history, columns=columns)
-                notify(loop.callbacks, "on_fit_end", history, err)
-                raise
-    finally:
-        if run is not None:
-            run.close()
-        _distributed.leave(world)
     history = pd.DataFrame(loop.progress.history, columns=columns)
-    notify(loop.callbacks, "on_fit_end", history, None)
+    notify(options.callbacks, "on_fit_end", history, None)
     compiled = trainer.compiled is not None and trainer.compiled.failure is None
     return FitResult(
         model,
@@ -379,10 +318,93 @@ def fit(
         history,
         dict(trainer.params),
         dev,
-        run.path if run else None,
+        files.path,
         compiled,
         stopped_early=loop.stopped,
     )
+
+
+def _check_options(model, guide, **options: Any) -> None:
+    """fit's options that need no more than a type or range check."""
+    for flag in ("resume", "validate", "progress"):
+        if not isinstance(options[flag], bool):
+            raise TypeError(f"{flag} must be True or False; got {options[flag]!r}")
+    run_dir, metadata = options["run_dir"], options["metadata"]
+    if run_dir is not None and not isinstance(run_dir, (str, os.PathLike)):
+        raise TypeError(f"run_dir must be a str or os.PathLike; got {type(run_dir).__name__}")
+    if metadata is not None:
+        try:
+            json.dumps(metadata)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"metadata must be a JSON-serialisable dict: {err}") from err
+    for name, obj in (("model", model), ("guide", guide)):
+        if not callable(obj):
+            raise TypeError(f"{name} must be a Pyro {name} (a callable); got {type(obj).__name__}")
+    transform, plate = options["transform"], options["data_plate"]
+    if transform is not None and not callable(transform):
+        raise TypeError(f"transform must be callable or None; got {type(transform).__name__}")
+    if plate is not None and not isinstance(plate, str):
+        raise TypeError(f"data_plate must be a plate's name (a str) or None; got {plate!r}")
+    for name in ("vectorize_particles", "compile"):
+        if options[name] is not None and not isinstance(options[name], bool):
+            raise TypeError(f"{name} must be True, False or None (auto); got {options[name]!r}")
+    check_choice("on_nonfinite", options["on_nonfinite"], NONFINITE_POLICIES)
+    schedule = options["kl_schedule"]
+    if schedule is not None and not isinstance(schedule, KLSchedule):
+        raise TypeError(
+            f"kl_schedule must be a lvmkit.KLSchedule or None; got {type(schedule).__name__}"
+        )
+    _memory.parse_budget(options["memory_budget"])
+
+
+class _RunFiles:
+    """The run directory of a fit (when it has one): opened and locked on entry (by rank 0; the
+    other processes only read its checkpoint to resume), closed on exit, and — on any failure
+    while setting up — every process told, so that none waits for the others."""
+
+    def __init__(self, run_dir: Any, resume: bool, world: _distributed.World) -> None:
+        self.run_dir, self.resume, self.world = run_dir, resume, world
+        self.run: RunDir | None = None
+        self.reader: RunDir | None = None
+
+    @property
+    def path(self) -> Path | None:
+        return self.run.path if self.run is not None else None
+
+    def __enter__(self) -> _RunFiles:
+        try:
+            if self.run_dir is not None and self.world.main:
+                self.run = RunDir(self.run_dir, resume=self.resume)
+            elif self.run_dir is not None and self.resume:
+                self.reader = RunDir(self.run_dir, resume=True, read_only=True)
+        except BaseException:
+            _distributed.agree(self.world, False, "set-up")
+            _distributed.leave(self.world)
+            raise
+        return self
+
+    def open(self, loop: _Loop, settings: dict[str, Any], metadata, *, keep_seed: bool) -> None:
+        """Start the run's files, or restore ``loop`` from its checkpoint when resuming (a run
+        started with ``seed=None`` goes on with the seed it drew)."""
+        source = self.run if self.run is not None else self.reader
+        shapes = {k: tuple(v.shape) for k, v in loop.trainer.params.items()}
+        try:
+            if self.resume and source is not None:
+                loop.restore(source.load({**settings, "seed": None} if keep_seed else settings,
+                                         shapes))  # fmt: skip
+                if keep_seed:
+                    loop.seed = settings["seed"] = int(source.settings["seed"])
+            elif self.run is not None:
+                self.run.start(settings, metadata)
+        except BaseException:
+            _distributed.agree(self.world, False, "set-up")
+            raise
+        _distributed.agree(self.world, True, "set-up")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.run is not None:
+            self.run.close()
+        _distributed.leave(self.world)
 
 
 def _check_compile(compile, distributed, objective, num_particles, annealed, model, guide) -> bool:
@@ -437,6 +459,20 @@ def epoch_order(seed: int, epoch: int, n: int, *, source: int = 0, cycle: int = 
     return torch.randperm(n, generator=torch.Generator().manual_seed(state))
 
 
+@dataclass(frozen=True)
+class _LoopOptions:
+    """How the loop runs around its steps (fit's options of the same names)."""
+
+    transform: Callable[[Any], Any] | None
+    validate: bool  # Pyro's validation after the first step too
+    checkpoint_every: int | None  # steps between check points inside an epoch
+    on_nonfinite: str
+    data_plate: str | None
+    kl_schedule: KLSchedule | None
+    scaler: LatentScale | None  # applies the schedule's weight to the latent sites
+    callbacks: list[Any]
+
+
 @dataclass
 class Progress:
     """Where a run stands: with the trainer's parameters and optimizer, what a checkpoint
@@ -460,31 +496,20 @@ class _Loop:
         feeds: list[Feed],
         model: Any,
         guide: Any,
+        options: _LoopOptions,
         *,
         seed: int,
         dev: torch.device,
         world: _distributed.World,
         run: RunDir | None,
-        transform,
-        validate: bool,
-        checkpoint_every: int | None,
-        on_nonfinite: str,
         val: Feed | None,
         val_total: int,
-        data_plate: str | None,
-        kl_schedule: KLSchedule | None,
-        scaler: LatentScale | None,
-        callbacks: list[Any],
     ) -> None:
-        self.trainer, self.feeds, self.seed, self.dev, self.world = trainer, feeds, seed, dev, world
-        self.rundir, self.transform, self.validate = run, transform, validate
-        self.checkpoint_every, self.on_nonfinite = checkpoint_every, on_nonfinite
+        self.trainer, self.feeds, self.options = trainer, feeds, options
         self.model, self.guide = model, guide  # as given: validation scores the true ELBO
-        self.val, self.data_plate = val, data_plate
-        self.val_total = val_total
-        self.kl_schedule, self.scaler = kl_schedule, scaler
-        self.kl_weight: float | None = None
-        self.callbacks = list(callbacks)
+        self.seed, self.dev, self.world, self.rundir = seed, dev, world, run
+        self.val, self.val_total = val, val_total
+        self.kl_weight: float | None = None  # at the last step
         self.stopped = False  # a callback asked to stop
         # steps an epoch: as many as the source that needs most (a shard of it per process)
         self.steps_per_epoch = max(self._steps(f) for f in feeds)
@@ -492,7 +517,7 @@ class _Loop:
         self.represented = self._represented()  # what an epoch's losses stand for, per process
         self.progress = Progress(running=torch.zeros((), device=dev))
         self.orders: dict[tuple[int, int], torch.Tensor] = {}  # this epoch's: (source, pass)
-        self.good: dict[str, Any] = {}
+        self.good: dict[str, Any] = {}  # the last snapshot: where a rollback returns to
 
     def _steps(self, feed: Feed) -> int:
         """Steps to pass one source once (its shard of the points, under several processes)."""
@@ -578,14 +603,15 @@ class _Loop:
             tic = time.perf_counter()
             rolled_back = False
             while p.step < self.steps_per_epoch:
-                with pyro.validation_enabled(self.validate or first_step):
+                with pyro.validation_enabled(self.options.validate or first_step):
                     loss = self.trainer.step(self.calls())
                 p.running = loss if p.running is None else p.running + loss
                 first_step = False
                 p.step += 1
                 bar.update(1)
                 end = p.step == self.steps_per_epoch
-                if end or (self.checkpoint_every and p.step % self.checkpoint_every == 0):
+                every = self.options.checkpoint_every
+                if end or (every and p.step % every == 0):
                     p.elapsed += time.perf_counter() - tic
                     if not self._finite():
                         _recovery.recover(self)
@@ -596,7 +622,7 @@ class _Loop:
                     self._check_point()
                     if end:
                         row = dict(p.history[-1])
-                        replies = notify(self.callbacks, "on_epoch_end", p.epoch, row)
+                        replies = notify(self.options.callbacks, "on_epoch_end", p.epoch, row)
                         stop = any(reply is True for reply in replies)  # (rank 0's callbacks)
                         self.stopped = _distributed.any_rank(self.world, stop)
                         break
@@ -608,16 +634,17 @@ class _Loop:
     def calls(self) -> list[Data]:
         """This step's minibatches, one per source, ready for the model (the KL weight set)."""
         p = self.progress
-        if self.kl_schedule is not None and self.scaler is not None:
-            self.kl_weight = self.kl_schedule.weight(p.epoch + p.step / self.steps_per_epoch)
-            self.scaler.weight = self.kl_weight
+        schedule, scaler = self.options.kl_schedule, self.options.scaler
+        if schedule is not None and scaler is not None:
+            self.kl_weight = schedule.weight(p.epoch + p.step / self.steps_per_epoch)
+            scaler.weight = self.kl_weight
         out = []
         for index, feed in enumerate(self.feeds):
             steps = self._steps(feed)
             order = self._order(index, feed, p.step // steps) if feed.batch_size else None
             batch = feed.batch(order, p.step % steps)
             if batch is not None:  # (an even share may leave a source out of a step)
-                out.append(feed.prepare(batch, self.transform))
+                out.append(feed.prepare(batch, self.options.transform))
         return out
 
     def _order(self, index: int, feed: Feed, cycle: int) -> torch.Tensor:
@@ -670,7 +697,7 @@ class _Loop:
         val = self.val
         assert val is not None
         local = mean_elbo(
-            self.model, self.guide, val.data, plate=self.data_plate, transform=val.transform
+            self.model, self.guide, val.data, plate=self.options.data_plate, transform=val.transform
         )
         if not self.world.distributed:
             return float(local)
@@ -683,7 +710,7 @@ class _Loop:
         self.good = self.snapshot()
         if self.rundir is not None:
             self.rundir.save(self.good)
-            notify(self.callbacks, "on_checkpoint", self.rundir.checkpoint, p.epoch, p.step)
+            notify(self.options.callbacks, "on_checkpoint", self.rundir.checkpoint, p.epoch, p.step)
 
 
 def _cpu(obj: Any) -> Any:
