@@ -24,10 +24,13 @@ posterior predictive density log E_q(θ)[p(x_n | θ)]. Which one a table holds i
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import logging
 import math
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,7 +51,10 @@ from lvmkit.inference._data import (
     resolve_device,
 )
 from lvmkit.inference._params import eval_mode, param_scope
+from lvmkit.inference._rundir import rng_state, set_rng_state
 from lvmkit.inference.callbacks import check_callbacks, notify
+from lvmkit.inference.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from lvmkit.inference.threads import using as using_threads
 from lvmkit.inference.weights import (
     PARTICLE_PLATE,
     Layout,
@@ -73,6 +79,7 @@ DEFAULT_MAX_PAIRS = {  # (sample, point) pairs per forward pass, by device type
 PARETO_K_THRESHOLD = 0.7  # Vehtari et al. (2024): above it, importance sampling is unreliable
 MIN_SAMPLES_FOR_PSIS = 20  # PSIS fits a Pareto tail to the largest ~20 % of weights
 _SCORE_BATCH = 1 << 20  # log-weights reduced at once (8 MB in float64)
+_log = logging.getLogger("lvmkit")
 
 
 @dataclass(frozen=True)
@@ -157,6 +164,8 @@ def evaluate(
     progress: bool = False,
     callbacks: list[Any] | None = None,
     label: str = "test",
+    threads: int | str | None = "auto",
+    checkpoint: str | Path | None = None,
 ) -> pd.DataFrame:
     """Score each data point: ELBO, importance-sampled log-likelihood, Pareto k̂ and ESS.
 
@@ -189,6 +198,12 @@ def evaluate(
             ``True``/``False`` imposes one or the other.
         callbacks: e.g. an :class:`lvmkit.MLflowLogger` that logged the training; each gets the
             :func:`summarize` of the table through ``on_evaluation(summary, label)``.
+        threads: CPU threads for torch during the evaluation, as in :func:`lvmkit.fit`.
+        checkpoint: a file where the rows scored so far are kept, written atomically after each
+            block of points with the random state reached; an evaluation interrupted (Ctrl-C, a
+            kill) and run again with the same arguments continues from it, to the same numbers
+            as one that was never interrupted. A file of another evaluation (other data, K,
+            seed) is started over. Removed once every point is scored.
 
     Modules run in eval mode (no dropout, BatchNorm's running statistics), the pair's own and
     those a plain-function pair registers with ``pyro.module``. Sites outside the data plate
@@ -212,22 +227,33 @@ def evaluate(
         raise TypeError(f"label must be a non-empty str naming the data set; got {label!r}")
     values = as_data(data, model)
     rows: list[np.ndarray] = []
-    with torch.random.fork_rng(devices=cuda_devices()):
-        if seed is not None:
+    partial = _Partial(checkpoint, values, num_samples, seed, max_pairs) if checkpoint else None
+    start, rng = partial.resume(rows) if partial is not None else (0, None)
+    with torch.random.fork_rng(devices=cuda_devices()), using_threads(threads):
+        if rng is not None:  # where the interrupted evaluation stood
+            set_rng_state(rng, eval_device(model, guide, device))
+        elif seed is not None:
             pyro.set_rng_seed(check_int("seed", seed, minimum=0))
+        rest = values.take(slice(start, None)) if start else values
         stream = WeightStream(
-            model, guide, values, num_samples, max_pairs=max_pairs, device=device,
+            model, guide, rest, num_samples, max_pairs=max_pairs, device=device,
             memory_budget=memory_budget, plate=data_plate, transform=transform,
             vectorize=vectorize_particles,
         )  # fmt: skip
         pending: list[torch.Tensor] = []  # scored together: ArviZ's psislw costs ~10 ms a call
-        with tqdm(total=stream.total, desc="evaluate", unit="pt", disable=not progress) as bar:
+        total = start + stream.total
+        with tqdm(total=total, initial=start, desc="evaluate", unit="pt",
+                  disable=not progress) as bar:  # fmt: skip
             for stop, lw in stream:
                 pending.append(lw)
                 if sum(p.numel() for p in pending) >= _SCORE_BATCH or stop == stream.total:
                     rows.append(_score_chunk(torch.cat(pending, dim=1)))
                     pending.clear()
-                bar.update(stop - bar.n)
+                    if partial is not None and stop < stream.total:
+                        partial.save(start + stop, rows, rng_state(stream.dev))
+                bar.update(start + stop - bar.n)
+    if partial is not None:
+        partial.done()
     scores = pd.DataFrame(
         np.concatenate(rows), columns=["elbo", "log_likelihood", "pareto_k", "ess"]
     )
@@ -236,6 +262,49 @@ def evaluate(
     if callbacks:
         notify(callbacks, "on_evaluation", summarize(scores), label)
     return scores
+
+
+class _Partial:
+    """An evaluation's scored rows so far, kept in a checkpoint file (see ``evaluate``)."""
+
+    def __init__(self, path, data: Data, num_samples: int, seed, max_pairs) -> None:
+        self.path = Path(path)
+        n = data.check_sliceable()
+        digest = hashlib.sha256()
+        for tensor in data.tensors():
+            digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        self.key = {
+            "num_samples": num_samples,
+            "seed": seed,
+            "max_pairs": max_pairs,
+            "points": n,
+            "data": digest.hexdigest(),
+        }
+
+    def resume(self, rows: list[np.ndarray]) -> tuple[int, Any]:
+        """Where to start (and the random state there); the rows kept go into ``rows``."""
+        if not self.path.exists():
+            return 0, None
+        try:
+            state = load_checkpoint(self.path)
+        except (CheckpointError, OSError) as err:
+            _log.warning("lvmkit: %s is not a readable evaluation checkpoint (%s); starting over",
+                         self.path, err)  # fmt: skip
+            return 0, None
+        if state.get("kind") != "evaluation" or state.get("key") != self.key:
+            _log.warning("lvmkit: %s holds another evaluation's scores; starting over", self.path)
+            return 0, None
+        rows.append(state["rows"].numpy())
+        return int(state["stop"]), state["rng"]
+
+    def save(self, stop: int, rows: list[np.ndarray], rng: dict[str, Any]) -> None:
+        scored = torch.from_numpy(np.concatenate(rows))
+        state = {"kind": "evaluation", "key": self.key, "stop": stop, "rows": scored, "rng": rng}
+        save_checkpoint(self.path, state, keep_previous=False)
+
+    def done(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 def describe_likelihood(layout: Layout) -> str:

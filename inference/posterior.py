@@ -58,6 +58,7 @@ from lvmkit.inference.evaluate import (
     pareto_k,
     scoring,
 )
+from lvmkit.inference.threads import using as using_threads
 from lvmkit.inference.weights import (
     PARTICLE_PLATE,
     Layout,
@@ -93,6 +94,7 @@ def to_inference_data(
     data_plate: str | None = None,
     transform: Callable[[Any], Any] | None = None,
     vectorize_particles: bool | None = None,
+    threads: int | str | None = "auto",
 ):
     """Draw from the guide and the model on ``data`` into an ArviZ ``InferenceData``.
 
@@ -110,7 +112,7 @@ def to_inference_data(
         log_likelihood: also write the ``log_likelihood`` group (for ``az.loo``/``az.waic``).
         max_bytes: refuse, before drawing, a result larger than this (default 2 GiB): the
             posterior predictive of MNIST is ``num_samples × N × 784`` numbers.
-        data_plate, transform, vectorize_particles: as for :func:`lvmkit.evaluate`.
+        data_plate, transform, vectorize_particles, threads: as for :func:`lvmkit.evaluate`.
 
     Example::
 
@@ -143,7 +145,7 @@ def to_inference_data(
     def prepare(part: Data) -> Data:
         return part if transform is None else from_transform(transform(part.user_form()), part)
 
-    with scoring(model, guide, seed):
+    with scoring(model, guide, seed), using_threads(threads):
         layout = find_layout(
             model, guide, values.to(dev), plate=data_plate, vectorize=vectorize_particles,
             prepare=prepare,

@@ -48,6 +48,7 @@ from lvmkit.inference.callbacks import FitInfo, check_callbacks, notify
 from lvmkit.inference.evaluate import mean_elbo
 from lvmkit.inference.optim import OptimSpec
 from lvmkit.inference.step import Trainer, prepare
+from lvmkit.inference.threads import using as using_threads
 from lvmkit.models._checks import check_choice, check_int
 
 NONFINITE_POLICIES = _recovery.NONFINITE_POLICIES
@@ -111,6 +112,7 @@ def fit(
     kl_schedule: KLSchedule | None = None,
     callbacks: list[Any] | None = None,
     progress: bool = True,
+    threads: int | str | None = "auto",
 ) -> FitResult:
     """Train ``model``/``guide`` by stochastic variational inference.
 
@@ -186,6 +188,10 @@ def fit(
             weighted objective, while ``val_elbo`` stays the unweighted ELBO.
         callbacks: objects with ``on_epoch_end`` and friends (:class:`lvmkit.Callback`).
         progress: show a tqdm progress bar.
+        threads: CPU threads for torch's operators during the fit: ``"auto"`` (the CPUs this
+            process may use, less those other work keeps busy; a count you set yourself is kept),
+            an int, or ``None`` (leave torch alone). See :mod:`lvmkit.inference.threads`;
+            recorded in the run's ``config.json``.
 
     ``train_loss`` is the objective per data point: the epoch's summed step losses over the
     points they stand for (a minibatch of n counts N when the model's data plate scales it up to
@@ -261,7 +267,11 @@ def fit(
     if options.scaler is not None:  # a constant weight is set once here, a warm-up every step
         options.scaler.weight = options.kl_schedule.weight(0.0)  # type: ignore[union-attr]
 
-    with _RunFiles(run_dir, resume, world) as files, param_scope(model, guide, publish=True):
+    with (
+        using_threads(threads) as threads_used,
+        _RunFiles(run_dir, resume, world) as files,
+        param_scope(model, guide, publish=True),
+    ):
         trainer = prepare(
             model, guide, train, objective=objective, num_particles=num_particles, optim=optim,
             device=dev, compile=compile, scaler=options.scaler, transform=transform,
@@ -283,6 +293,7 @@ def fit(
             "num_points": train[0].num_points,
             **optim.describe(),
             **({"sources": [f.name for f in train]} if len(train) > 1 else {}),
+            "threads": threads_used.threads if threads_used is not None else None,
         }
         val_total = 0
         if val is not None and world.distributed:  # each process scores its share
@@ -598,6 +609,13 @@ class _Loop:
             desc="fit",
             dynamic_ncols=True,
         )
+        try:
+            self._epochs(epochs, bar)
+        finally:  # (an interrupt, too: the bar is done before anyone says why)
+            bar.close()
+
+    def _epochs(self, epochs: int, bar) -> None:
+        p = self.progress
         first_step = True
         while p.epoch < epochs and not self.stopped:
             tic = time.perf_counter()
@@ -629,7 +647,6 @@ class _Loop:
                     tic = time.perf_counter()
             if rolled_back:
                 bar.reset(total=(epochs - p.epoch) * self.steps_per_epoch - p.step)
-        bar.close()
 
     def calls(self) -> list[Data]:
         """This step's minibatches, one per source, ready for the model (the KL weight set)."""
