@@ -1,150 +1,194 @@
-"""The ``lvmkit`` command: ``train``, ``evaluate``, ``bench``, ``sample`` and ``plot``.
+"""The lvmkit command: train, evaluate, bench, sample and plot.
 
 Bad arguments — and a corrupt checkpoint, a run directory in use, a full disk, a NaN loss — end
-with ``lvmkit: error: …`` on stderr and exit status 2, as argparse does.
+with ``lvmkit: error: …`` on stderr (naming the command-line flag) and exit status 2, as argparse
+does. Ctrl-C ends with one line saying what was saved and the command that continues (status 130).
+Torch, Pyro and the rest load only once a command runs, so ``lvmkit --help`` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import pandas as pd
+from lvmkit.spec import FAMILIES, TrainSpec
 
-from lvmkit import runs
-from lvmkit.inference._rundir import RunDirInUseError
+DESCRIPTION = (
+    "lvmkit: latent-variable models on Pyro. Train a model on MNIST and evaluate it (importance-"
+    "sampled log-likelihood, Pareto k), continue or re-score a run, draw its figures, or run a "
+    "benchmark suite."
+)
+EPILOG = "Run `lvmkit COMMAND --help` for a command's options."
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help with each option's default (but not a "(default: None)" where there is none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        hidden = action.default is None or action.default is False  # (0 is a default to show)
+        if hidden or action.default is argparse.SUPPRESS or "%(default)" in text:
+            return text
+        return super()._get_help_string(action) or text
+
+
+def _threads(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an int >= 1; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an int >= 1; got {value}")
+    return value
+
+
+def _common(command: argparse.ArgumentParser, *, device: bool = True) -> None:
+    command.add_argument(
+        "--threads",
+        type=_threads,
+        default="auto",
+        help="CPU threads for torch: 'auto' (the CPUs this process may use, less those other work "
+        "keeps busy; an OMP_NUM_THREADS you set is kept) or a number",
+    )
+    if device:
+        command.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda")
 
 
 def _parser() -> argparse.ArgumentParser:
-    defaults = runs.TrainSpec()
-    parser = argparse.ArgumentParser(prog="lvmkit", description=__doc__.splitlines()[0])
+    # the defaults as declared (making a TrainSpec would run its checks, which load torch)
+    d = argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(TrainSpec)})
+    parser = argparse.ArgumentParser(
+        prog="lvmkit", description=DESCRIPTION, epilog=EPILOG, formatter_class=_Formatter
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = commands.add_parser("train", help="train a model on MNIST, evaluate it, print results")
-    train.add_argument("--family", default=defaults.family, help=f"one of {runs.FAMILIES}")
-    train.add_argument(
-        "--likelihood",
-        default=defaults.likelihood,
-        help="bernoulli | gaussian | gaussian_fixed (default: %(default)s)",
-    )
-    train.add_argument("--latent-dim", type=int, default=defaults.latent_dim)
-    train.add_argument(
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=text, description=text, formatter_class=_Formatter)
+
+    train = command("train", "train a model on MNIST, evaluate it on the test set, print results")
+    option = train.add_argument
+    option("--family", default=d.family, help=f"model family: {' | '.join(FAMILIES)}")
+    option("--likelihood", default=d.likelihood, help="bernoulli | gaussian | gaussian_fixed")
+    option("--latent-dim", type=int, default=d.latent_dim, help="dimensions of z")
+    option(
         "--hidden-dims",
         type=int,
         nargs="+",
-        default=list(defaults.hidden_dims),
+        default=list(d.hidden_dims),
         help="decoder widths from z to x; the encoder mirrors them",
     )
-    train.add_argument("--activation", default=defaults.activation)
-    train.add_argument(
+    option("--activation", default=d.activation, help="relu | tanh | softplus | elu")
+    option(
         "--binarization",
-        default=defaults.binarization,
-        help="dynamic | static | none (default: %(default)s)",
+        default=d.binarization,
+        help="dynamic (a fresh draw each epoch) | static (one draw) | none (grey levels)",
     )
-    train.add_argument(
+    option(
         "--epochs",
         type=int,
         default=None,
-        help=f"total epochs (default: {defaults.epochs}; with --resume: the run's)",
+        help=f"total epochs (default: {d.epochs}; with --resume, the run's)",
     )
-    train.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    train.add_argument("--lr", type=float, default=defaults.lr)
-    train.add_argument(
-        "--objective", default=defaults.objective, help="elbo | mean_field | iwae | rws"
-    )
-    train.add_argument(
+    option("--batch-size", type=int, default=d.batch_size, help="images per minibatch")
+    option("--lr", type=float, default=d.lr, help="Adam's learning rate")
+    option("--objective", default=d.objective, help="elbo | mean_field | iwae | rws")
+    option(
         "--num-particles",
         type=int,
-        default=defaults.num_particles,
-        help="samples per image in the objective; K of iwae / rws (default: %(default)s)",
+        default=d.num_particles,
+        help="samples per image in the objective; the K of iwae / rws",
     )
-    train.add_argument(
-        "--beta", type=float, default=defaults.beta, help="KL weight (β-VAE; default: 1)"
-    )
-    train.add_argument(
+    option("--beta", type=float, default=d.beta, help="weight of the KL term (β-VAE)")
+    option(
         "--warmup-epochs",
         type=float,
-        default=defaults.warmup_epochs,
-        help="epochs of linear KL warm-up from 0 to beta (default: none)",
+        default=d.warmup_epochs,
+        help="epochs of linear KL warm-up from 0 to --beta",
     )
-    train.add_argument("--device", default=defaults.device, help="auto | cpu | cuda")
-    train.add_argument("--seed", type=int, default=defaults.seed)
-    train.add_argument(
+    option("--seed", type=int, default=d.seed, help="seeds weights, data order and every draw")
+    option(
         "--eval-samples",
         type=int,
-        default=defaults.eval_samples,
-        help="importance samples K per test image (default: %(default)s)",
+        default=d.eval_samples,
+        help="importance samples K per test image",
     )
-    train.add_argument(
+    option(
         "--eval-points",
         type=int,
         default=None,
         help="evaluate on the first N test images (default: all 10,000)",
     )
-    train.add_argument(
+    option(
         "--train-points",
         type=int,
         default=None,
         help="train on the first N training images (default: all 50,000)",
     )
-    train.add_argument("--valid-points", type=int, default=defaults.valid_points)
-    train.add_argument(
+    option(
+        "--valid-points",
+        type=int,
+        default=d.valid_points,
+        help="held-out ELBO each epoch on the first N validation images",
+    )
+    option(
         "--out",
         type=Path,
         default=None,
-        help="run directory (default: runs/<family>-<likelihood>-<time>)",
+        help="run directory (default: runs/FAMILY-LIKELIHOOD-TIME)",
     )
-    train.add_argument(
+    option(
         "--resume",
         type=Path,
         default=None,
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR (other options come from its config)",
     )
-    train.add_argument(
+    option(
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="trace the loss with the PyTorch JIT (default: on for the built-in VAE with "
         "objective elbo)",
     )
-    train.add_argument(
+    option(
         "--checkpoint-every",
         type=int,
         default=None,
         metavar="STEPS",
         help="also checkpoint every STEPS steps inside an epoch (default: at epoch ends)",
     )
-    train.add_argument(
+    option(
         "--on-nonfinite",
-        default=defaults.on_nonfinite,
+        default=d.on_nonfinite,
         help="raise | reduce_lr: after a NaN/inf loss, roll back and stop, or roll back, halve "
-        "lr and go on (default: %(default)s)",
+        "the lr and go on",
     )
-    train.add_argument(
+    option(
         "--mlflow",
         metavar="TRACKING_URI",
         default=None,
         help="log to MLflow, e.g. sqlite:///mlflow.db (needs the mlflow extra)",
     )
-    train.add_argument(
-        "--mlflow-experiment", default="lvmkit", help="MLflow experiment (default: %(default)s)"
-    )
-    train.add_argument(
+    option("--mlflow-experiment", default="lvmkit", help="MLflow experiment name")
+    option(
         "--tensorboard",
         metavar="LOG_DIR",
         type=Path,
         default=None,
         help="write TensorBoard event files to LOG_DIR (needs the tensorboard extra)",
     )
-    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    option("--quiet", action="store_true", help="no progress bars")
+    _common(train)
 
-    ev = commands.add_parser("evaluate", help="evaluate a run's checkpoint on the MNIST test set")
-    ev.add_argument("run_dir", type=Path)
+    ev = command("evaluate", "score a run's checkpoint on the MNIST test set (again)")
+    ev.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory")
     ev.add_argument(
         "--num-samples",
         type=int,
@@ -152,90 +196,115 @@ def _parser() -> argparse.ArgumentParser:
         help="importance samples K per image (default: the run's)",
     )
     ev.add_argument(
-        "--points", type=int, default=None, help="first N test images (default: the run's)"
+        "--points",
+        type=int,
+        default=None,
+        help="the first N test images, at most 10,000 (default: the run's)",
     )
-    ev.add_argument("--device", default="auto")
-    ev.add_argument("--quiet", action="store_true")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    _common(ev)
 
-    bench = commands.add_parser("bench", help="run a benchmark suite; write CSV and Markdown")
+    bench = command("bench", "run a benchmark suite; write its CSV, Markdown and figures")
+    bench.add_argument("suite", help="gmm | nonlinear | speed | vae (with a part)")
     bench.add_argument(
-        "suite", help="benchmark name: gmm | nonlinear | speed | vae (with a part, below)"
+        "part", nargs="?", help="for bench vae: latent | iwae | m2 | cvae | variants"
     )
     bench.add_argument(
-        "part",
-        nargs="?",
-        help="for `bench vae`: latent | iwae | m2 | cvae | variants",
+        "--profile",
+        default="full",
+        help="quick (seconds) | full (minutes on 2 CPU cores) | paper (GPU)",
     )
-    bench.add_argument("--profile", default="full", help="quick | full (default: %(default)s)")
-    bench.add_argument("--device", default="auto", help="auto | cpu | cuda")
     bench.add_argument(
         "--out",
         type=Path,
         default=Path("benchmarks") / "results",
-        help="folder for SUITE-DEVICE-PROFILE.csv/.md and its -figures/ (default: %(default)s)",
+        help="folder for SUITE-DEVICE-PROFILE.csv/.md and its -figures/",
     )
+    _common(bench)
 
-    sample = commands.add_parser("sample", help="draw images from a run's model into a PNG grid")
-    sample.add_argument("run_dir", type=Path)
-    sample.add_argument("-n", type=int, default=64, help="number of images (default: %(default)s)")
-    sample.add_argument("--seed", type=int, default=0)
+    sample = command("sample", "draw images from a run's model into a PNG grid")
+    sample.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory")
+    sample.add_argument("-n", type=int, default=64, help="number of images")
+    sample.add_argument("--seed", type=int, default=0, help="seeds the draws")
     sample.add_argument(
-        "--out", type=Path, default=None, help="PNG path (default: RUN_DIR/figures/samples.png)"
+        "--out", type=Path, default=None, help="PNG path (default: RUN_DIR/samples-N-seedSEED.png)"
     )
-    plot = commands.add_parser(
+    _common(sample, device=False)
+
+    plot = command(
         "plot",
-        help="draw a run's figures (ELBO curve, samples, reconstructions, latent scatter, "
-        "traversal, interpolation, k̂) into RUN_DIR/figures",
+        "draw a run's figures (ELBO curve, samples, reconstructions, latent "
+        "scatter, traversal, interpolation, k) into RUN_DIR/figures",
     )
-    plot.add_argument("run_dir", type=Path)
+    plot.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory")
+    _common(plot, device=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    from lvmkit.inference._rundir import RunDirInUseError
+    from lvmkit.inference.threads import using
+
     try:
-        if args.command == "train":
-            return _train(args)
-        if args.command == "bench":
-            return _bench(args)
-        if args.command == "evaluate":
-            results = runs.evaluate_run(
-                args.run_dir,
-                num_samples=args.num_samples,
-                points=args.points,
-                device=args.device,
-                progress=not args.quiet,
-            )
-            print(runs.format_results(results))
-            return 0
-        if args.command == "plot":
-            for written in runs.plot_run(args.run_dir):
-                print(written)
-            return 0
-        path = runs.sample_run(args.run_dir, n=args.n, seed=args.seed, out=args.out)
-        print(path)
-        return 0
+        with using(args.threads):
+            return _run(args)
+    except KeyboardInterrupt:
+        from lvmkit import runs
+
+        print(f"\nlvmkit: interrupted. {runs.interrupted(args)}", file=sys.stderr)
+        return 130
     except (ValueError, TypeError, OSError, ImportError, RunDirInUseError) as err:
-        parser.exit(2, f"lvmkit: error: {err}\n")
+        parser.exit(2, f"lvmkit: error: {_with_flags(str(err))}\n")
     return 0  # unreachable: parser.exit raises SystemExit
 
 
+def _run(args: argparse.Namespace) -> int:
+    from lvmkit import runs
+
+    if args.command == "train":
+        return _train(args)
+    if args.command == "bench":
+        return _bench(args)
+    if args.command == "evaluate":
+        results = runs.evaluate_run(
+            args.run_dir,
+            num_samples=args.num_samples,
+            points=args.points,
+            device=args.device,
+            progress=not args.quiet,
+        )
+        print(runs.results_markdown(results))
+        return 0
+    if args.command == "plot":
+        for written in runs.plot_run(args.run_dir):
+            print(written)
+        return 0
+    path, replaced = runs.sample_run(args.run_dir, n=args.n, seed=args.seed, out=args.out)
+    print(f"{path} (replaced the file that was there)" if replaced else path)
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
+    from lvmkit import runs
+
     callbacks = _loggers(args)
     if args.resume is not None:
         result = runs.resume_run(
-            args.resume, epochs=args.epochs, progress=not args.quiet, callbacks=callbacks
+            args.resume,
+            epochs=args.epochs,
+            threads=args.threads,
+            progress=not args.quiet,
+            callbacks=callbacks,
         )
     else:
         # every TrainSpec field has an option of the same name
-        fields = {
-            field.name: getattr(args, field.name) for field in dataclasses.fields(runs.TrainSpec)
-        }
+        fields = {field.name: getattr(args, field.name) for field in dataclasses.fields(TrainSpec)}
         fields["hidden_dims"] = tuple(fields["hidden_dims"])
         if fields["epochs"] is None:
-            fields["epochs"] = runs.TrainSpec.epochs
-        spec = runs.TrainSpec(**fields)
+            fields["epochs"] = TrainSpec.epochs
+        spec = TrainSpec(**fields)
         out = (
             args.out
             or Path("runs") / f"{spec.family}-{spec.likelihood}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -246,7 +315,7 @@ def _train(args: argparse.Namespace) -> int:
             logger.close()
     if result is None:  # a torchrun process other than rank 0: rank 0 reports
         return 0
-    print(runs.format_results(result.results))
+    print(runs.results_markdown(result.results))
     print(f"\nrun directory: {result.run_dir}")
     return 0
 
@@ -267,6 +336,8 @@ def _loggers(args: argparse.Namespace) -> list:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    import pandas as pd
+
     from lvmkit.benchmarks import BENCHMARKS, write_results
     from lvmkit.inference._data import resolve_device
     from lvmkit.models._checks import check_choice
@@ -290,6 +361,32 @@ def _bench(args: argparse.Namespace) -> int:
         print(frame.to_string(index=False, float_format=lambda v: f"{v:.3g}", na_rep=""))
     print(f"\nwritten: {csv} and {markdown}")
     return 0
+
+
+# -- messages in the command line's terms -----------------------------------------------------
+
+# option names as the library says them → the flag; plain words only where they are the subject
+_FLAGS = {
+    **{f.name: "--" + f.name.replace("_", "-") for f in dataclasses.fields(TrainSpec)},
+    "KLSchedule.beta": "--beta",
+    "KLSchedule.warmup_epochs": "--warmup-epochs",
+    "num_samples": "--num-samples",
+    "points": "--points",
+    "n": "-n",
+}
+
+
+def _with_flags(message: str) -> str:
+    """``eval_samples must be …`` → ``--eval-samples must be …``; ``device='cuda'`` →
+    ``--device cuda``: errors name what the user typed."""
+    for name in sorted(_FLAGS, key=len, reverse=True):
+        flag, word = _FLAGS[name], re.escape(name)
+        message = re.sub(rf"\b{word}=(['\"]?)([^'\",;)\s]*)\1", rf"{flag} \2", message)
+        message = re.sub(rf"^(unknown )?{word}( must| \S)", rf"\1{flag}\2", message)
+        message = re.sub(rf"(each entry of ){word}\b", rf"\1{flag}", message)
+        if "_" in name:
+            message = re.sub(rf"(?<![-\w.]){word}\b", flag, message)
+    return message
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,20 +21,24 @@ import pyro
 from lvmkit import plots
 from lvmkit.data import MNIST_IMAGE_SHAPE, Dataset, binarize, load_mnist
 from lvmkit.guides import GaussianEncoder, GaussianEncoderConfig
-from lvmkit.inference import OBJECTIVES, KLSchedule, active_units, evaluate, fit, summarize
+from lvmkit.inference import active_units, evaluate, fit, summarize
 from lvmkit.inference._data import resolve_device
 from lvmkit.inference._distributed import env_rank
 from lvmkit.inference._rundir import CHECKPOINT_FILE, CONFIG_FILE, HISTORY_FILE, RunLock
-from lvmkit.inference.checkpoint import atomic_write_text, load_checkpoint, read_json
-from lvmkit.inference.train import NONFINITE_POLICIES
-from lvmkit.models import LIKELIHOODS, VAE, VAEConfig
-from lvmkit.models._checks import check_choice, check_float, check_int, check_sizes
-from lvmkit.models._mlp import ACTIVATIONS
+from lvmkit.inference.checkpoint import (
+    CheckpointError,
+    atomic_write_text,
+    load_checkpoint,
+    read_json,
+)
+from lvmkit.models import VAE, VAEConfig
+from lvmkit.models._checks import check_int
+from lvmkit.spec import MNIST_SPLIT_SIZES, TrainSpec
 
-FAMILIES = ("vae",)
-TRAIN_BINARIZATIONS = ("dynamic", "static", "none")
 RESULTS_FILE = "results.csv"
 EVALUATION_FILE = "evaluation.csv"  # per test image: elbo, log_likelihood, pareto_k, ess
+PARTIAL_FILE = "evaluation.partial.pt"  # the images scored so far by an interrupted evaluation
+_current: dict[str, Path] = {}  # the run directory a command works on, for an interrupt's message
 
 # Published test NLLs of one-stochastic-layer VAEs on binarized MNIST, for the results table.
 REFERENCES = pd.DataFrame(
@@ -44,6 +49,7 @@ REFERENCES = pd.DataFrame(
             "binarization": "dynamic",
             "epochs": 3280,
             "eval_samples": 5000,
+            "eval_points": 10_000,
             "test_elbo": float("nan"),
             "test_log_likelihood": -86.76,
         },
@@ -58,72 +64,6 @@ REFERENCES = pd.DataFrame(
         },
     ]
 )
-
-
-@dataclass(frozen=True)
-class TrainSpec:
-    """Everything that defines a training run of a built-in model on MNIST."""
-
-    family: str = "vae"  # one of FAMILIES
-    likelihood: str = "bernoulli"  # one of lvmkit.models.LIKELIHOODS
-    latent_dim: int = 20  # the PyTorch VAE example's 784-400-20 network
-    hidden_dims: tuple[int, ...] = (400,)
-    activation: str = "relu"
-    binarization: str = "dynamic"  # fresh Bernoulli draw per epoch: the NLL-table protocol
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
-    objective: str = "elbo"  # or "mean_field", "iwae", "rws" (lvmkit.OBJECTIVES)
-    num_particles: int = 1  # samples per point in the objective; the K of iwae / rws
-    beta: float = 1.0  # weight of the KL term (β-VAE); with warmup_epochs, its final value
-    warmup_epochs: float = 0.0  # epochs of linear KL warm-up from 0 to beta
-    device: str = "auto"
-    seed: int = 0
-    eval_samples: int = 5000  # the standard K for published IS log-likelihoods
-    eval_points: int | None = None  # None: the whole 10,000-image test set
-    train_points: int | None = None  # None: the whole 50,000-image training split
-    valid_points: int | None = 2000  # held-out ELBO per epoch on the first images of "valid"
-    compile: bool | None = None  # JIT-trace the loss; None: fit decides (on for the built-in VAE)
-    checkpoint_every: int | None = None  # steps between mid-epoch checkpoints; None: epoch ends
-    on_nonfinite: str = "raise"  # or "reduce_lr": halve lr after a NaN and go on (fit's option)
-
-    def kl_schedule(self) -> KLSchedule | None:
-        """The KL weighting of this run (None for the plain ELBO)."""
-        if self.beta == 1.0 and self.warmup_epochs == 0:
-            return None
-        return KLSchedule(beta=self.beta, warmup_epochs=self.warmup_epochs)
-
-    def __post_init__(self) -> None:
-        check_choice("family", self.family, FAMILIES)
-        check_choice("likelihood", self.likelihood, LIKELIHOODS)
-        check_choice("activation", self.activation, ACTIVATIONS)
-        check_choice("binarization", self.binarization, TRAIN_BINARIZATIONS)
-        object.__setattr__(self, "hidden_dims", check_sizes("hidden_dims", self.hidden_dims))
-        check_choice("objective", self.objective, OBJECTIVES)
-        self.kl_schedule()  # checks beta and warmup_epochs
-        for name in ("latent_dim", "epochs", "batch_size", "eval_samples", "num_particles"):
-            check_int(name, getattr(self, name))
-        check_choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
-        for name in ("eval_points", "train_points", "valid_points", "checkpoint_every"):
-            if getattr(self, name) is not None:
-                check_int(name, getattr(self, name))
-        check_float("lr", self.lr)
-        check_int("seed", self.seed, minimum=0)
-        if self.likelihood == "bernoulli" and self.binarization == "none":
-            raise ValueError(
-                "likelihood='bernoulli' needs binary data: binarization='dynamic' or 'static'; "
-                "got binarization='none' (use likelihood='gaussian' for grey levels)"
-            )
-        if self.likelihood != "bernoulli" and self.binarization == "dynamic":
-            raise ValueError(
-                f"likelihood={self.likelihood!r} models grey levels: use binarization='none' "
-                "(or 'static'); got 'dynamic'"
-            )
-
-    @property
-    def eval_binarization(self) -> str:
-        """Held-out data are binarized once (seeded) unless the run uses grey levels."""
-        return "none" if self.binarization == "none" else "static"
 
 
 @dataclass(frozen=True)
@@ -181,30 +121,79 @@ def train_run(
         raise FileExistsError(
             f"{run_dir} already holds a run; use `lvmkit train --resume {run_dir}` or another --out"
         )
+    resolve_device(spec.device)  # before any folder is made
     metadata = {"spec": dataclasses.asdict(spec), "image_shape": list(MNIST_IMAGE_SHAPE)}
-    return _train(
-        spec, run_dir, resume=False, metadata=metadata, progress=progress, callbacks=callbacks
-    )
+    created = not run_dir.exists()
+    _current["run"] = run_dir
+    try:
+        return _train(
+            spec, run_dir, resume=False, metadata=metadata, progress=progress, callbacks=callbacks
+        )
+    except BaseException:
+        if created and env_rank() == 0 and not (run_dir / CHECKPOINT_FILE).exists():
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing trained: no empty folder left
+        raise
 
 
 def resume_run(
     run_dir: str | Path,
     *,
     epochs: int | None = None,
+    threads: int | str | None = None,
     progress: bool = True,
     callbacks: list[Any] | None = None,
 ) -> RunResult | None:
-    """Continue the run in ``run_dir`` (to ``epochs`` in all, default: its own), then evaluate."""
+    """Continue the run in ``run_dir`` (to ``epochs`` in all, default: its own), then evaluate.
+
+    A run whose epochs are all trained but whose evaluation was interrupted finishes the
+    evaluation; one with nothing left to do says so (a ``ValueError`` naming the way on).
+    ``threads`` (default: the run's) as in :class:`TrainSpec`.
+    """
     run_dir = Path(run_dir)
     spec = read_spec(run_dir)
     if epochs is not None:
         spec = dataclasses.replace(spec, epochs=check_int("epochs", epochs))
+    if threads is not None:
+        spec = dataclasses.replace(spec, threads=threads)
+    _current["run"] = run_dir
+    done = _epochs_done(run_dir)
+    if done >= spec.epochs:
+        if (run_dir / RESULTS_FILE).is_file() and not (run_dir / PARTIAL_FILE).is_file():
+            raise ValueError(
+                f"{run_dir} has trained all {done} of its epochs and been evaluated: nothing left "
+                f"to do. Train it longer with --epochs {done + 10} (say), or score it again with "
+                f"`lvmkit evaluate {run_dir}`"
+            )
+        print(f"{run_dir}: all {done} epochs are trained; finishing its evaluation")
+        model, guide, _ = load_run(run_dir, device=str(resolve_device(spec.device)))
+        history = pd.read_csv(run_dir / HISTORY_FILE)
+        with RunLock(run_dir):
+            return _finish(spec, run_dir, model, guide, history, progress=progress,
+                           callbacks=callbacks)  # fmt: skip
     return _train(spec, run_dir, resume=True, metadata=None, progress=progress, callbacks=callbacks)
+
+
+def _epochs_done(run_dir: Path) -> int:
+    """Epochs the run's checkpoint has finished (0 without one)."""
+    if not (run_dir / CHECKPOINT_FILE).is_file():
+        return 0
+    try:
+        return int(load_checkpoint(run_dir / CHECKPOINT_FILE)["epoch"])
+    except CheckpointError:
+        return -1  # unreadable: resuming says what is wrong with it, and what can be done
 
 
 def read_spec(run_dir: str | Path) -> TrainSpec:
     """The :class:`TrainSpec` stored in a run directory's ``config.json``."""
-    config = read_json(Path(run_dir) / CONFIG_FILE)
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        where = "no config.json there" if run_dir.is_dir() else "no such folder"
+        raise FileNotFoundError(
+            f"{run_dir} is not a run directory: {where}. `lvmkit train --out {run_dir}` makes "
+            "one; `lvmkit train --resume RUN_DIR`, `lvmkit evaluate RUN_DIR`, `lvmkit sample` and "
+            "`lvmkit plot` take the folder a training run wrote"
+        )
+    config = read_json(run_dir / CONFIG_FILE)
     try:
         fields = dict(config["metadata"]["spec"])
         fields["hidden_dims"] = tuple(fields["hidden_dims"])
@@ -240,7 +229,16 @@ def evaluate_run(
     device: str = "auto",
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Evaluate a run's last checkpoint on the test set; write and return ``results.csv``."""
+    """Evaluate a run's last checkpoint on the test set; write and return ``results.csv``.
+
+    An evaluation that was interrupted continues from the images it had scored (with the same
+    ``num_samples`` and ``points``: the same numbers as an uninterrupted one)."""
+    _current["run"] = Path(run_dir)
+    if points is not None and check_int("points", points) > MNIST_SPLIT_SIZES["test"]:
+        raise ValueError(
+            f"points must be at most {MNIST_SPLIT_SIZES['test']:,} (the MNIST test split's size); "
+            f"got {points}"
+        )
     model, guide, spec = load_run(run_dir, device="cpu")
     spec = dataclasses.replace(
         spec,
@@ -258,13 +256,45 @@ def evaluate_run(
 
 def sample_run(
     run_dir: str | Path, *, n: int = 64, seed: int = 0, out: str | Path | None = None
-) -> Path:
-    """Draw ``n`` images from a run's model (decoder means of z ~ p(z)) into a PNG grid."""
+) -> tuple[Path, bool]:
+    """Draw ``n`` images from a run's model (decoder means of z ~ p(z)) into a PNG grid; return
+    its path and whether a file was there before (the default path,
+    ``RUN_DIR/samples-N-seedSEED.png``, never touches the run's own ``figures/samples.png``)."""
     check_int("n", n)
+    check_int("seed", seed, minimum=0)
     model, _, _ = load_run(run_dir)
-    path = Path(out) if out is not None else Path(run_dir) / "figures" / "samples.png"
+    path = Path(out) if out is not None else Path(run_dir) / f"samples-{n}-seed{seed}.png"
+    replaced = path.exists()
     plots.sample_grid(model, n, seed=seed, image_shape=MNIST_IMAGE_SHAPE, path=path)
-    return path
+    return path, replaced
+
+
+def interrupted(args: Any) -> str:
+    """What an interrupted command leaves on disk, and the command that continues it."""
+    run_dir = _current.get("run")
+    if run_dir is None:
+        return "Nothing was saved."
+    partial = run_dir / PARTIAL_FILE
+    if partial.is_file():
+        state = load_checkpoint(partial)
+        n = state["key"]["points"]
+        return (
+            f"{state['stop']:,} of {n:,} test images were scored and kept in {partial}; "
+            f"`lvmkit evaluate {run_dir}` continues from them"
+        )
+    if (run_dir / CHECKPOINT_FILE).is_file():
+        state = load_checkpoint(run_dir / CHECKPOINT_FILE)
+        at = f"after epoch {state['epoch']}" + (f", step {state['step']}" if state["step"] else "")
+        if args.command == "evaluate" or _epochs_done(run_dir) >= read_spec(run_dir).epochs:
+            return (
+                f"The run's checkpoint ({at}) is in {run_dir}; `lvmkit evaluate {run_dir}` "
+                "scores it"
+            )
+        return (
+            f"The checkpoint {at} is in {run_dir}; `lvmkit train --resume {run_dir}` continues "
+            "from it"
+        )
+    return "Nothing was saved yet (no epoch had finished); no run directory was left behind."
 
 
 # -- internals -------------------------------------------------------------------------------
@@ -316,6 +346,7 @@ def _fit(spec, run_dir, model, guide, train, valid, resume, metadata, progress, 
         metadata=metadata,
         progress=progress,
         callbacks=callbacks,
+        threads=spec.threads,
     )
     return result.history
 
@@ -330,8 +361,10 @@ def _train_data(spec: TrainSpec) -> tuple[Dataset, Dataset]:
 
 
 def _finish(spec, run_dir: Path, model, guide, history, *, progress: bool, callbacks) -> RunResult:
-    results = _evaluate_and_write(spec, run_dir, model, guide, history, progress, callbacks)
+    """Figures first (they need no evaluation), then the long evaluation, then its k̂ figure."""
     _draw(spec, run_dir, model, guide, history)
+    results = _evaluate_and_write(spec, run_dir, model, guide, history, progress, callbacks)
+    _draw_khat(run_dir)
     return RunResult(run_dir, history, results)
 
 
@@ -368,12 +401,18 @@ def _draw(spec: TrainSpec, run_dir: Path, model, guide, history: pd.DataFrame) -
     )
     plots.latent_traversal(model, path=paths[4])
     plots.interpolation(model, guide, x[:6], x[6:12], path=paths[5])
+    khat = _draw_khat(run_dir)
+    return paths[:6] + ([khat] if khat is not None else [])
+
+
+def _draw_khat(run_dir: Path) -> Path | None:
+    """The k̂ figure of the run's last evaluation, if it has one."""
     scores = run_dir / EVALUATION_FILE
-    if scores.is_file():
-        plots.khat_plot(pd.read_csv(scores)["pareto_k"], path=paths[6])
-    else:
-        paths.pop()
-    return paths
+    if not scores.is_file():
+        return None
+    path = run_dir / "figures" / FIGURES[6]
+    plots.khat_plot(pd.read_csv(scores)["pareto_k"], path=path)
+    return path
 
 
 def _evaluate_and_write(
@@ -390,6 +429,8 @@ def _evaluate_and_write(
         seed=spec.seed,
         progress=progress,
         callbacks=callbacks,
+        threads=spec.threads,
+        checkpoint=run_dir / PARTIAL_FILE,  # Ctrl-C keeps the images scored so far
     )
     atomic_write_text(run_dir / EVALUATION_FILE, scores.to_csv(index=False))
     summary = summarize(scores)
@@ -415,11 +456,44 @@ def _evaluate_and_write(
     return results
 
 
-def format_results(results: pd.DataFrame) -> str:
-    """The results table as aligned text for a terminal."""
-    shown = results.drop(columns=[c for c in ("log_likelihood_se",) if c in results])
-    for column in ("epochs", "eval_samples", "eval_points"):  # counts: no decimals, "—" if absent
-        if column in shown:
-            shown[column] = shown[column].map(lambda v: "—" if pd.isna(v) else str(int(v)))
-    with pd.option_context("display.max_colwidth", 48, "display.width", 200):
-        return shown.to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="—")
+def results_markdown(results: pd.DataFrame) -> str:
+    """The results table as Markdown, in the README's own form: ± the standard error of the
+    log-likelihood, k̂ as a percentage, columns a reader understands, our row first."""
+    lines = [
+        "| source | model | training data | epochs | K | test images | test ELBO "
+        "| test log p(x), IS | k̂ > 0.7 | active units |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in results.to_dict("records"):
+        ours = str(row["source"]).startswith("lvmkit")
+        ll = _number(row["test_log_likelihood"])
+        se = row.get("log_likelihood_se")
+        if ours and se is not None and not pd.isna(se):
+            ll = f"**{ll}** ± {se:.2f}"
+        khat = row.get("frac_pareto_k_above_0_7")
+        units = row.get("active_units")
+        cells = [
+            f"**{row['source']}**" if ours else str(row["source"]),
+            str(row["model"]),
+            f"{row['binarization']} binarization",
+            _count(row["epochs"]),
+            _count(row["eval_samples"]),
+            _count(row.get("eval_points")),
+            _number(row["test_elbo"]),
+            ll,
+            "—" if khat is None or pd.isna(khat) else f"{100 * khat:.1f} %",
+            "—" if units is None or pd.isna(units) else _count(units),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _number(value: Any) -> str:
+    """Two decimals with a true minus sign (as the README prints them); "—" where absent."""
+    if value is None or pd.isna(value):
+        return "—"
+    return f"{value:.2f}".replace("-", "−")
+
+
+def _count(value: Any) -> str:
+    return "—" if value is None or pd.isna(value) else f"{int(value):,}"
