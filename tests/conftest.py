@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pyro
@@ -29,6 +30,30 @@ def _fresh_pyro():
     with pyro.validation_enabled(True):
         yield
     pyro.clear_param_store()
+
+
+@contextlib.contextmanager
+def interrupted_scoring(monkeypatch, *, block: int, at: int):
+    """Evaluation in blocks of ``block`` log-weights, Ctrl-C arriving as block ``at`` is reduced
+    (the blocks before it already kept); the real scoring comes back on leaving the block."""
+    import importlib
+
+    evaluate_module = importlib.import_module("lvmkit.inference.evaluate")
+    monkeypatch.setattr(evaluate_module, "_SCORE_BATCH", block)
+    real = evaluate_module._score_chunk
+    calls = {"n": 0}
+
+    def dying(log_weights):
+        calls["n"] += 1
+        if calls["n"] == at:
+            raise KeyboardInterrupt
+        return real(log_weights)
+
+    monkeypatch.setattr(evaluate_module, "_score_chunk", dying)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(evaluate_module, "_score_chunk", real)
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import sys
 import pandas as pd
 import pytest
 
+from conftest import interrupted_scoring
 from lvmkit import runs
 from lvmkit.cli import main
 
@@ -355,32 +356,18 @@ def test_ctrl_c_before_any_checkpoint_leaves_nothing(tmp_path, capsys, monkeypat
 def test_ctrl_c_in_evaluation_keeps_the_scored_images(tmp_path, capsys, monkeypatch):
     """The figures are written before the evaluation; an interrupted evaluation keeps what it
     scored, and `lvmkit evaluate` continues to the numbers of one never interrupted."""
-    import importlib
-
-    evaluate_module = importlib.import_module("lvmkit.inference.evaluate")
     argv = [*TINY, "--epochs", "1", "--eval-points", "60", "--eval-samples", "200"]
     assert main(["train", *argv, "--out", str(tmp_path / "straight")]) == 0
-    monkeypatch.setattr(evaluate_module, "_SCORE_BATCH", 4000)  # blocks of 20 images
-    real = evaluate_module._score_chunk
-    calls = {"n": 0}
-
-    def dying(log_weights):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(log_weights)
-
-    monkeypatch.setattr(evaluate_module, "_score_chunk", dying)
     run = tmp_path / "run"
     capsys.readouterr()
-    assert main(["train", *argv, "--out", str(run)]) == 130
+    with interrupted_scoring(monkeypatch, block=4000, at=2):  # blocks of 20 images
+        assert main(["train", *argv, "--out", str(run)]) == 130
     err = capsys.readouterr().err
     assert (
         f"lvmkit: interrupted. 20 of 60 test images were scored and kept in "
         f"{run / 'evaluation.partial.pt'}; `lvmkit evaluate {run}` continues from them"
     ) in err
     assert sorted(p.name for p in (run / "figures").iterdir()) == sorted(runs.FIGURES[:6])
-    monkeypatch.setattr(evaluate_module, "_score_chunk", real)
     assert main(["evaluate", str(run), "--quiet"]) == 0
     assert not (run / "evaluation.partial.pt").exists()
     ours, straight = (pd.read_csv(d / "evaluation.csv") for d in (run, tmp_path / "straight"))

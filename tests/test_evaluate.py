@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lvmkit
-from conftest import assert_close
+from conftest import assert_close, interrupted_scoring
 from linear_gaussian import LinearGaussianGuide, make_problem
 from lvmkit.inference.evaluate import PARETO_K_THRESHOLD
 
@@ -152,34 +152,16 @@ def test_missing_data_plate_is_a_clear_error():
 
 
 def test_an_interrupted_evaluation_continues_to_the_same_numbers(tmp_path, monkeypatch):
-    import importlib
-
-    evaluate_module = importlib.import_module("lvmkit.inference.evaluate")
     model, x = make_problem(n=90)
     guide = LinearGaussianGuide(5, 2)
     straight = lvmkit.evaluate(model, guide, x, 40, max_pairs=400)
-    monkeypatch.setattr(evaluate_module, "_SCORE_BATCH", 1200)  # blocks of 30 points
-    real = evaluate_module._score_chunk
-    calls = {"n": 0}
-
-    def dying(log_weights):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(log_weights)
-
-    monkeypatch.setattr(evaluate_module, "_score_chunk", dying)
     path = tmp_path / "partial.pt"
-    with pytest.raises(KeyboardInterrupt):
-        lvmkit.evaluate(model, guide, x, 40, max_pairs=400, checkpoint=path)
+    with interrupted_scoring(monkeypatch, block=1200, at=3), pytest.raises(KeyboardInterrupt):
+        lvmkit.evaluate(model, guide, x, 40, max_pairs=400, checkpoint=path)  # blocks of 30
     assert lvmkit.inference.checkpoint.load_checkpoint(path)["stop"] == 60
-    monkeypatch.setattr(evaluate_module, "_score_chunk", real)
     other = lvmkit.evaluate(model, guide, x, 41, max_pairs=400, checkpoint=path)  # another K
     assert len(other) == 90 and not path.exists()  # started over, then done
-    with pytest.raises(KeyboardInterrupt):
-        calls["n"] = 0
-        monkeypatch.setattr(evaluate_module, "_score_chunk", dying)
+    with interrupted_scoring(monkeypatch, block=1200, at=3), pytest.raises(KeyboardInterrupt):
         lvmkit.evaluate(model, guide, x, 40, max_pairs=400, checkpoint=path)
-    monkeypatch.setattr(evaluate_module, "_score_chunk", real)
     resumed = lvmkit.evaluate(model, guide, x, 40, max_pairs=400, checkpoint=path)
     pd.testing.assert_frame_equal(resumed, straight)
