@@ -5,6 +5,7 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 from pyro.nn import PyroModule
 from torch.nn import functional as F
 
@@ -15,10 +16,12 @@ from lvmkit.models.m2 import M2Config, joint_input
 class SemiSupervisedEncoder(PyroModule):
     """q(y | x) q(z | x, y) for :class:`lvmkit.models.M2`, with its signature.
 
-    For unlabelled points (plate ``"data"``) y is marked for parallel enumeration: with
+    For unlabelled points (called with ``x``) y is marked for parallel enumeration: with
     ``TraceEnum_ELBO`` the loss sums over the C classes weighted by q(y | x) (Kingma et al.'s
-    U(x), entropy of q(y | x) included); other objectives draw it. Labelled points (plate
-    ``"labelled"``) get q(z | x, y) at their label.
+    U(x), entropy of q(y | x) included); other objectives draw it. Labelled points (called with
+    ``x, y``) get q(z | x, y) at their label, weighted by ``labelled_weight`` as in the model:
+    the weight must scale the guide's terms too, or ``labelled_weight · log p − log q`` is no
+    bound and has no maximum.
     """
 
     static_structure = False
@@ -41,10 +44,11 @@ class SemiSupervisedEncoder(PyroModule):
         loc, log_var = self.encoder(joint_input(x, one_hot)).split(self.config.latent_dim, -1)
         return pyro.sample(name, dist.Normal(loc, torch.exp(0.5 * log_var)).to_event(1))
 
-    def forward(self, x=None, xl=None, yl=None, *, y=None, batch_size=None):
+    def forward(self, x=None, y=None, *, batch_size=None):
         if x is None:
-            raise ValueError("SemiSupervisedEncoder needs data: x (and optionally xl, yl)")
-        with pyro.plate("data", x.shape[0]):
+            raise ValueError("SemiSupervisedEncoder needs data: x (and y for labelled images)")
+        weight = self.config.labelled_weight if y is not None else 1.0  # as the model's
+        with pyro.plate("data", x.shape[0]), poutine.scale(scale=weight):
             label = y
             if label is None:
                 label = pyro.sample(  # batch (N,)
@@ -53,6 +57,3 @@ class SemiSupervisedEncoder(PyroModule):
                     infer={"enumerate": "parallel"},
                 )
             self._z(x, label, "z")  # batch (N,) event (Dz,)
-        if xl is not None and yl is not None:
-            with pyro.plate("labelled", xl.shape[0]):
-                self._z(xl, yl, "z_labelled")  # batch (Nl,) event (Dz,)

@@ -28,6 +28,7 @@ _WHERE = {  # public name → the module that defines it
     "build_autoencoder": "lvmkit.models",
     "build_cvae": "lvmkit.models",
     "build_m2": "lvmkit.models",
+    "kingma_aux_weight": "lvmkit.models",
     "build_nonlinear": "lvmkit.models",
     "build_vae": "lvmkit.runs",
     "Callback": "lvmkit.inference",
@@ -140,6 +141,7 @@ if TYPE_CHECKING:  # the real imports, for type checkers and editors
         build_m2,
         build_nonlinear,
         exact_log_likelihood,
+        kingma_aux_weight,
     )
     from lvmkit.runs import (
         build_vae,
@@ -210,6 +212,7 @@ __all__ = [
     "evaluate",
     "exact_log_likelihood",
     "fit",
+    "kingma_aux_weight",
     "load_mnist",
     "log_weights",
     "posterior_means",

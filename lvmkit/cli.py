@@ -212,7 +212,23 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--profile",
         default="full",
-        help="quick (seconds) | full (minutes on 2 CPU cores) | paper (GPU)",
+        help="quick (seconds) | full (the papers' protocols, shortened: minutes to hours on 2 "
+        "CPU cores) | paper (the papers' lengths: GPU)",
+    )
+    bench.add_argument(
+        "--contender",
+        action="append",
+        default=[],
+        metavar="NAME=MODULE:FUNCTION",
+        help="your own model, trained and scored beside the built-in rows (gmm and vae suites; "
+        "repeatable): FUNCTION(task) returns (model, guide); MODULE is importable or a path to "
+        "a .py file",
+    )
+    bench.add_argument(
+        "--only",
+        metavar="NAME",
+        default=None,
+        help="run just this contender (the published rows still come)",
     )
     bench.add_argument(
         "--out",
@@ -338,7 +354,8 @@ def _loggers(args: argparse.Namespace) -> list:
 def _bench(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from lvmkit.benchmarks import BENCHMARKS, write_results
+    from lvmkit.benchmarks import BENCHMARKS, run, write_results
+    from lvmkit.benchmarks.contenders import load
     from lvmkit.inference._data import resolve_device
     from lvmkit.models._checks import check_choice
 
@@ -352,10 +369,22 @@ def _bench(args: argparse.Namespace) -> int:
         key = f"vae-{args.part}"
     elif args.part is not None:
         raise ValueError(f"bench {args.suite} takes no part; got {args.part!r}")
-    suite = BENCHMARKS[check_choice("suite", key, BENCHMARKS)]
+    check_choice("suite", key, BENCHMARKS)
+    loaded = dict(load(spec) for spec in args.contender)
+    if len(loaded) < len(args.contender):
+        names = [spec.partition("=")[0] for spec in args.contender]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"--contender names must differ; {twice} given more than once")
     tag = resolve_device(args.device).type
     name = f"{key}-{tag}-{args.profile}"
-    frame = suite(args.profile, device=args.device, figures_dir=args.out / f"{name}-figures")
+    frame = run(
+        key,
+        args.profile,
+        device=args.device,
+        contenders=loaded or None,
+        only=args.only,
+        figures_dir=args.out / f"{name}-figures",
+    )
     csv, markdown = write_results(frame, args.out, name)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(frame.to_string(index=False, float_format=lambda v: f"{v:.3g}", na_rep=""))
@@ -372,6 +401,7 @@ _FLAGS = {
     "KLSchedule.warmup_epochs": "--warmup-epochs",
     "num_samples": "--num-samples",
     "points": "--points",
+    "only": "--only",
     "n": "-n",
 }
 

@@ -14,11 +14,15 @@ Every generator takes a ``seed`` and returns the same draw for the same seed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from lvmkit.models._checks import check_float, check_int
+
+if TYPE_CHECKING:
+    from lvmkit.inference._data import Source
 
 
 @dataclass(frozen=True)
@@ -165,15 +169,35 @@ def quadrants(images: torch.Tensor, num_given: int) -> dict[str, torch.Tensor]:
 
 def semi_supervised(
     x: torch.Tensor, y: torch.Tensor, num_labelled: int, *, seed: int = 0
-) -> dict[str, torch.Tensor]:
-    """Split ``(x, y)`` into the labelled and unlabelled parts of M2's data dict.
+) -> list[Source]:
+    """Split ``(x, y)`` into M2's unlabelled and labelled data: two :class:`lvmkit.Source` for
+    one :func:`lvmkit.fit`.
 
     ``num_labelled`` points are drawn with classes balanced (as in Kingma et al., 2014:
-    ``num_labelled / C`` per class); the rest are the unlabelled ``x``. The labelled ``xl``, ``yl``
-    are cycled — in a fresh random order each round — to the length of ``x``, so that every
-    minibatch of :func:`lvmkit.fit` pairs unlabelled and labelled points.
+    ``num_labelled / C`` per class); the rest are unlabelled. Returns
+    ``[Source({"x": unlabelled}, name="unlabelled"), Source({"x": xl, "y": yl},
+    name="labelled")]``, both with ``batch_size="auto"``: ``fit``'s ``batch_size`` cuts the
+    unlabelled images, and the labelled ones are spread evenly over the same steps, so that each
+    image — labelled or not — is seen once an epoch, as in the paper's objective (a sum over the
+    whole data set). The labelled images are ``sources[1].data``.
+
+    Example::
+
+        >>> import torch
+        >>> x, y = torch.rand(60, 4).round(), torch.arange(60) % 3
+        >>> unlabelled, labelled = semi_supervised(x, y, 6)
+        >>> len(unlabelled.data["x"]), labelled.data["y"].tolist()
+        (54, [0, 0, 1, 1, 2, 2])
     """
+    from lvmkit.inference._data import Source
+
     num_labelled = check_int("num_labelled", num_labelled)
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or len(x) != len(y):
+        raise ValueError(
+            "x and y must be tensors of the same length (images and their labels); got "
+            f"{type(x).__name__} and {type(y).__name__}"
+            + (f" of lengths {len(x)} and {len(y)}" if hasattr(x, "__len__") else "")
+        )
     labels = y.cpu().numpy()
     classes = np.unique(labels)
     if num_labelled % len(classes) or num_labelled >= len(labels):
@@ -189,9 +213,10 @@ def semi_supervised(
         if len(members) < per_class:
             raise ValueError(f"class {c} has {len(members)} points, fewer than {per_class}")
         chosen.append(rng.choice(members, per_class, replace=False))
-    labelled = np.concatenate(chosen)
+    labelled = np.sort(np.concatenate(chosen))
     unlabelled = np.setdiff1d(np.arange(len(labels)), labelled)
-    rounds = -(-len(unlabelled) // num_labelled)
-    cycled = np.concatenate([rng.permutation(labelled) for _ in range(rounds)])[: len(unlabelled)]
-    idx_u, idx_l = torch.from_numpy(unlabelled), torch.from_numpy(cycled)
-    return {"x": x[idx_u], "xl": x[idx_l], "yl": y[idx_l].long()}
+    idx_u, idx_l = torch.from_numpy(unlabelled), torch.from_numpy(labelled)
+    return [
+        Source({"x": x[idx_u]}, name="unlabelled"),
+        Source({"x": x[idx_l], "y": y[idx_l].long()}, name="labelled"),
+    ]

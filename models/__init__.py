@@ -14,7 +14,7 @@ from lvmkit.models.gmm import (
     GMMConfig,
     empty_guide,
 )
-from lvmkit.models.m2 import M2, M2Config, build_m2
+from lvmkit.models.m2 import M2, M2Config, build_m2, kingma_aux_weight
 from lvmkit.models.nonlinear import (
     NonlinearConfig,
     NonlinearLVM,
@@ -47,4 +47,5 @@ __all__ = [
     "build_nonlinear",
     "empty_guide",
     "exact_log_likelihood",
+    "kingma_aux_weight",
 ]

@@ -7,15 +7,20 @@ Generative model, for a label y and a style z:
 Guide (:class:`lvmkit.guides.SemiSupervisedEncoder`): q(y | x) = Cat(π(x)) — the classifier —
 and q(z | x, y) = N(μ(x, y), diag σ²(x, y)).
 
-Data are a dict of equal-length tensors (:func:`lvmkit.datasets.semi_supervised` builds it):
-``x`` the unlabelled images, and ``xl``, ``yl`` labelled images and their labels, cycled to the
-length of ``x`` so that every minibatch holds as many labelled as unlabelled points. In the plate
-``"data"`` y is latent — the guide marks it for parallel enumeration, so ``TraceEnum_ELBO`` sums
-it out exactly (Kingma's U(x)); under the other objectives and in ``evaluate`` it is drawn from
-q(y | x). In the plate ``"labelled"`` y is observed (Kingma's L(x, y)), weighted by
-``labelled_weight``. ``aux_weight`` (Kingma's α) adds α · log q(y | x) of the labelled points, so
-that the classifier also learns from the labels directly; the model holds the guide's classifier
-for that term (:func:`build_m2` shares it), and adds it in training mode only.
+Data (Kingma et al.'s objective over the whole data set, Σ_labelled L(x, y) + Σ_unlabelled U(x)
++ α Σ_labelled log q(y | x)): the unlabelled images are called as ``model(x)`` — y latent; the
+guide marks it for parallel enumeration, so ``TraceEnum_ELBO`` sums it out exactly (Kingma's
+U(x)); under the other objectives and in ``evaluate`` it is drawn from q(y | x) — and the labelled
+ones as ``model(x, y)`` — y observed (Kingma's L(x, y)), weighted by ``labelled_weight`` in the
+model and the guide alike. :func:`lvmkit.datasets.semi_supervised` splits a labelled data set
+into the two :class:`lvmkit.Source` of one ``fit``, each passed once an epoch, so that every
+image counts once per epoch, as in the paper's sums.
+
+``aux_weight`` (α, per labelled image and pass) adds α · log q(y | x) of each labelled image,
+so that the classifier also learns from the labels directly; the model holds the guide's
+classifier for that term (:func:`build_m2` shares it), and adds it in training mode only.
+Kingma et al. set α = 0.1 · N over the labelled images' mean, i.e. 0.1 · N / N_labelled per
+labelled image (:func:`kingma_aux_weight`): 50 for 100 labels of MNIST's 50,000 images.
 
 Called with ``x`` alone (as ``evaluate`` does), the model scores unlabelled points: ``evaluate``
 then gives the ELBO and the importance-sampled log p(x) with y and z both sampled.
@@ -28,6 +33,7 @@ from dataclasses import dataclass
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 from pyro.nn import PyroModule
 from torch import nn
 from torch.nn import functional as F
@@ -52,8 +58,8 @@ class M2Config:
     latent_dim: int = 50
     hidden_dims: tuple[int, ...] = (500,)
     activation: str = "softplus"
-    labelled_weight: float = 1.0  # weight of the labelled points' L(x, y) in each minibatch
-    aux_weight: float = 50.0  # α: weight of log q(y | x) on labelled points (0: no extra term)
+    labelled_weight: float = 1.0  # weight of each labelled point's L(x, y) (model and guide)
+    aux_weight: float = 50.0  # α per labelled point: weight of log q(y | x) (0: no extra term)
 
     def __post_init__(self) -> None:
         check_int("data_dim", self.data_dim)
@@ -84,7 +90,7 @@ class M2(PyroModule):
         torch.Size([5, 4])
     """
 
-    static_structure = False  # enumerated and labelled plates vary; data-dependent sizes
+    static_structure = False  # y observed or enumerated by the call; data-dependent sizes
 
     def __init__(self, config: M2Config, classifier: nn.Module | None = None) -> None:
         if not isinstance(config, M2Config):
@@ -107,63 +113,68 @@ class M2(PyroModule):
     def _one_hot(self, y: torch.Tensor) -> torch.Tensor:
         return F.one_hot(y.long(), self.config.num_classes).to(self.prior_loc.dtype)
 
-    def _sites(self, x, y, suffix: str = ""):
-        """y, z and x of one plate's points (sites named with ``suffix``)."""
-        label = pyro.sample("y" + suffix, dist.Categorical(self.prior_probs), obs=y)  # batch (N,)
-        z = pyro.sample(  # batch (N,) event (Dz,)
-            "z" + suffix, dist.Normal(self.prior_loc, self.prior_scale).to_event(1)
-        )
-        logits = self.decoder(joint_input(z, self._one_hot(label)))
-        return pyro.sample("x" + suffix, dist.Bernoulli(logits=logits).to_event(1), obs=x)
-
     def forward(
         self,
         x: torch.Tensor | None = None,
-        xl: torch.Tensor | None = None,
-        yl: torch.Tensor | None = None,
-        *,
         y: torch.Tensor | None = None,
+        *,
         batch_size: int | None = None,
     ):
         n = x.shape[0] if x is not None else (len(y) if y is not None else (batch_size or 1))
+        weight = self.config.labelled_weight if y is not None and x is not None else 1.0
         with pyro.plate("data", n):
-            out = self._sites(x, y)  # unlabelled unless y is given: y latent
-        if xl is not None:
-            if yl is None:
-                raise ValueError("labelled images xl need their labels yl")
-            scale = pyro.poutine.scale(scale=self.config.labelled_weight)
-            with scale, pyro.plate("labelled", xl.shape[0]):
-                self._sites(xl, yl, "_labelled")
-                if self.training and self.config.aux_weight > 0 and self.classifier is not None:
-                    log_q = dist.Categorical(logits=self.classifier(xl)).log_prob(yl.long())
-                    pyro.factor("classifier_log_q", self.config.aux_weight * log_q)  # batch (Nl,)
+            with poutine.scale(scale=weight):
+                label = pyro.sample("y", dist.Categorical(self.prior_probs), obs=y)  # batch (N,)
+                z = pyro.sample(  # batch (N,) event (Dz,)
+                    "z", dist.Normal(self.prior_loc, self.prior_scale).to_event(1)
+                )
+                logits = self.decoder(joint_input(z, self._one_hot(label)))
+                out = pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+            if y is not None and x is not None and self._aux:  # α log q(y | x), unweighted
+                assert self.classifier is not None
+                log_q = dist.Categorical(logits=self.classifier(x)).log_prob(y.long())
+                pyro.factor("classifier_log_q", self.config.aux_weight * log_q)  # batch (N,)
         return out
 
-    def validate_data(self, x=None, xl=None, yl=None, y=None, **_: object) -> None:
+    @property
+    def _aux(self) -> bool:
+        return self.training and self.config.aux_weight > 0 and self.classifier is not None
+
+    def validate_data(self, x=None, y=None, **_: object) -> None:
         cfg = self.config
         check_data_matrix(x, cfg.data_dim, "M2", "M2Config")
         check_bernoulli_data(x)
-        if xl is not None:
-            check_data_matrix(xl, cfg.data_dim, "M2", "M2Config", key="xl")
-            check_bernoulli_data(xl, "xl")
-        if (xl is None) != (yl is None):
+        if y is None:
+            return
+        if y.is_floating_point() or y.dtype == torch.bool or y.dim() != 1:
             raise ValueError(
-                "data must give both 'xl' and 'yl' (labelled images and labels), or neither"
+                "data 'y' must be a 1-D integer tensor of class labels; got "
+                f"{y.dtype} of shape {tuple(y.shape)}"
             )
-        for key, labels in (("yl", yl), ("y", y)):
-            if labels is None:
-                continue
-            if labels.is_floating_point() or labels.dtype == torch.bool or labels.dim() != 1:
-                raise ValueError(
-                    f"data {key!r} must be a 1-D integer tensor of class labels; got "
-                    f"{labels.dtype} of shape {tuple(labels.shape)}"
-                )
-            if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= cfg.num_classes):
-                raise ValueError(
-                    f"data {key!r} must hold labels in 0..{cfg.num_classes - 1} "
-                    f"(M2Config.num_classes={cfg.num_classes}); got values in "
-                    f"[{int(labels.min())}, {int(labels.max())}]"
-                )
+        if len(y) != len(x):
+            raise ValueError(
+                f"data 'y' must hold one label per image: {len(x)} images, {len(y)} labels"
+            )
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= cfg.num_classes):
+            raise ValueError(
+                f"data 'y' must hold labels in 0..{cfg.num_classes - 1} "
+                f"(M2Config.num_classes={cfg.num_classes}); got values in "
+                f"[{int(y.min())}, {int(y.max())}]"
+            )
+
+
+def kingma_aux_weight(num_points: int, num_labelled: int) -> float:
+    """Kingma et al.'s α per labelled image: α = 0.1 · N weighs the labelled images' *mean*
+    −log q(y | x) against the whole data set's bound, i.e. 0.1 · N / N_labelled per image.
+
+    Example::
+
+        >>> kingma_aux_weight(50_000, 100)
+        50.0
+    """
+    check_int("num_points", num_points)
+    check_int("num_labelled", num_labelled)
+    return 0.1 * num_points / num_labelled
 
 
 def build_m2(config: M2Config):

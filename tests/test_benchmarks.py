@@ -5,23 +5,36 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from lvmkit.benchmarks import BENCHMARKS, speed
+from lvmkit.benchmarks import BENCHMARKS, TAKES_CONTENDERS, speed
 from lvmkit.cli import main
+
+USER_PAIR = f"mine={Path(__file__).parent / 'user_models.py'}:make_pair"  # a path to a .py file
 
 
 @pytest.mark.parametrize("name", sorted(BENCHMARKS))
 def test_every_benchmark_runs_from_the_cli(name, tmp_path, capsys):
-    assert (
-        main(["bench", name, "--profile", "quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
-    )
+    """Each suite at its quick size; those that take contenders with a user's own pair (given
+    as a path to a .py file), whose row sits in the same table as the built-in and paper rows."""
+    args = ["bench", name, "--profile", "quick", "--device", "cpu", "--out", str(tmp_path)]
+    if name in TAKES_CONTENDERS:
+        args += ["--contender", USER_PAIR]
+    assert main(args) == 0
     csv = tmp_path / f"{name}-cpu-quick.csv"
     markdown = tmp_path / f"{name}-cpu-quick.md"
-    assert len(pd.read_csv(csv)) > 0 and markdown.read_text().startswith("|")
+    table = pd.read_csv(csv)
+    assert len(table) > 0 and markdown.read_text().startswith("|")
     assert "written:" in capsys.readouterr().out
+    if name in TAKES_CONTENDERS:
+        who = table[
+            "method" if name == "gmm" else "variant" if name == "vae-variants" else "contender"
+        ]
+        assert "mine" in set(who) and len(set(who)) > 2, set(who)
+        assert (tmp_path / f"{name}-cpu-quick-curves.csv").is_file()
 
 
 HAS_NUMPYRO = (
@@ -100,11 +113,13 @@ def test_gmm_table_sets_svi_beside_em(tmp_path):
 
     frame = gmm.run("quick", figures_dir=tmp_path)
     assert list(frame.method) == [gmm.EM, gmm.ENUMERATED, gmm.AMORTIZED]
+    assert set(frame.attrs["curves"].contender) == {gmm.AMORTIZED}
     enumerated = frame.set_index("method").loc[gmm.ENUMERATED]
     assert enumerated.minus_em > -0.05 and enumerated.ari > 0.95
     assert enumerated.heldout_elbo == enumerated.heldout_log_lik  # y summed out: no gap
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "gmm-blobs2d.png",
+        "gmm-curves.png",
         "gmm-log-likelihood.png",
     ]
 

@@ -12,6 +12,7 @@ from pyro.infer import TraceEnum_ELBO
 
 import lvmkit
 from lvmkit import datasets
+from lvmkit.inference import _data
 from lvmkit.inference._data import call_of
 from lvmkit.inference.annealing import LatentScale
 from lvmkit.inference.objectives import IWAE, ReweightedWakeSleep, TraceELBO
@@ -415,22 +416,32 @@ def _clusters(n=600, d=12, classes=3, seed=0):
     return torch.bernoulli(probs, generator=g), y
 
 
-def test_semi_supervised_split_is_balanced_and_cycled():
+def test_semi_supervised_split_is_balanced_and_passes_each_image_once_an_epoch():
     x, y = _clusters()
-    data = datasets.semi_supervised(x, y, 30, seed=1)
-    assert len(data["x"]) == 570 and len(data["xl"]) == 570
-    assert torch.bincount(data["yl"][:30]).tolist() == [10, 10, 10]
-    assert len({tuple(r.tolist()) for r in data["xl"]}) <= 30
+    unlabelled, labelled = datasets.semi_supervised(x, y, 30, seed=1)
+    assert (unlabelled.name, labelled.name) == ("unlabelled", "labelled")
+    assert len(unlabelled.data["x"]) == 570 and len(labelled.data["x"]) == 30
+    assert torch.bincount(labelled.data["y"]).tolist() == [10, 10, 10]
+    assert labelled.data["y"].dtype == torch.long
+    every = torch.cat([unlabelled.data["x"], labelled.data["x"]])
+    assert sorted(map(tuple, every.tolist())) == sorted(map(tuple, x.tolist()))
+    model, _ = lvmkit.build_m2(lvmkit.M2Config(data_dim=12, num_classes=3, hidden_dims=(8,)))
+    feeds = _data.feeds([unlabelled, labelled], model, 50)
+    assert [sum(f.shares) for f in feeds] == [570, 30]  # each image once per epoch
+    assert len(feeds[0].shares) == len(feeds[1].shares) == 12  # in the same 12 steps
     with pytest.raises(ValueError, match="multiple of the 3 classes"):
         datasets.semi_supervised(x, y, 31)
+
+
+def _m2(**kw):
+    cfg = dict(data_dim=12, num_classes=3, latent_dim=2, hidden_dims=(32,))
+    return lvmkit.build_m2(lvmkit.M2Config(**{**cfg, **kw}))
 
 
 def test_m2_learns_the_classes_from_few_labels():
     x, y = _clusters()
     data = datasets.semi_supervised(x, y, 12, seed=0)
-    model, guide = lvmkit.build_m2(
-        lvmkit.M2Config(data_dim=12, num_classes=3, latent_dim=2, hidden_dims=(32,), aux_weight=5)
-    )
+    model, guide = _m2(aux_weight=5)
     result = lvmkit.fit(
         model,
         guide,
@@ -438,7 +449,7 @@ def test_m2_learns_the_classes_from_few_labels():
         epochs=15,
         batch_size=50,
         lr=1e-2,
-        objective=TraceEnum_ELBO(max_plate_nesting=1),
+        objective=TraceEnum_ELBO(max_plate_nesting=1, strict_enumeration_warning=False),
         validation_data=x[:100],
         progress=False,
         device="cpu",
@@ -451,22 +462,52 @@ def test_m2_learns_the_classes_from_few_labels():
     assert summary.log_likelihood >= summary.elbo
 
 
+def test_m2_labelled_weight_scales_the_guide_as_well_as_the_model():
+    """labelled_weight w must give w × (the labelled ELBO), a bound: weighting log p(x, y, z)
+    alone and not log q(z | x, y) leaves no maximum (it reached −75 nats per image)."""
+    x, y = _clusters(40)
+    losses = {}
+    for weight in (1.0, 2.5):
+        pyro.clear_param_store()
+        torch.manual_seed(0)
+        model, guide = _m2(labelled_weight=weight, aux_weight=0)
+        pyro.set_rng_seed(3)
+        losses[weight] = pyro.infer.Trace_ELBO().loss(model, guide, x, y)
+    assert losses[2.5] == pytest.approx(2.5 * losses[1.0], rel=1e-5)
+
+
+def test_m2_aux_term_is_alpha_log_q_of_each_labelled_image_in_training_only():
+    x, y = _clusters(40)
+    model, guide = _m2(aux_weight=7.0)
+    trace = pyro.poutine.trace(model).get_trace(x, y)
+    log_q = torch.distributions.Categorical(logits=guide.classifier(x)).log_prob(y)
+    trace.compute_log_prob()
+    assert torch.allclose(trace.nodes["classifier_log_q"]["log_prob"], 7.0 * log_q)
+    model.eval()
+    assert "classifier_log_q" not in pyro.poutine.trace(model).get_trace(x, y).nodes
+    assert lvmkit.models.kingma_aux_weight(50_000, 100) == 50.0
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"yl": lambda d: d["yl"] + 3}, r"data 'yl' must hold labels in 0..2"),
-        ({"yl": lambda d: d["yl"].float()}, r"data 'yl' must be a 1-D integer tensor"),
-        ({"xl": lambda d: d["xl"] * 2}, r"data 'xl' must be in \[0, 1\]"),
+        ({"y": lambda d: d["y"] + 3}, r"data 'y' must hold labels in 0..2"),
+        ({"y": lambda d: d["y"].float()}, r"data 'y' must be a 1-D integer tensor"),
+        ({"x": lambda d: d["x"] * 2}, r"data 'x' must be in \[0, 1\]"),
     ],
 )
 def test_m2_refuses_bad_labels(change, message):
     x, y = _clusters(60)
-    data = datasets.semi_supervised(x, y, 6)
-    data = {k: change[k](data) if k in change else v for k, v in data.items()}
+    unlabelled, labelled = datasets.semi_supervised(x, y, 6)
+    bad = {k: change[k](labelled.data) if k in change else v for k, v in labelled.data.items()}
     model, guide = lvmkit.build_m2(lvmkit.M2Config(data_dim=12, num_classes=3, hidden_dims=(8,)))
     with pytest.raises(ValueError, match=message):
         lvmkit.fit(
-            model, guide, data, objective=TraceEnum_ELBO(max_plate_nesting=1), progress=False
+            model,
+            guide,
+            [unlabelled, lvmkit.Source(bad)],
+            objective=TraceEnum_ELBO(max_plate_nesting=1, strict_enumeration_warning=False),
+            progress=False,
         )
 
 

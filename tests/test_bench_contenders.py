@@ -1,0 +1,227 @@
+"""Benchmark suites as protocols that take your own model: contenders from Python and the command
+line, clear errors for bad ones, the papers' schedules, and the hand-written references."""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pytest
+import torch
+from pyro.infer import TraceEnum_ELBO
+
+import lvmkit
+from lvmkit.benchmarks import Contender, contenders, references, run, vae
+from lvmkit.cli import main
+from tests import user_models
+
+SUITES = ["vae-latent", "vae-iwae", "vae-m2", "vae-cvae", "vae-variants", "gmm"]
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_a_users_plain_function_pair_runs_on_every_suite(suite):
+    frame = run(suite, "quick", contenders={"mine": user_models.make_pair}, only="mine")
+    who = frame[
+        "method" if suite == "gmm" else "variant" if suite == "vae-variants" else "contender"
+    ]
+    mine = frame[who == "mine"]
+    assert len(mine) >= 1
+    metric = {
+        "gmm": "heldout_log_lik",
+        "vae-m2": "accuracy",
+        "vae-cvae": "nll_is",
+        "vae-variants": "test_nll",
+    }.get(suite, "test_nll")
+    assert mine[metric].notna().all() and (mine[metric].abs() < 1e4).all()
+    curves = frame.attrs["curves"]
+    assert "mine" in set(curves.contender) and (curves.epoch >= 1).all()
+    assert set(curves.contender) <= {"mine", vae.BASELINE}  # (the CVAE protocol's baseline)
+    if suite in ("vae-iwae", "vae-m2", "vae-cvae"):  # the published rows come with --only
+        assert len(set(who)) > 1
+
+
+def test_m2_table_sets_m2_beside_the_classifier_on_labels_alone_and_the_reference():
+    frame = vae.run_m2("quick")
+    assert list(frame.contender) == [
+        vae.BUILTIN,
+        vae.SUPERVISED,
+        vae.REFERENCE,
+        vae.M2_SOURCE,
+        vae.PYRO_M2_SOURCE,
+    ]
+    rows = frame.set_index("contender")
+    assert rows.loc[vae.M2_SOURCE, "accuracy"] == pytest.approx(88.03)
+    assert rows.loc[vae.BUILTIN, "minus_supervised_only"] == pytest.approx(
+        rows.loc[vae.BUILTIN, "accuracy"] - rows.loc[vae.SUPERVISED, "accuracy"]
+    )
+    curves = frame.attrs["curves"]
+    for name in (vae.BUILTIN, vae.SUPERVISED, vae.REFERENCE):  # one point per epoch each
+        assert sorted(curves[curves.contender == name].epoch) == [1, 2]
+    assert "Adam(lr=0.0003, betas=(0.9, 0.999)), batch 200" in frame.attrs["protocol"]
+
+
+def test_iwae_schedule_is_burda_et_al_stages_in_proportion():
+    schedule = vae.StagedDecay(3280)  # one step per epoch: the paper's epochs exactly
+    ends = [1, 4, 13, 40, 121, 364, 1093, 3280]  # cumulative 3^i epochs
+    for i, end in enumerate(ends):
+        assert schedule(end - 1) == pytest.approx(10 ** (-i / 7))
+    assert schedule(3280) == pytest.approx(10 ** (-1))
+    short = vae.StagedDecay(328)  # a tenth as long: the same stages, a tenth as long
+    assert short(36) == pytest.approx(10 ** (-5 / 7))  # stage 5 ends at 36.4 of 328 steps
+    assert short(37) == pytest.approx(10 ** (-6 / 7))
+    options = vae.IWAE_PROFILES["full"].fit_options(50_000, 0, "cpu")
+    assert options["batch_size"] == 20 and options["optimizer_args"]["eps"] == 1e-4
+    assert options["scheduler_interval"] == "step"
+    assert options["scheduler"].keywords["lr_lambda"].total_steps == 100 * 2500
+
+
+def test_aevb_protocol_is_adagrad_with_the_parameter_prior_as_weight_decay():
+    options = vae.LATENT_PROFILES["full"].fit_options(50_000, 0, "cpu")
+    assert options["optimizer"] is torch.optim.Adagrad and options["lr"] == 0.02
+    assert options["optimizer_args"] == {"weight_decay": 100 / 50_000}
+
+
+def test_hand_written_vae_objectives_estimate_what_lvmkit_scores():
+    """The reference's ELBO and IWAE bound, averaged over many draws, are lvmkit's evaluate
+    ELBO and importance-sampled log-likelihood: the same objective, written by hand."""
+    torch.manual_seed(0)
+    model, guide = lvmkit.build_vae(lvmkit.VAEConfig(data_dim=12, latent_dim=3, hidden_dims=(16,)))
+    x = torch.bernoulli(torch.full((64, 12), 0.3))
+    with torch.no_grad():
+        log_w = references.vae_log_weights(model.decoder, guide.net, x, 4000)
+    scores = lvmkit.evaluate(model, guide, x, 4000)
+    assert log_w.mean(0).mean() == pytest.approx(scores.elbo.mean(), rel=2e-3)
+    iwae = torch.logsumexp(log_w, 0) - math.log(4000)
+    assert iwae.mean() == pytest.approx(scores.log_likelihood.mean(), rel=2e-3)
+
+
+def test_hand_written_m2_loss_estimates_pyros_enumerated_elbo():
+    torch.manual_seed(0)
+    cfg = lvmkit.M2Config(
+        data_dim=12, num_classes=3, latent_dim=2, hidden_dims=(16,), aux_weight=4.0
+    )
+    model, guide = lvmkit.build_m2(cfg)
+    xu = torch.bernoulli(torch.full((20, 12), 0.4))
+    xl, yl = torch.bernoulli(torch.full((6, 12), 0.6)), torch.tensor([0, 1, 2, 0, 1, 2])
+    elbo = TraceEnum_ELBO(
+        max_plate_nesting=1,
+        num_particles=3000,
+        vectorize_particles=True,
+        strict_enumeration_warning=False,
+    )
+    with torch.no_grad():
+        pyro_loss = elbo.loss(model, guide, xu) + elbo.loss(model, guide, xl, yl)
+        by_hand = torch.stack(
+            [
+                references.m2_loss(
+                    model.decoder, guide.encoder, guide.classifier, xu, xl, yl, classes=3, alpha=4.0
+                )
+                for _ in range(3000)
+            ]
+        ).mean()
+    assert float(by_hand) == pytest.approx(pyro_loss, rel=2e-3)
+
+
+# -- bad contenders ---------------------------------------------------------------------------
+
+
+def _task(**kw):
+    base = dict(
+        suite="vae-iwae",
+        setting="VAE k=1",
+        data_dim=784,
+        arguments=("x",),
+        data="binary images",
+        latent_dim=4,
+    )
+    return contenders.Task(**{**base, **kw})
+
+
+def test_a_factory_that_returns_no_pair_is_refused():
+    probe = [{"x": torch.zeros(4, 784)}]
+    with pytest.raises(
+        TypeError,
+        match=r"contender 'x': its factory not_a_pair returned "
+        r"Sequential; expected \(model, guide\)",
+    ):
+        contenders.build("x", user_models.not_a_pair, _task(), probe)
+    with pytest.raises(TypeError, match="not \\(model, guide\\) callables \\(int, int\\)"):
+        contenders.build("x", lambda task: (1, 2), _task(), probe)
+
+
+def test_a_pair_that_does_not_fit_the_data_is_refused_before_training():
+    probe = [{"x": torch.zeros(4, 784)}]
+    with pytest.raises(
+        ValueError,
+        match=r"contender 'small' does not fit vae-iwae \(VAE k=1; "
+        r"data x: \(4, 784\) — binary images\): RuntimeError",
+    ):
+        contenders.build("small", user_models.wrong_size, _task(), probe)
+
+    def observes_nothing(task):
+        def model(x):
+            pyro.sample("z", pyro.distributions.Normal(0.0, 1.0))
+
+        return model, lambda x: None
+
+    with pytest.raises(ValueError, match="the model observes nothing"):
+        contenders.build("blind", observes_nothing, _task(), probe)
+
+
+def test_contender_names_and_options_are_checked():
+    with pytest.raises(ValueError, match="contender name 'lvmkit' clashes with a row of vae-iwae"):
+        run("vae-iwae", "quick", contenders={"lvmkit": user_models.make_pair})
+    with pytest.raises(ValueError, match="clashes"):
+        run("vae-iwae", "quick", contenders={vae.IWAE_SOURCE: user_models.make_pair})
+    with pytest.raises(ValueError, match="only='nobody' names no contender of vae-iwae"):
+        run("vae-iwae", "quick", contenders={"mine": user_models.make_pair}, only="nobody")
+    with pytest.raises(TypeError, match="contender 'mine' must be a factory"):
+        run("vae-iwae", "quick", contenders={"mine": "models.py:make"})
+    with pytest.raises(ValueError, match="contenders, only and settings are for"):
+        run("speed", "quick", contenders={"mine": user_models.make_pair})
+    with pytest.raises(ValueError, match=r"may not set \['epochs'\]"):
+        Contender(lambda x: x, lambda x: x, fit_options={"epochs": 3})
+
+
+def test_cli_contender_errors_name_the_flag(tmp_path, capsys):
+    def error(*extra):
+        with pytest.raises(SystemExit) as stop:
+            main(["bench", "vae", "iwae", "--profile", "quick", "--out", str(tmp_path), *extra])
+        return stop.value.code, capsys.readouterr().err
+
+    code, err = error("--contender", "mine")
+    assert code == 2 and "--contender must be NAME=MODULE:FUNCTION" in err
+    code, err = error("--contender", "mine=no_such_module_xyz:make")
+    assert code == 2 and "cannot import 'no_such_module_xyz'" in err
+    code, err = error("--contender", "mine=tests.user_models:nothing_here")
+    assert code == 2 and "tests.user_models has no 'nothing_here'" in err
+    code, err = error("--contender", f"mine={tmp_path / 'missing.py'}:make")
+    assert code == 2 and "no file" in err
+    pair = "mine=tests.user_models:make_pair"
+    code, err = error("--contender", pair, "--contender", pair)
+    assert code == 2 and "--contender names must differ; ['mine']" in err
+    code, err = error("--contender", pair, "--only", "nobody")
+    assert code == 2 and "--only nobody names no contender" in err
+    assert not list(tmp_path.glob("*.csv"))  # nothing written
+
+
+def test_cli_only_runs_one_contender_beside_the_paper_rows(tmp_path):
+    args = [
+        "bench",
+        "vae",
+        "iwae",
+        "--profile",
+        "quick",
+        "--out",
+        str(tmp_path),
+        "--contender",
+        "mine=tests.user_models:make_pair",
+        "--only",
+        "mine",
+    ]
+    assert main(args) == 0
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "vae-iwae-cpu-quick.csv")
+    assert set(table.contender) == {"mine", vae.IWAE_SOURCE}
+    assert (tmp_path / "vae-iwae-cpu-quick-figures" / "vae-iwae-nll.png").is_file()
