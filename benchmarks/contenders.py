@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import math
 import sys
 import time
@@ -58,6 +59,13 @@ from lvmkit.inference._data import cuda_devices
 from lvmkit.inference._params import eval_mode, param_scope
 
 Factory = Callable[["Task"], Any]
+log = logging.getLogger("lvmkit.benchmarks")  # progress: one line per contender and setting
+
+
+def say(task: Task, name: str) -> None:
+    """Log that ``name`` starts on ``task``'s setting (the CLI shows it; long runs need it)."""
+    log.info("%s %s · %s · seed %d · %s", time.strftime("%H:%M:%S"), task.suite, task.setting,
+             task.seed, name)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -174,6 +182,7 @@ def build(name: str, factory: Factory, task: Task, probe: list[dict[str, Any]]) 
     """Call the factory and check what it returns fits the task's data (``probe``: a few
     points of each kind of call the suite makes)."""
     pyro.clear_param_store()  # a function pair's pyro.module names start afresh per setting
+    say(task, name)
     made = factory(task)
     title = getattr(factory, "__qualname__", type(factory).__name__)
     if isinstance(made, Contender):
@@ -235,7 +244,7 @@ def train(
     contender: Contender, task: Task, data: Any, *, protocol: dict[str, Any], **kwargs: Any
 ) -> tuple[Any, float]:
     """``fit`` under the suite's ``protocol`` (epochs, batch size, optimizer, …), the
-    contender's own options on top; returns the result and the seconds per epoch."""
+    contender's own options on top; returns the result and the seconds per epoch trained."""
     options = {**protocol, **kwargs}
     if contender.objective is not None or task.objective != "elbo":
         options["objective"] = (
@@ -247,7 +256,8 @@ def train(
     options.update(contender.fit_options)
     tic = time.perf_counter()
     result = fit(contender.model, contender.guide, data, progress=False, **options)
-    return result, (time.perf_counter() - tic) / max(1, options.get("epochs", 1))
+    epochs = max(1, len(result.history))  # (fewer than asked where early stopping ended it)
+    return result, (time.perf_counter() - tic) / epochs
 
 
 def classify(contender: Contender, task: Task, x: torch.Tensor) -> torch.Tensor:

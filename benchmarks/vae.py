@@ -294,6 +294,7 @@ def _reference_density(
     task: Task, p: Protocol, x_train, x_test, seed
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """The built-in networks, from the same seed, trained by the hand-written loop."""
+    cs.say(task, REFERENCE)
     pyro.set_rng_seed(seed)
     model, guide = _builtin_vae(task)
     curve = _density_curve(model, guide, x_test, p, seed)
@@ -832,6 +833,7 @@ def _supervised_only(task, labelled, test, p: Protocol, seed, device, n_train):
     """The M2 guide's classifier network trained on the labelled images alone (maximum
     likelihood through ``fit``), for as many optimizer steps as M2 takes; its accuracy is
     recorded at the M2-epochs those steps correspond to."""
+    cs.say(task, SUPERVISED)
     pyro.set_rng_seed(seed)
     _, guide = build_m2(M2Config(784, latent_dim=task.latent_dim, hidden_dims=task.hidden_dims))
     classifier = guide.classifier
@@ -872,6 +874,7 @@ def _supervised_only(task, labelled, test, p: Protocol, seed, device, n_train):
 
 def _reference_m2(task, sources, test, p: Protocol, seed):
     """The built-in M2 networks, from the same seed, trained by the hand-written loop."""
+    cs.say(task, REFERENCE)
     pyro.set_rng_seed(seed)
     contender = _builtin_m2(task)
     model, guide = contender.model, contender.guide

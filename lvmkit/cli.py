@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import re
 import sys
 import time
@@ -370,6 +371,10 @@ def _bench(args: argparse.Namespace) -> int:
     elif args.part is not None:
         raise ValueError(f"bench {args.suite} takes no part; got {args.part!r}")
     check_choice("suite", key, BENCHMARKS)
+    progress = logging.getLogger("lvmkit.benchmarks")  # a line as each contender starts
+    if not progress.handlers:
+        progress.addHandler(logging.StreamHandler(sys.stderr))
+        progress.setLevel(logging.INFO)
     loaded = dict(load(spec) for spec in args.contender)
     if len(loaded) < len(args.contender):
         names = [spec.partition("=")[0] for spec in args.contender]

@@ -27,6 +27,8 @@ DOCTEST_MODULES = [
     "lvmkit.models.cvae",
     "lvmkit.models.m2",
     "lvmkit.data",
+    "lvmkit.datasets",
+    "lvmkit.benchmarks",
 ]
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 FAMILY_PAGES = ["gmm", "nonlinear", "vae", "autoencoders", "cvae", "m2", "variants"]
