@@ -33,3 +33,13 @@ def test_custom_model_example_trains_evaluates_and_plots_with_arviz(tmp_path, ca
     ]
     summary = pd.read_csv(tmp_path / "posterior_summary.csv", index_col=0)
     assert list(summary.index) == [f"z[{p}, {d}]" for p in range(3) for d in range(2)]
+
+
+def test_m2_alpha_ablation_example_scales_kingmas_alpha():
+    from lvmkit.benchmarks import vae
+
+    example = _load("m2_alpha_ablation")
+    task = vae._m2_task(100, 50_000)
+    contender = example.alpha_times(10.0)(task)
+    assert task.extra["aux_weight"] == 50.0
+    assert contender.model.config.aux_weight == 500.0
