@@ -388,31 +388,14 @@ def curve_figure(
     part = curves[curves.metric == metric]
     if part.empty:
         return None
-    plt = plots.pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    runs = part.drop(columns=["epoch", "value"]).drop_duplicates()
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (_, run) in enumerate(runs.iterrows()):
-        mask = np.logical_and.reduce([part[c] == run[c] for c in runs.columns])
-        rows = part[mask].sort_values("epoch")
-        ax.plot(
-            rows.epoch,
-            rows.value,
-            marker="o",
-            ms=2.5,
-            color=colours[i % len(colours)],
-            label=label_of(run),
-        )
-    for i, (label, value) in enumerate((lines or {}).items()):
-        ax.axhline(value, ls="--", lw=1, color=colours[(i + len(runs)) % len(colours)], label=label)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6.5)
-    fig.tight_layout()
-    return plots.save(fig, path)
+    keys = [c for c in part.columns if c not in ("epoch", "value")]
+    runs = {}
+    for _, rows in part.groupby(keys, sort=False, dropna=False):
+        rows = rows.sort_values("epoch")
+        runs[label_of(rows.iloc[0])] = (rows.epoch, rows.value)
+    return plots.line_plot(
+        runs, xlabel="epoch", ylabel=ylabel, lines=dict(lines or {}), title=title, path=path
+    )
 
 
 # -- contenders named on the command line -----------------------------------------------------

@@ -10,20 +10,14 @@ import sys
 from lvmkit import benchmarks as bench
 from lvmkit.benchmarks import vae
 from lvmkit.benchmarks.contenders import Contender, Task
-from lvmkit.models import M2Config, build_m2
 
 
 def alpha_times(factor: float):
+    """The built-in M2 contender with ``factor`` times the task's α."""
+
     def factory(task: Task) -> Contender:
-        cfg = M2Config(
-            task.data_dim,
-            num_classes=task.num_classes or 10,
-            latent_dim=task.latent_dim or 50,
-            hidden_dims=task.hidden_dims or (500,),
-            aux_weight=factor * task.extra["aux_weight"],
-        )
-        model, guide = build_m2(cfg)
-        return Contender(model, guide, objective=vae._m2_objective())
+        alpha = factor * task.extra["aux_weight"]
+        return vae._builtin_m2(dataclasses.replace(task, extra={**task.extra, "aux_weight": alpha}))
 
     return factory
 

@@ -326,14 +326,18 @@ def line_plot(
     xlabel: str,
     ylabel: str,
     legend: str = "",
+    lines: dict[str, float] | None = None,
     title: str | None = None,
     path: str | Path | None = None,
 ):
-    """Named curves ``{label: (xs, ys)}`` on one axis."""
+    """Named curves ``{label: (xs, ys)}`` on one axis; ``lines`` ``{label: y}`` are drawn as
+    dashed horizontal reference lines (a published number, say)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, (xs, ys) in curves.items():
         ax.plot(xs, ys, marker="o", ms=3, label=f"{legend} {label}".strip())
+    for i, (label, y) in enumerate((lines or {}).items(), start=len(curves)):
+        ax.axhline(y, ls="--", lw=1, color=f"C{i % 10}", label=label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
