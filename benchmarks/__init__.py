@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from lvmkit.benchmarks import gmm, nonlinear, speed, vae
+from lvmkit.benchmarks import gmm, nonlinear, sequence, speed, vae
 from lvmkit.benchmarks.contenders import Contender, Task
 from lvmkit.inference.checkpoint import atomic_write_text
 from lvmkit.models._checks import check_choice
@@ -24,10 +24,11 @@ from lvmkit.models._checks import check_choice
 BENCHMARKS: dict[str, Callable[..., pd.DataFrame]] = {
     "gmm": gmm.run,
     "nonlinear": nonlinear.run,
+    "sequence": sequence.run,
     "speed": speed.run,
     **{f"vae-{name}": run for name, run in vae.SUITES.items()},
 }
-TAKES_CONTENDERS = ("gmm", *(f"vae-{name}" for name in vae.SUITES))
+TAKES_CONTENDERS = ("gmm", "sequence", *(f"vae-{name}" for name in vae.SUITES))
 
 
 def run(
@@ -49,8 +50,8 @@ def run(
     Example::
 
         >>> import lvmkit.benchmarks as bench
-        >>> sorted(bench.TAKES_CONTENDERS)[:2]
-        ['gmm', 'vae-cvae']
+        >>> sorted(bench.TAKES_CONTENDERS)[:3]
+        ['gmm', 'sequence', 'vae-cvae']
     """
     key = suite.strip().replace(" ", "-").replace("/", "-")
     fn = BENCHMARKS[check_choice("suite", key, BENCHMARKS)]

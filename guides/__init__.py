@@ -5,6 +5,7 @@ from lvmkit.guides.conditional import ConditionalEncoder
 from lvmkit.guides.deterministic import DeterministicEncoder
 from lvmkit.guides.gaussian import GaussianEncoder, GaussianEncoderConfig
 from lvmkit.guides.semisupervised import SemiSupervisedEncoder
+from lvmkit.guides.sequence import MarkovGuide, RecurrentEncoder
 
 __all__ = [
     "CategoricalEncoder",
@@ -13,5 +14,7 @@ __all__ = [
     "DeterministicEncoder",
     "GaussianEncoder",
     "GaussianEncoderConfig",
+    "MarkovGuide",
+    "RecurrentEncoder",
     "SemiSupervisedEncoder",
 ]

@@ -206,7 +206,7 @@ def _parser() -> argparse.ArgumentParser:
     _common(ev)
 
     bench = command("bench", "run a benchmark suite; write its CSV, Markdown and figures")
-    bench.add_argument("suite", help="gmm | nonlinear | speed | vae (with a part)")
+    bench.add_argument("suite", help="gmm | nonlinear | sequence | speed | vae (with a part)")
     bench.add_argument(
         "part", nargs="?", help="for bench vae: latent | iwae | m2 | cvae | variants"
     )
@@ -221,7 +221,8 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME=MODULE:FUNCTION",
-        help="your own model, trained and scored beside the built-in rows (gmm and vae suites; "
+        help="your own model, trained and scored beside the built-in rows (gmm, sequence and vae "
+        "suites; "
         "repeatable): FUNCTION(task) returns (model, guide); MODULE is importable or a path to "
         "a .py file",
     )

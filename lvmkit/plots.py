@@ -395,3 +395,42 @@ def khat_plot(pareto_k: Any, *, title: str | None = None, path: str | Path | Non
     ax.set_title((title or "Pareto k̂ of the importance weights per data point") + note, fontsize=9)
     fig.tight_layout()
     return save(fig, path)
+
+
+def piano_rolls(rolls: dict[str, Any], *, title: str | None = None, path: str | Path | None = None):
+    """Piano rolls ``{label: (T, 88) frames}`` one above the other: time across, keys up (MIDI
+    21–108), a dark cell where a key sounds.
+
+    Example::
+
+        >>> import torch
+        >>> fig = piano_rolls({"a chord": torch.eye(88)[[39, 43, 46]].sum(0).expand(8, -1)})
+        >>> len(fig.axes)
+        1
+    """
+    if not rolls:
+        raise ValueError("rolls is empty: give {label: (T, 88) frames}")
+    plt = pyplot()
+    fig, axes = plt.subplots(len(rolls), 1, figsize=(8, 1.6 * len(rolls) + 0.4), squeeze=False)
+    for ax, (label, roll) in zip(axes[:, 0], rolls.items(), strict=True):
+        values = np.asarray(torch.as_tensor(roll).detach().cpu().float())
+        if values.ndim != 2:
+            raise ValueError(f"{label!r}: a piano roll is (T, keys); got shape {values.shape}")
+        keys = np.flatnonzero(values.any(0)) if values.any() else np.array([0, values.shape[1] - 1])
+        lo, hi = max(0, keys.min() - 2), min(values.shape[1], keys.max() + 3)
+        ax.imshow(
+            values[:, lo:hi].T,
+            aspect="auto",
+            origin="lower",
+            cmap="Greys",
+            interpolation="nearest",
+            extent=(0, len(values), 21 + lo - 0.5, 21 + hi - 0.5),
+        )
+        ax.set_ylabel("MIDI", fontsize=7)
+        ax.set_title(label, fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[-1, 0].set_xlabel("frame (quarter note)")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return save(fig, path)

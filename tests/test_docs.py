@@ -26,6 +26,9 @@ DOCTEST_MODULES = [
     "lvmkit.models.autoencoder",
     "lvmkit.models.cvae",
     "lvmkit.models.m2",
+    "lvmkit.models.sequence",
+    "lvmkit.guides.sequence",
+    "lvmkit.music",
     "lvmkit.data",
     "lvmkit.datasets",
     "lvmkit.benchmarks",
@@ -60,6 +63,7 @@ WITHOUT_EXAMPLE = {
     "ActiveUnits", "AutoencoderConfig", "CVAEConfig", "CategoricalEncoderConfig",
     "CheckpointError", "Dataset", "EvaluationSummary", "FitInfo", "FitResult", "GMMConfig",
     "GaussianEncoderConfig", "M2Config", "NonFiniteLossError", "NonlinearConfig", "VAEConfig",
+    "RecurrentVAEConfig", "DMMConfig",
     "Autoencoder", "ConditionalBaseline", "ConditionalEncoder", "DeterministicEncoder",
     "SemiSupervisedEncoder",
 }  # fmt: skip

@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,11 +36,20 @@ def test_custom_model_example_trains_evaluates_and_plots_with_arviz(tmp_path, ca
     assert list(summary.index) == [f"z[{p}, {d}]" for p in range(3) for d in range(2)]
 
 
-def test_m2_alpha_ablation_example_scales_kingmas_alpha():
+def test_m2_ablation_example_scales_kingmas_alpha_and_initialises_like_kingma():
     from lvmkit.benchmarks import vae
 
-    example = _load("m2_alpha_ablation")
+    example = _load("m2_ablation")
     task = vae._m2_task(100, 50_000)
     contender = example.alpha_times(10.0)(task)
     assert task.extra["aux_weight"] == 50.0
     assert contender.model.config.aux_weight == 500.0
+    initialised = example.initialised(1e-3)(task)
+    weights = [
+        layer.weight
+        for module in (initialised.model, initialised.guide)
+        for layer in module.modules()
+        if isinstance(layer, torch.nn.Linear)
+    ]
+    assert weights and all(float(w.detach().std()) < 2e-3 for w in weights)
+    assert all(float(w.detach().abs().max()) > 0 for w in weights)

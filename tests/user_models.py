@@ -133,10 +133,39 @@ def mixture(task):
     return Contender(model, guide, objective=TraceEnum_ELBO(max_plate_nesting=1), classify=classify)
 
 
+def sequences(task):
+    """A bag-of-frames VAE on padded sequences: the code from the mean frame within each length,
+    every frame decoded from the code alone (no recurrence), the padding masked out."""
+    latent = task.latent_dim or 8
+    decoder, encoder = _net(latent, task.data_dim), _net(task.data_dim, 2 * latent)
+
+    def within(x, lengths):
+        return (torch.arange(x.shape[1]) < lengths[:, None]).to(x.dtype)
+
+    def model(x, lengths):
+        pyro.module("decoder", decoder)
+        mask = within(x, lengths).bool()[..., None]
+        with pyro.plate("chorales", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(latent), 1.0).to_event(1))
+            logits = decoder(z)[..., None, :].expand(*z.shape[:-1], *x.shape[1:])
+            pyro.sample("x", dist.Bernoulli(logits=logits).mask(mask).to_event(2), obs=x)
+
+    def guide(x, lengths):
+        pyro.module("encoder", encoder)
+        mean_frame = (x * within(x, lengths)[..., None]).sum(1) / lengths[:, None]
+        loc, log_scale = encoder(mean_frame).chunk(2, -1)
+        with pyro.plate("chorales", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, log_scale.exp()).to_event(1))
+
+    return model, guide
+
+
 def make_pair(task):
     """One factory for every suite: the pair that fits the task's data."""
     if task.suite == "gmm":
         return mixture(task)
+    if "lengths" in task.arguments:
+        return sequences(task)
     if "y" in task.arguments:
         return semi_supervised(task)
     if "c" in task.arguments:

@@ -1,0 +1,319 @@
+"""``lvmkit bench sequence``: sequence models on Bach's chorales (piano rolls, JSB's frame rate and
+88 keys, built from music21's corpus — :mod:`lvmkit.music`).
+
+Contenders (each trained by ``lvmkit.fit`` and scored by ``lvmkit.evaluate``; yours join with
+``--contender``):
+
+- ``recurrent, no z``: the recurrent decoder alone (no code) — the baseline that says whether z
+  helps at all;
+- ``recurrent VAE``: SentenceVAE's model, plain ELBO;
+- ``+ KL annealing``: the KL weight rising 0 → 1 over the first quarter of training (Bowman et
+  al.);
+- ``+ annealing + frame dropout``: and a quarter of the decoder's inputs dropped (word dropout);
+- ``conductor (MusicVAE)``: the hierarchical decoder (4-frame bars = one 4/4 bar), annealed;
+- ``deep Markov model``: Krishnan et al.'s DMM with its structured guide.
+
+Per contender, on the test chorales: negative log-likelihood per frame (importance sampling, K
+samples; the exact likelihood for the decoder without z), −ELBO per frame, KL(q ‖ p) per
+sequence (E_q log p(x | z) − ELBO), active units (Burda et al.'s covariance test; the DMM's
+codes are per frame, so none there), and the decoder's NLL per frame with z drawn from the prior
+over its NLL with z from the posterior (``prior_nll_ratio``: 1 = the code carries nothing, the
+decoder does as well without it — posterior collapse). Learning curves: the validation −ELBO
+per frame each epoch. Published JSB numbers (nats per frame) beside ours in the docs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyro
+import torch
+from pyro import poutine
+
+from lvmkit.benchmarks import contenders as cs
+from lvmkit.benchmarks.contenders import Contender, Curve, Task
+from lvmkit.inference import KLSchedule, active_units, evaluate, summarize
+from lvmkit.inference._params import eval_mode, param_scope
+from lvmkit.models import DMMConfig, RecurrentVAEConfig, build_dmm, build_recurrent_vae
+from lvmkit.models._checks import check_choice
+
+BASELINE = "recurrent, no z"
+PLAIN = "recurrent VAE"
+ANNEALED = "+ KL annealing"
+DROPOUT = "+ annealing + frame dropout"
+CONDUCTOR = "conductor (MusicVAE)"
+DMM = "deep Markov model"
+
+# Published test NLL per frame on JSB Chorales (nats; their split, their training lengths).
+PUBLISHED = {
+    "RNN-NADE (Boulanger-Lewandowski et al. 2012)": 5.56,
+    "STORN (Bayer & Osendorfer 2014)": 6.91,
+    "DMM-Aug (Krishnan et al. 2017, a bound)": 6.388,
+}
+
+
+@dataclass(frozen=True)
+class SequenceProtocol:
+    n_train: int | None  # chorales trained on (None: the whole train split)
+    n_test: int | None
+    epochs: int
+    num_samples: int  # K of the importance-sampled NLL
+    batch_size: int = 20
+    lr: float = 3e-3  # 1e-3 sat ~2 nats/frame higher after 10 epochs (dev runs, 2026-11-29)
+    clip_norm: float = 10.0
+    latent_dim: int = 16
+    hidden_dim: int = 128
+    seed: int = 0
+
+    def describe(self, n_train: int, n_test: int) -> str:
+        return (
+            f"{n_train} train / {n_test} test chorales, {self.epochs} epochs, Adam lr "
+            f"{self.lr:g}, batch {self.batch_size}, gradient norm clipped at {self.clip_norm:g}, "
+            f"K = {self.num_samples}"
+        )
+
+
+PROFILES = {
+    "quick": SequenceProtocol(
+        n_train=24, n_test=8, epochs=2, num_samples=4, latent_dim=4, hidden_dim=16
+    ),
+    "full": SequenceProtocol(n_train=None, n_test=None, epochs=120, num_samples=100),
+}
+
+
+def _rvae(**options: Any):
+    def factory(task: Task) -> Contender:
+        extra = dict(task.extra)
+        cfg = RecurrentVAEConfig(
+            task.data_dim,
+            latent_dim=task.latent_dim or 16,
+            hidden_dim=extra.get("hidden_dim", 128),
+            embed_dim=extra.get("hidden_dim", 128) // 2,
+            frame_dropout=options.get("frame_dropout", 0.0),
+            bar_length=options.get("bar_length"),
+        )
+        model, guide = build_recurrent_vae(cfg)
+        fit_options = {}
+        if options.get("anneal"):
+            warmup = max(1.0, extra["epochs"] / 4)
+            fit_options["kl_schedule"] = KLSchedule(warmup_epochs=warmup)
+        return Contender(model, guide, fit_options=fit_options)
+
+    return factory
+
+
+def _baseline(task: Task) -> Contender:
+    hidden = task.extra.get("hidden_dim", 128)
+    cfg = RecurrentVAEConfig(task.data_dim, latent_dim=0, hidden_dim=hidden, embed_dim=hidden // 2)
+    return Contender(*build_recurrent_vae(cfg))
+
+
+def _dmm(task: Task) -> Contender:
+    hidden = task.extra.get("hidden_dim", 128)
+    cfg = DMMConfig(
+        task.data_dim,
+        latent_dim=task.latent_dim or 16,
+        emission_dim=hidden // 2,
+        transition_dim=hidden,
+        rnn_dim=hidden,
+    )
+    return Contender(*build_dmm(cfg))
+
+
+BUILTINS = {
+    BASELINE: _baseline,
+    PLAIN: _rvae(),
+    ANNEALED: _rvae(anneal=True),
+    DROPOUT: _rvae(anneal=True, frame_dropout=0.25),
+    CONDUCTOR: _rvae(anneal=True, bar_length=4),
+    DMM: _dmm,
+}
+
+
+def run(
+    profile: str = "full",
+    *,
+    device: str = "cpu",
+    figures_dir: str | Path | None = None,
+    protocol: SequenceProtocol | None = None,
+    contenders=None,
+    only: str | None = None,
+    settings: tuple[str, ...] | None = None,
+) -> pd.DataFrame:
+    """Train and score every contender on the chorales; one row per contender."""
+    from lvmkit.music import load_chorales
+
+    p = protocol or PROFILES[check_choice("profile", profile, PROFILES)]
+    if settings is not None and tuple(settings) != ("chorales",):
+        raise ValueError(f"sequence has one setting, 'chorales'; got {settings}")
+    train, valid, test = (load_chorales(s) for s in ("train", "valid", "test"))
+    if p.n_train is not None:
+        train, valid = train.take(p.n_train), valid.take(max(2, p.n_train // 3))
+    if p.n_test is not None:
+        test = test.take(p.n_test)
+    task = Task(
+        "sequence",
+        "chorales",
+        train.data_dim,
+        ("x", "lengths"),
+        "x: (N, T, 88) 0/1 piano rolls, one frame per quarter note, zero past each chorale's "
+        "end; lengths: (N,) frames",
+        latent_dim=p.latent_dim,
+        num_train=len(train),
+        seed=p.seed,
+        extra={"hidden_dim": p.hidden_dim, "epochs": p.epochs},
+    )
+    chosen = cs.select("sequence", BUILTINS, contenders, only, reserved=tuple(PUBLISHED))
+    probe = [train.take(3).data]
+    rows, curves, models = [], [], {}
+    per_frame_val = len(valid) / valid.num_frames
+    for name, factory in chosen.items():
+        pyro.set_rng_seed(p.seed)
+        contender = cs.build(name, factory, task, probe)
+        curve = Curve(from_history={"val_elbo:validation -ELBO per frame": _scaled(-per_frame_val)})
+        options = dict(
+            epochs=p.epochs,
+            batch_size=p.batch_size,
+            lr=p.lr,
+            clip_norm=p.clip_norm,
+            seed=p.seed,
+            device=device,
+            validation_data=valid.data,
+        )
+        _, per_epoch = cs.train(contender, task, train.data, protocol=options, callbacks=[curve])
+        rows.append(
+            {
+                "contender": name,
+                **score(contender, test, p.num_samples, p.seed),
+                "epochs": p.epochs,
+                "seconds_per_epoch": per_epoch,
+            }
+        )
+        curves.append(curve.frame(contender=name))
+        models[name] = contender
+    for source, nll in PUBLISHED.items():
+        rows.append({"contender": source, "nll_per_frame": nll})
+    frame = pd.DataFrame(rows)
+    curves_frame = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame()
+    frame.attrs["curves"] = curves_frame
+    frame.attrs["protocol"] = p.describe(len(train), len(test))
+    if figures_dir is not None:
+        _figures(models, test, curves_frame, Path(figures_dir), p)
+    return frame
+
+
+def _scaled(factor: float):
+    return lambda value: factor * value
+
+
+def score(contender: Contender, test: Any, num_samples: int, seed: int) -> dict[str, float]:
+    """The table's numbers for one trained contender on ``test`` (a :class:`lvmkit.music.
+    Sequences`)."""
+    model, guide = contender.model, contender.guide
+    frames = test.num_frames
+    table = evaluate(model, guide, test.data, num_samples, seed=seed, progress=False)
+    s = summarize(table)
+    n = len(test)
+    recon_q = _reconstruction(model, guide, test.data, seed, from_prior=False)
+    recon_p = _reconstruction(model, guide, test.data, seed, from_prior=True)
+    out = {
+        "nll_per_frame": -s.log_likelihood * n / frames,
+        "neg_elbo_per_frame": -s.elbo * n / frames,
+        "kl_per_sequence": float(recon_q.mean()) - s.elbo,
+        "active_units": math.nan,
+        "prior_nll_ratio": float(recon_p.sum() / recon_q.sum()),
+        "frac_k_above_0_7": s.frac_pareto_k_above_0_7,
+        "K": num_samples,
+        "n_test": n,
+        "test_frames": frames,
+    }
+    sites = _guide_sites(guide, test.take(2).data)
+    if "z" in sites:
+        out["active_units"] = active_units(guide, test.data).count
+    if not sites:  # nothing latent: the likelihood is exact, and there is no code to collapse
+        out["kl_per_sequence"] = out["prior_nll_ratio"] = math.nan
+    return out
+
+
+def _guide_sites(guide, data) -> list[str]:
+    with poutine.block(), torch.no_grad():
+        trace = poutine.trace(guide).get_trace(**data)
+    return [n for n, s in trace.nodes.items() if s["type"] == "sample"]
+
+
+def _reconstruction(model, guide, data, seed: int, *, from_prior: bool) -> torch.Tensor:
+    """E[log p(x | z)] per sequence with z from the guide (or the prior): one draw, summed
+    over the observed sites (masks honoured)."""
+    with (
+        torch.no_grad(),
+        torch.random.fork_rng(),
+        param_scope(model, guide, publish=False),
+        eval_mode(model, guide),
+        pyro.validation_enabled(False),
+        poutine.block(),
+    ):
+        pyro.set_rng_seed(seed)
+        if from_prior:
+            trace = poutine.trace(model).get_trace(**data)
+        else:
+            guide_trace = poutine.trace(guide).get_trace(**data)
+            trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(**data)
+        trace.compute_log_prob()
+    total = torch.zeros(len(data["x"]))
+    for site in trace.nodes.values():
+        if site["type"] == "sample" and site["is_observed"]:
+            total = total + site["log_prob"].reshape(-1, len(total)).sum(0).cpu()
+    return total
+
+
+def _figures(models: dict[str, Contender], test, curves: pd.DataFrame, out: Path, p) -> None:
+    from lvmkit import plots
+
+    out.mkdir(parents=True, exist_ok=True)
+    cs.curve_figure(
+        curves,
+        "validation -ELBO per frame",
+        label_of=lambda row: str(row["contender"]),
+        lines={
+            "RNN-NADE (JSB test NLL)": PUBLISHED["RNN-NADE (Boulanger-Lewandowski et al. 2012)"]
+        },
+        ylabel="validation −ELBO per frame (nats)",
+        title=f"chorales, per epoch ({p.epochs} epochs)",
+        path=out / "sequence-curves.png",
+    )
+    rolls = {"a test chorale": test.x[0, : int(test.lengths[0])]}
+    for name in (PLAIN, DROPOUT, DMM):
+        if name in models:
+            model, guide = models[name].model, models[name].guide
+            with torch.no_grad(), eval_mode(model), param_scope(model, guide, publish=False):
+                pyro.set_rng_seed(p.seed)
+                rolls[f"sampled: {name}"] = model(length=int(test.lengths[0]), batch_size=1)[0]
+    plots.piano_rolls(rolls, path=out / "sequence-samples.png")
+    for name, contender in models.items():
+        if name in (PLAIN, DROPOUT) and len(test) >= 2:
+            plots.piano_rolls(
+                interpolate(contender.model, contender.guide, test.take(2), steps=5),
+                path=out / f"sequence-interpolation-{name.replace(' ', '_').strip('+_')}.png",
+            )
+            break
+
+
+def interpolate(model, guide, pair, *, steps: int = 5) -> dict[str, torch.Tensor]:
+    """Decode codes on the line between two sequences' posterior means (greedy: each frame's
+    most probable keys fed back), ``steps`` points from the first to the second."""
+    with torch.no_grad(), eval_mode(model, guide), param_scope(model, guide, publish=False):
+        loc, _ = guide.encode(pair.x, pair.lengths)
+        length = int(pair.lengths.max())
+        out = {}
+        for i, w in enumerate(np.linspace(0, 1, steps)):
+            z = (1 - w) * loc[0:1] + w * loc[1:2]
+            out[f"{i}: w = {w:.2f}"] = model.generate(z, 1, length, greedy=True)[0]
+    return out
+
+
+__all__ = ["BUILTINS", "PROFILES", "PUBLISHED", "SequenceProtocol", "interpolate", "run", "score"]
