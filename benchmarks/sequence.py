@@ -1,8 +1,10 @@
-"""``lvmkit bench sequence``: sequence models on Bach's chorales (piano rolls, JSB's frame rate and
-88 keys, built from music21's corpus — :mod:`lvmkit.music`).
+"""``lvmkit bench sequence``: sequence models on Bach's chorales, built from music21's corpus
+(:mod:`lvmkit.music`): setting ``chorales``, the four voices as piano rolls (JSB's frame rate and
+88 keys, Bernoulli frames); setting ``melodies``, the soprano lines as tokens (categorical).
 
 Contenders (each trained by ``lvmkit.fit`` and scored by ``lvmkit.evaluate``; yours join with
-``--contender``):
+``--contender``, and are told the setting's data in ``task.data`` and ``task.extra
+["likelihood"]``; on the melodies the recurrent ones run, not the DMM):
 
 - ``recurrent, no z``: the recurrent decoder alone (no code) — the baseline that says whether z
   helps at all;
@@ -25,6 +27,7 @@ per frame each epoch. Published JSB numbers (nats per frame) beside ours in the 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ import pandas as pd
 import pyro
 import torch
 from pyro import poutine
+from pyro.poutine.util import site_is_subsample
 
 from lvmkit.benchmarks import contenders as cs
 from lvmkit.benchmarks.contenders import Contender, Curve, Task
@@ -50,8 +54,9 @@ CONDUCTOR = "conductor (MusicVAE)"
 DMM = "deep Markov model"
 
 # Published test NLL per frame on JSB Chorales (nats; their split, their training lengths).
+NADE = "RNN-NADE (Boulanger-Lewandowski et al. 2012)"
 PUBLISHED = {
-    "RNN-NADE (Boulanger-Lewandowski et al. 2012)": 5.56,
+    NADE: 5.56,
     "STORN (Bayer & Osendorfer 2014)": 6.91,
     "DMM-Aug (Krishnan et al. 2017, a bound)": 6.388,
 }
@@ -86,14 +91,20 @@ PROFILES = {
 }
 
 
+def _likelihood(task: Task) -> str:
+    return task.extra.get("likelihood", "bernoulli")
+
+
 def _rvae(**options: Any):
     def factory(task: Task) -> Contender:
         extra = dict(task.extra)
+        hidden = extra.get("hidden_dim", 128)
         cfg = RecurrentVAEConfig(
             task.data_dim,
+            likelihood=_likelihood(task),
             latent_dim=task.latent_dim or 16,
-            hidden_dim=extra.get("hidden_dim", 128),
-            embed_dim=extra.get("hidden_dim", 128) // 2,
+            hidden_dim=hidden,
+            embed_dim=hidden // 2,
             frame_dropout=options.get("frame_dropout", 0.0),
             bar_length=options.get("bar_length"),
         )
@@ -109,7 +120,13 @@ def _rvae(**options: Any):
 
 def _baseline(task: Task) -> Contender:
     hidden = task.extra.get("hidden_dim", 128)
-    cfg = RecurrentVAEConfig(task.data_dim, latent_dim=0, hidden_dim=hidden, embed_dim=hidden // 2)
+    cfg = RecurrentVAEConfig(
+        task.data_dim,
+        likelihood=_likelihood(task),
+        latent_dim=0,
+        hidden_dim=hidden,
+        embed_dim=hidden // 2,
+    )
     return Contender(*build_recurrent_vae(cfg))
 
 
@@ -133,6 +150,20 @@ BUILTINS = {
     CONDUCTOR: _rvae(anneal=True, bar_length=4),
     DMM: _dmm,
 }
+# the soprano lines as tokens: the recurrent models (the DMM's emissions are Bernoulli frames)
+MELODY_BUILTINS = (BASELINE, PLAIN, DROPOUT, CONDUCTOR)
+SETTINGS = {
+    "chorales": (
+        "pianoroll",
+        "x: (N, T, 88) 0/1 piano rolls, one frame per quarter note, zero past each chorale's "
+        "end; lengths: (N,) frames",
+    ),
+    "melodies": (
+        "melody",
+        "x: (N, T) soprano tokens, one per quarter note (0 rest, 1 hold, 2 + pitch - 57 a new "
+        "note), zero past each end; lengths: (N,) frames",
+    ),
+}
 
 
 def run(
@@ -145,66 +176,97 @@ def run(
     only: str | None = None,
     settings: tuple[str, ...] | None = None,
 ) -> pd.DataFrame:
-    """Train and score every contender on the chorales; one row per contender."""
-    from lvmkit.music import load_chorales
-
+    """Train and score every contender on the chorales' piano rolls ("chorales") and on their
+    soprano lines as tokens ("melodies"); one row per setting and contender."""
     p = protocol or PROFILES[check_choice("profile", profile, PROFILES)]
-    if settings is not None and tuple(settings) != ("chorales",):
-        raise ValueError(f"sequence has one setting, 'chorales'; got {settings}")
-    train, valid, test = (load_chorales(s) for s in ("train", "valid", "test"))
-    if p.n_train is not None:
-        train, valid = train.take(p.n_train), valid.take(max(2, p.n_train // 3))
-    if p.n_test is not None:
-        test = test.take(p.n_test)
-    task = Task(
-        "sequence",
-        "chorales",
-        train.data_dim,
-        ("x", "lengths"),
-        "x: (N, T, 88) 0/1 piano rolls, one frame per quarter note, zero past each chorale's "
-        "end; lengths: (N,) frames",
-        latent_dim=p.latent_dim,
-        num_train=len(train),
-        seed=p.seed,
-        extra={"hidden_dim": p.hidden_dim, "epochs": p.epochs},
-    )
+    wanted = list(SETTINGS) if settings is None else list(settings)
+    for name in wanted:
+        check_choice("settings", name, SETTINGS)
     chosen = cs.select("sequence", BUILTINS, contenders, only, reserved=tuple(PUBLISHED))
-    probe = [train.take(3).data]
-    rows, curves, models = [], [], {}
-    per_frame_val = len(valid) / valid.num_frames
-    for name, factory in chosen.items():
-        pyro.set_rng_seed(p.seed)
-        contender = cs.build(name, factory, task, probe)
-        curve = Curve(from_history={"val_elbo:validation -ELBO per frame": _scaled(-per_frame_val)})
-        options = dict(
-            epochs=p.epochs,
-            batch_size=p.batch_size,
-            lr=p.lr,
-            clip_norm=p.clip_norm,
+    rows, curves = [], []
+    for setting in wanted:
+        train, valid, test = _data(setting, p)
+        task = Task(
+            "sequence",
+            setting,
+            train.data_dim,
+            ("x", "lengths"),
+            SETTINGS[setting][1],
+            latent_dim=p.latent_dim,
+            num_train=len(train),
             seed=p.seed,
-            device=device,
-            validation_data=valid.data,
-        )
-        _, per_epoch = cs.train(contender, task, train.data, protocol=options, callbacks=[curve])
-        rows.append(
-            {
-                "contender": name,
-                **score(contender, test, p.num_samples, p.seed),
+            extra={
+                "hidden_dim": p.hidden_dim,
                 "epochs": p.epochs,
-                "seconds_per_epoch": per_epoch,
-            }
+                "likelihood": "bernoulli" if setting == "chorales" else "categorical",
+            },
         )
-        curves.append(curve.frame(contender=name))
-        models[name] = contender
-    for source, nll in PUBLISHED.items():
-        rows.append({"contender": source, "nll_per_frame": nll})
+        probe = [train.take(3).data]
+        models = {}
+        per_frame_val = len(valid) / valid.num_frames
+        for name, factory in chosen.items():
+            if setting == "melodies" and name in BUILTINS and name not in MELODY_BUILTINS:
+                continue
+            pyro.set_rng_seed(p.seed)
+            contender = cs.build(name, factory, task, probe)
+            curve = Curve(
+                from_history={"val_elbo:validation -ELBO per frame": _scaled(-per_frame_val)}
+            )
+            options = dict(
+                epochs=p.epochs,
+                batch_size=p.batch_size,
+                lr=p.lr,
+                clip_norm=p.clip_norm,
+                seed=p.seed,
+                device=device,
+                validation_data=valid.data,
+            )
+            _, per_epoch = cs.train(
+                contender, task, train.data, protocol=options, callbacks=[curve]
+            )
+            rows.append(
+                {
+                    "setting": setting,
+                    "contender": name,
+                    **score(contender, test, p.num_samples, p.seed),
+                    "epochs": p.epochs,
+                    "seconds_per_epoch": per_epoch,
+                }
+            )
+            curves.append(curve.frame(setting=setting, contender=name))
+            models[name] = contender
+        if setting == "chorales":
+            for source, nll in PUBLISHED.items():
+                rows.append({"setting": setting, "contender": source, "nll_per_frame": nll})
+        if figures_dir is not None:
+            _figures(setting, models, test, Path(figures_dir), p)
     frame = pd.DataFrame(rows)
     curves_frame = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame()
     frame.attrs["curves"] = curves_frame
     frame.attrs["protocol"] = p.describe(len(train), len(test))
-    if figures_dir is not None:
-        _figures(models, test, curves_frame, Path(figures_dir), p)
+    if figures_dir is not None and not curves_frame.empty:
+        cs.curve_figure(
+            curves_frame,
+            "validation -ELBO per frame",
+            label_of=lambda row: f"{row['setting']}: {row['contender']}",
+            lines={"RNN-NADE, JSB test NLL": PUBLISHED[NADE]},
+            ylabel="validation −ELBO per frame (nats)",
+            title=f"per epoch ({p.epochs} epochs)",
+            path=Path(figures_dir) / "sequence-curves.png",
+        )
     return frame
+
+
+def _data(setting: str, p: SequenceProtocol):
+    from lvmkit.music import load_chorales
+
+    form = SETTINGS[setting][0]
+    train, valid, test = (load_chorales(s, form=form) for s in ("train", "valid", "test"))
+    if p.n_train is not None:
+        train, valid = train.take(p.n_train), valid.take(max(2, p.n_train // 3))
+    if p.n_test is not None:
+        test = test.take(p.n_test)
+    return train, valid, test
 
 
 def _scaled(factor: float):
@@ -219,14 +281,13 @@ def score(contender: Contender, test: Any, num_samples: int, seed: int) -> dict[
     table = evaluate(model, guide, test.data, num_samples, seed=seed, progress=False)
     s = summarize(table)
     n = len(test)
-    recon_q = _reconstruction(model, guide, test.data, seed, from_prior=False)
-    recon_p = _reconstruction(model, guide, test.data, seed, from_prior=True)
+    terms = _posterior_terms(model, guide, test.data, seed)
     out = {
         "nll_per_frame": -s.log_likelihood * n / frames,
         "neg_elbo_per_frame": -s.elbo * n / frames,
-        "kl_per_sequence": float(recon_q.mean()) - s.elbo,
+        "kl_per_sequence": float(terms["kl"].mean()),
         "active_units": math.nan,
-        "prior_nll_ratio": float(recon_p.sum() / recon_q.sum()),
+        "prior_nll_ratio": float(terms["recon_prior"].sum() / terms["recon"].sum()),
         "frac_k_above_0_7": s.frac_pareto_k_above_0_7,
         "K": num_samples,
         "n_test": n,
@@ -246,9 +307,16 @@ def _guide_sites(guide, data) -> list[str]:
     return [n for n, s in trace.nodes.items() if s["type"] == "sample"]
 
 
-def _reconstruction(model, guide, data, seed: int, *, from_prior: bool) -> torch.Tensor:
-    """E[log p(x | z)] per sequence with z from the guide (or the prior): one draw, summed
-    over the observed sites (masks honoured)."""
+def _posterior_terms(model, guide, data, seed: int, *, draws: int = 8) -> dict[str, torch.Tensor]:
+    """Per sequence, averaged over ``draws`` draws: ``recon`` E_q[log p(x | z)] and ``kl``
+    E_q[log q(z | x) − log p(z)] (z from the guide), and ``recon_prior`` E_p(z)[log p(x | z)]
+    (z from the prior). Masks honoured; unscaled densities."""
+    n = len(data["x"])
+    out = {k: torch.zeros(n) for k in ("recon", "kl", "recon_prior")}
+
+    def per_sequence(site) -> torch.Tensor:
+        return site["log_prob"].reshape(-1, n).sum(0).cpu()
+
     with (
         torch.no_grad(),
         torch.random.fork_rng(),
@@ -258,49 +326,62 @@ def _reconstruction(model, guide, data, seed: int, *, from_prior: bool) -> torch
         poutine.block(),
     ):
         pyro.set_rng_seed(seed)
-        if from_prior:
-            trace = poutine.trace(model).get_trace(**data)
-        else:
+        for _ in range(draws):
             guide_trace = poutine.trace(guide).get_trace(**data)
-            trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(**data)
-        trace.compute_log_prob()
-    total = torch.zeros(len(data["x"]))
-    for site in trace.nodes.values():
-        if site["type"] == "sample" and site["is_observed"]:
-            total = total + site["log_prob"].reshape(-1, len(total)).sum(0).cpu()
-    return total
+            replayed = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(**data)
+            prior = poutine.trace(model).get_trace(**data)
+            for trace in (guide_trace, replayed, prior):
+                trace.compute_log_prob()
+            for name, site in replayed.nodes.items():
+                if site["type"] != "sample" or site_is_subsample(site):
+                    continue
+                if site["is_observed"]:
+                    out["recon"] += per_sequence(site) / draws
+                elif name in guide_trace.nodes:
+                    out["kl"] += (
+                        per_sequence(guide_trace.nodes[name]) - per_sequence(site)
+                    ) / draws
+            for site in prior.nodes.values():
+                if site["type"] == "sample" and site["is_observed"]:
+                    out["recon_prior"] += per_sequence(site) / draws
+    return out
 
 
-def _figures(models: dict[str, Contender], test, curves: pd.DataFrame, out: Path, p) -> None:
-    from lvmkit import plots
+def _figures(setting: str, models: dict[str, Contender], test, out: Path, p) -> None:
+    from lvmkit import music, plots
 
     out.mkdir(parents=True, exist_ok=True)
-    cs.curve_figure(
-        curves,
-        "validation -ELBO per frame",
-        label_of=lambda row: str(row["contender"]),
-        lines={
-            "RNN-NADE (JSB test NLL)": PUBLISHED["RNN-NADE (Boulanger-Lewandowski et al. 2012)"]
-        },
-        ylabel="validation −ELBO per frame (nats)",
-        title=f"chorales, per epoch ({p.epochs} epochs)",
-        path=out / "sequence-curves.png",
-    )
-    rolls = {"a test chorale": test.x[0, : int(test.lengths[0])]}
-    for name in (PLAIN, DROPOUT, DMM):
+    length = int(test.lengths[0])
+    first = test.x[0, :length]
+    samples = {"a test chorale" if setting == "chorales" else "a test soprano line": first}
+    for name in (PLAIN, DROPOUT, CONDUCTOR, DMM):
         if name in models:
             model, guide = models[name].model, models[name].guide
             with torch.no_grad(), eval_mode(model), param_scope(model, guide, publish=False):
                 pyro.set_rng_seed(p.seed)
-                rolls[f"sampled: {name}"] = model(length=int(test.lengths[0]), batch_size=1)[0]
-    plots.piano_rolls(rolls, path=out / "sequence-samples.png")
-    for name, contender in models.items():
-        if name in (PLAIN, DROPOUT) and len(test) >= 2:
-            plots.piano_rolls(
-                interpolate(contender.model, contender.guide, test.take(2), steps=5),
-                path=out / f"sequence-interpolation-{name.replace(' ', '_').strip('+_')}.png",
-            )
-            break
+                samples[f"sampled: {name}"] = model(length=length, batch_size=1)[0]
+    form = SETTINGS[setting][0]
+    for name, sample in samples.items():  # to listen to
+        if name.startswith("sampled"):
+            slug = re.sub(r"[^a-z0-9]+", "-", name.split(": ")[1].lower()).strip("-")
+            music.to_midi(sample, out / f"sequence-{setting}-{slug}.mid", form=form)
+    if form == "melody":  # tokens drawn as a one-voice roll
+        samples = {k: _melody_roll(v) for k, v in samples.items()}
+    plots.piano_rolls(samples, path=out / f"sequence-{setting}-samples.png")
+    if setting == "chorales" and DROPOUT in models and len(test) >= 2:
+        contender = models[DROPOUT]
+        frames = interpolate(contender.model, contender.guide, test.take(2), steps=5)
+        plots.piano_rolls(frames, path=out / "sequence-chorales-interpolation.png")
+
+
+def _melody_roll(tokens: torch.Tensor) -> torch.Tensor:
+    from lvmkit import music
+
+    roll = torch.zeros(len(tokens), music.NUM_KEYS)
+    for t, pitch in enumerate(music.melody_to_pitches(tokens)):
+        if pitch is not None:
+            roll[t, pitch - music.LOWEST_KEY] = 1
+    return roll
 
 
 def interpolate(model, guide, pair, *, steps: int = 5) -> dict[str, torch.Tensor]:

@@ -136,23 +136,31 @@ def mixture(task):
 def sequences(task):
     """A bag-of-frames VAE on padded sequences: the code from the mean frame within each length,
     every frame decoded from the code alone (no recurrence), the padding masked out."""
-    latent = task.latent_dim or 8
+    latent, tokens = task.latent_dim or 8, task.extra["likelihood"] == "categorical"
     decoder, encoder = _net(latent, task.data_dim), _net(task.data_dim, 2 * latent)
 
     def within(x, lengths):
-        return (torch.arange(x.shape[1]) < lengths[:, None]).to(x.dtype)
+        return (torch.arange(x.shape[1]) < lengths[:, None]).float()
+
+    def frames(x):  # tokens one-hot, so that both kinds are (N, T, D) frames
+        return F.one_hot(x, task.data_dim).float() if tokens else x
 
     def model(x, lengths):
         pyro.module("decoder", decoder)
-        mask = within(x, lengths).bool()[..., None]
+        mask = within(x, lengths).bool()
         with pyro.plate("chorales", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(x.new_zeros(latent), 1.0).to_event(1))
-            logits = decoder(z)[..., None, :].expand(*z.shape[:-1], *x.shape[1:])
-            pyro.sample("x", dist.Bernoulli(logits=logits).mask(mask).to_event(2), obs=x)
+            z = pyro.sample("z", dist.Normal(torch.zeros(latent), 1.0).to_event(1))
+            shape = (*z.shape[:-1], x.shape[1], task.data_dim)
+            logits = decoder(z)[..., None, :].expand(shape)
+            if tokens:
+                emission = dist.Categorical(logits=logits).mask(mask).to_event(1)
+            else:
+                emission = dist.Bernoulli(logits=logits).mask(mask[..., None]).to_event(2)
+            pyro.sample("x", emission, obs=x)
 
     def guide(x, lengths):
         pyro.module("encoder", encoder)
-        mean_frame = (x * within(x, lengths)[..., None]).sum(1) / lengths[:, None]
+        mean_frame = (frames(x) * within(x, lengths)[..., None]).sum(1) / lengths[:, None]
         loc, log_scale = encoder(mean_frame).chunk(2, -1)
         with pyro.plate("chorales", x.shape[0]):
             pyro.sample("z", dist.Normal(loc, log_scale.exp()).to_event(1))
