@@ -216,13 +216,11 @@ class RecurrentVAE(PyroModule):
             if self.config.latent_dim:
                 prior = dist.Normal(self.prior_loc, self.prior_scale).to_event(1)
                 z = pyro.sample("z", prior)  # (..., N, Dz)
-            if x is None:
+            if x is None:  # ancestral sampling, then the drawn frames scored as x
                 assert length is not None
                 x = self.generate(z, n, length)
                 lengths = torch.full((n,), length, dtype=torch.long, device=x.device)
-                logits = self.logits(z, x, n)
-            else:
-                logits = self.logits(z, x, n)
+            logits = self.logits(z, x, n)  # teacher forcing: frame t sees frames < t
             assert lengths is not None
             mask = sequence_mask(lengths, x.shape[1])
             return pyro.sample("x", self.emission(logits, mask), obs=x)

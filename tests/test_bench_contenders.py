@@ -15,7 +15,7 @@ from lvmkit.benchmarks import Contender, contenders, references, run, vae
 from lvmkit.cli import main
 from tests import user_models
 
-SUITES = ["vae-latent", "vae-iwae", "vae-m2", "vae-cvae", "vae-variants", "gmm"]
+SUITES = ["vae-latent", "vae-iwae", "vae-m2", "vae-cvae", "vae-variants", "gmm", "sequence"]
 
 
 @pytest.mark.parametrize("suite", SUITES)
@@ -31,12 +31,13 @@ def test_a_users_plain_function_pair_runs_on_every_suite(suite):
         "vae-m2": "accuracy",
         "vae-cvae": "nll_is",
         "vae-variants": "test_nll",
+        "sequence": "nll_per_frame",
     }.get(suite, "test_nll")
     assert mine[metric].notna().all() and (mine[metric].abs() < 1e4).all()
     curves = frame.attrs["curves"]
     assert "mine" in set(curves.contender) and (curves.epoch >= 1).all()
     assert set(curves.contender) <= {"mine", vae.BASELINE}  # (the CVAE protocol's baseline)
-    if suite in ("vae-iwae", "vae-m2", "vae-cvae"):  # the published rows come with --only
+    if suite in ("vae-iwae", "vae-m2", "vae-cvae", "sequence"):  # published rows come with --only
         assert len(set(who)) > 1
 
 

@@ -197,3 +197,12 @@ def test_interpolation_decodes_between_two_codes():
     frames = bench_sequence.interpolate(model, guide, pair, steps=4)
     assert len(frames) == 4
     assert all(f.shape == (int(pair.lengths.max()), KEYS) for f in frames.values())
+
+
+def test_bench_sequence_melodies_only_and_a_bad_setting():
+    pytest.importorskip("music21")
+    frame = bench_sequence.run("quick", settings=("melodies",), only=bench_sequence.BASELINE)
+    assert list(frame.setting.unique()) == ["melodies"]
+    assert frame.nll_per_frame.between(0, 10).all()  # tokens: a few nats per frame
+    with pytest.raises(ValueError, match="settings"):
+        bench_sequence.run("quick", settings=("jazz",))
