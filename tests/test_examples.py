@@ -8,6 +8,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+import lvmkit
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -53,3 +55,17 @@ def test_m2_ablation_example_scales_kingmas_alpha_and_initialises_like_kingma():
     ]
     assert weights and all(float(w.detach().std()) < 2e-3 for w in weights)
     assert all(float(w.detach().abs().max()) > 0 for w in weights)
+
+
+def test_m2_diagnosis_measures_the_classifier_and_the_decoders_use_of_y():
+    import math
+
+    example = _load("m2_diagnosis")
+    model, guide = lvmkit.build_m2(
+        lvmkit.M2Config(6, num_classes=3, latent_dim=2, hidden_dims=(8,))
+    )
+    x, y = torch.bernoulli(torch.full((30, 6), 0.4)), torch.arange(30) % 3
+    out = example.diagnose(model, guide, x, y, classes=3)
+    assert 0 <= out["accuracy"] <= 100 and 0 <= out["model_accuracy"] <= 100
+    assert 0 < out["q_entropy"] <= math.log(3) + 1e-6
+    assert math.isfinite(out["y_use_nats"])
