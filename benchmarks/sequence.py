@@ -296,8 +296,9 @@ def score(contender: Contender, test: Any, num_samples: int, seed: int) -> dict[
     sites = _guide_sites(guide, test.take(2).data)
     if "z" in sites:
         out["active_units"] = active_units(guide, test.data).count
-    if not sites:  # nothing latent: the likelihood is exact, and there is no code to collapse
-        out["kl_per_sequence"] = out["prior_nll_ratio"] = math.nan
+    if not sites:  # nothing latent: the likelihood is exact (equal weights: no k̂ to speak of),
+        # and there is no code to collapse
+        out["kl_per_sequence"] = out["prior_nll_ratio"] = out["frac_k_above_0_7"] = math.nan
     return out
 
 

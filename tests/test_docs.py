@@ -34,7 +34,7 @@ DOCTEST_MODULES = [
     "lvmkit.benchmarks",
 ]
 DOCS = sorted((ROOT / "docs").glob("*.md"))
-FAMILY_PAGES = ["gmm", "nonlinear", "vae", "autoencoders", "cvae", "m2", "variants"]
+FAMILY_PAGES = ["gmm", "nonlinear", "vae", "autoencoders", "cvae", "m2", "variants", "sequence"]
 
 
 @pytest.mark.parametrize("name", DOCTEST_MODULES)
