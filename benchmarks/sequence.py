@@ -17,7 +17,7 @@ Contenders (each trained by ``lvmkit.fit`` and scored by ``lvmkit.evaluate``; yo
 
 Per contender, on the test chorales: negative log-likelihood per frame (importance sampling, K
 samples; the exact likelihood for the decoder without z), −ELBO per frame, KL(q ‖ p) per
-sequence (E_q log p(x | z) − ELBO), active units (Burda et al.'s covariance test; the DMM's
+sequence (E_q[log q(z | x) − log p(z)]), active units (Burda et al.'s covariance test; the DMM's
 codes are per frame, so none there), and the decoder's NLL per frame with z drawn from the prior
 over its NLL with z from the posterior (``prior_nll_ratio``: 1 = the code carries nothing, the
 decoder does as well without it — posterior collapse). Learning curves: the validation −ELBO
@@ -37,12 +37,14 @@ import pandas as pd
 import pyro
 import torch
 from pyro import poutine
-from pyro.poutine.util import site_is_subsample
 
 from lvmkit.benchmarks import contenders as cs
 from lvmkit.benchmarks.contenders import Contender, Curve, Task
 from lvmkit.inference import KLSchedule, active_units, evaluate, summarize
+from lvmkit.inference._data import as_data
 from lvmkit.inference._params import eval_mode, param_scope
+from lvmkit.inference.evaluate import eval_device, scoring
+from lvmkit.inference.weights import find_layout, is_sample, paired_traces, site_log_prob
 from lvmkit.models import DMMConfig, RecurrentVAEConfig, build_dmm, build_recurrent_vae
 from lvmkit.models._checks import check_choice
 
@@ -293,59 +295,43 @@ def score(contender: Contender, test: Any, num_samples: int, seed: int) -> dict[
         "n_test": n,
         "test_frames": frames,
     }
-    sites = _guide_sites(guide, test.take(2).data)
-    if "z" in sites:
+    if "z" in terms["latents"]:
         out["active_units"] = active_units(guide, test.data).count
-    if not sites:  # nothing latent: the likelihood is exact (equal weights: no k̂ to speak of),
-        # and there is no code to collapse
+    if not terms["latents"]:  # nothing latent: the likelihood is exact (equal weights: no k̂
+        # to speak of), and there is no code to collapse
         out["kl_per_sequence"] = out["prior_nll_ratio"] = out["frac_k_above_0_7"] = math.nan
     return out
 
 
-def _guide_sites(guide, data) -> list[str]:
-    with poutine.block(), torch.no_grad():
-        trace = poutine.trace(guide).get_trace(**data)
-    return [n for n, s in trace.nodes.items() if s["type"] == "sample"]
-
-
-def _posterior_terms(model, guide, data, seed: int, *, draws: int = 8) -> dict[str, torch.Tensor]:
+def _posterior_terms(model, guide, data, seed: int, *, draws: int = 8) -> dict[str, Any]:
     """Per sequence, averaged over ``draws`` draws: ``recon`` E_q[log p(x | z)] and ``kl``
     E_q[log q(z | x) − log p(z)] (z from the guide), and ``recon_prior`` E_p(z)[log p(x | z)]
-    (z from the prior). Masks honoured; unscaled densities."""
-    n = len(data["x"])
-    out = {k: torch.zeros(n) for k in ("recon", "kl", "recon_prior")}
+    (z from the prior); ``latents``, the guide's latent sites. Scored by the evaluation kernel
+    (:mod:`lvmkit.inference.weights`): per data point, masks honoured, unscaled densities."""
+    device = eval_device(model, guide, None)
+    values = as_data(data, model).to(device)
+    n = values.check_sliceable()
+    totals = {k: torch.zeros(1, n, device=device) for k in ("recon", "kl", "recon_prior")}
+    latents: set[str] = set()
+    with scoring(model, guide, seed), pyro.validation_enabled(False), poutine.block():
+        layout = find_layout(model, guide, values, vectorize=False)
+        zero = totals["kl"]
 
-    def per_sequence(site) -> torch.Tensor:
-        return site["log_prob"].reshape(-1, n).sum(0).cpu()
+        def observed(trace) -> torch.Tensor:
+            sites = [s for s in trace.nodes.values() if is_sample(s) and s["is_observed"]]
+            return sum((site_log_prob(s, layout, 1, n) for s in sites), torch.zeros_like(zero))
 
-    with (
-        torch.no_grad(),
-        torch.random.fork_rng(),
-        param_scope(model, guide, publish=False),
-        eval_mode(model, guide),
-        pyro.validation_enabled(False),
-        poutine.block(),
-    ):
-        pyro.set_rng_seed(seed)
         for _ in range(draws):
-            guide_trace = poutine.trace(guide).get_trace(**data)
-            replayed = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(**data)
-            prior = poutine.trace(model).get_trace(**data)
-            for trace in (guide_trace, replayed, prior):
-                trace.compute_log_prob()
-            for name, site in replayed.nodes.items():
-                if site["type"] != "sample" or site_is_subsample(site):
-                    continue
-                if site["is_observed"]:
-                    out["recon"] += per_sequence(site) / draws
-                elif name in guide_trace.nodes:
-                    out["kl"] += (
-                        per_sequence(guide_trace.nodes[name]) - per_sequence(site)
-                    ) / draws
-            for site in prior.nodes.values():
-                if site["type"] == "sample" and site["is_observed"]:
-                    out["recon_prior"] += per_sequence(site) / draws
-    return out
+            traces = paired_traces(model, guide, values)
+            latents = traces.latents
+            totals["recon"] += observed(traces.model)
+            for name in latents & set(traces.model.nodes):
+                q, p = traces.guide.nodes[name], traces.model.nodes[name]
+                totals["kl"] += site_log_prob(q, layout, 1, n) - site_log_prob(p, layout, 1, n)
+            totals["recon_prior"] += observed(
+                poutine.trace(model).get_trace(*values.args, **values.kwargs)
+            )
+    return {**{k: (v[0] / draws).cpu() for k, v in totals.items()}, "latents": latents}
 
 
 def _figures(setting: str, models: dict[str, Contender], test, out: Path, p) -> None:

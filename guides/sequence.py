@@ -20,7 +20,6 @@ from lvmkit.models.sequence import (
     DMMConfig,
     FrameInput,
     RecurrentVAEConfig,
-    check_sequences,
     sequence_mask,
     trim,
 )
@@ -78,11 +77,6 @@ class RecurrentEncoder(PyroModule):
         loc, scale = self.encode(x, lengths)
         with pyro.plate("sequences", x.shape[0]):
             return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
-
-    def validate_data(self, x=None, lengths=None, **_: object) -> None:
-        check_sequences(
-            x, lengths, self.config.data_dim, self.config.likelihood, "RecurrentEncoder"
-        )
 
 
 class MarkovGuide(PyroModule):
@@ -147,6 +141,3 @@ class MarkovGuide(PyroModule):
                 ).to_event(1)
                 with poutine.mask(mask=cast(torch.BoolTensor, mask[:, t])):
                     z = pyro.sample(f"z_{t + 1}", q)
-
-    def validate_data(self, x=None, lengths=None, **_: object) -> None:
-        check_sequences(x, lengths, self.config.data_dim, "bernoulli", "MarkovGuide")

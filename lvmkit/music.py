@@ -278,19 +278,15 @@ def to_midi(sequence: Any, path: str | Path, *, form: str = "pianoroll", bpm: fl
     for line in lines:
         t = 0
         while t < len(line):
-            pitch = line[t]
-            if pitch is None:
-                t += 1
-                continue
-            end = t + 1
-            # a melody's new note of the same pitch starts a new note; a roll cannot tell
-            while end < len(line) and line[end] == pitch and form == "pianoroll":
-                end += 1
-            if form == "melody":
-                while end < len(line) and np.asarray(values)[end] == HOLD:
+            pitch, end = line[t], t + 1
+            if pitch is not None:
+                # a roll's key held over frames is one note (a roll cannot tell a repeat); a
+                # melody's note goes on while its tokens say hold
+                while end < len(line) and (
+                    values[end] == HOLD if form == "melody" else line[end] == pitch
+                ):
                     end += 1
-            note = music21.note.Note(midi=pitch, quarterLength=end - t)
-            part.insert(float(t), note)
+                part.insert(float(t), music21.note.Note(midi=pitch, quarterLength=end - t))
             t = end
     score.insert(0, part)
     path = Path(path)
