@@ -206,3 +206,20 @@ def test_bench_sequence_melodies_only_and_a_bad_setting():
     assert frame.nll_per_frame.between(0, 10).all()  # tokens: a few nats per frame
     with pytest.raises(ValueError, match="settings"):
         bench_sequence.run("quick", settings=("jazz",))
+
+
+def test_midi_and_piano_roll_figures_refuse_bad_shapes(tmp_path):
+    pytest.importorskip("music21")
+    from lvmkit import plots
+
+    with pytest.raises(ValueError, match=r"a piano roll has shape \(T, 88\)"):
+        music.to_midi(torch.zeros(4, 12), tmp_path / "a.mid")
+    with pytest.raises(ValueError, match=r"a melody is one token per frame"):
+        music.to_midi(torch.zeros(4, 2, dtype=torch.long), tmp_path / "b.mid", form="melody")
+    with pytest.raises(ValueError, match="form"):
+        music.to_midi(torch.zeros(4, 88), tmp_path / "c.mid", form="score")
+    with pytest.raises(ValueError, match="rolls is empty"):
+        plots.piano_rolls({})
+    with pytest.raises(ValueError, match=r"'flat': a piano roll is \(T, keys\)"):
+        plots.piano_rolls({"flat": torch.zeros(88)})
+    assert not list(tmp_path.iterdir())  # nothing half-written
