@@ -80,6 +80,7 @@ from lvmkit.models import (
     VAEConfig,
     build_autoencoder,
     build_cvae,
+    build_m1_m2,
     build_m2,
     empty_guide,
     kingma_aux_weight,
@@ -132,6 +133,7 @@ class Protocol:
     curve_points: int = 0  # test images of the per-epoch IS curve (0: no IS curve)
     curve_samples: int = 100  # its K
     reference: tuple[str, ...] = ()  # settings that get a hand-written PyTorch row
+    pretrain_epochs: int = 0  # the m2 suite's M1 (a VAE on all images) before M1+M2
 
     @property
     def seed(self) -> int:
@@ -658,6 +660,7 @@ M2_PROFILES = _profiles(
         epochs=2,
         num_samples=1,
         reference=("100 labels",),
+        pretrain_epochs=1,
         **_KINGMA,
     ),
     Protocol(
@@ -667,6 +670,7 @@ M2_PROFILES = _profiles(
         epochs=50,
         num_samples=1,
         reference=("100 labels",),
+        pretrain_epochs=50,
         **_KINGMA,
     ),
     Protocol(
@@ -676,6 +680,7 @@ M2_PROFILES = _profiles(
         epochs=1000,
         num_samples=1,
         reference=("100 labels", "3000 labels"),
+        pretrain_epochs=1000,
         **_KINGMA,
     ),
 )
@@ -683,8 +688,13 @@ M2_LABELS = {"quick": (100,), "full": (100, 600, 1000, 3000), "paper": (100, 600
 M2_PAPER_ERROR = {100: 11.97, 600: 4.94, 1000: 3.60, 3000: 3.92}  # Kingma et al. 2014, Table 1
 PYRO_M2_ACCURACY = {100: 93.19, 600: 94.37, 1000: 94.87, 3000: 95.82}  # Pyro's SS-VAE README
 M2_SOURCE = "Kingma et al. 2014, Table 1 (M2)"
+M1_M2_PAPER_ERROR = {100: 3.33, 600: 2.59, 1000: 2.40, 3000: 2.18}  # the same table, M1+M2
+M1_M2_SOURCE = "Kingma et al. 2014, Table 1 (M1+M2)"
 PYRO_M2_SOURCE = "Pyro's ss_vae_M2 example (README)"
 SUPERVISED = "classifier on the labels alone"
+STACKED = "lvmkit M1+M2"  # M2 on the code of a VAE trained first on all images (Kingma's §3.2)
+SUPERVISED_M1 = "classifier on M1's code, labels alone"
+M1_CONFIG = VAEConfig(784, latent_dim=50, hidden_dims=(600, 600), activation="softplus")
 M2_DATA = (
     "binarized MNIST: unlabelled images called as model(x=x), labelled ones as model(x=x, y=y) "
     "with y (N,) int64 in 0..9; x (N, 784) in {0, 1}"
@@ -705,6 +715,67 @@ def _builtin_m2(task: Task) -> Contender:
         aux_weight=task.extra["aux_weight"],
     )
     model, guide = build_m2(cfg)
+    return Contender(model, guide, objective=_m2_objective())
+
+
+class _PretrainedM1:
+    """M1 of M1+M2, trained once per seed on all the training images (labels unused) and
+    shared by every label count: a VAE 784-600-600-50 (softplus, Bernoulli), Kingma et al.'s
+    MNIST M1, under the suite's optimizer for ``pretrain_epochs`` epochs."""
+
+    def __init__(self, x: torch.Tensor, p: Protocol, device: str) -> None:
+        self.x, self.p, self.device = x, p, device
+        self.pairs: dict[int, tuple[VAE, GaussianEncoder]] = {}
+        self.seconds = 0.0
+        self.final_loss = math.nan
+
+    @property
+    def trained(self) -> bool:
+        return bool(self.pairs)
+
+    def __call__(self, seed: int) -> tuple[VAE, GaussianEncoder]:
+        if seed not in self.pairs:
+            cfg = M1_CONFIG
+            print(f"[vae-m2] M1: {self.describe()}, seed {seed}", flush=True)
+            pyro.clear_param_store()
+            pyro.set_rng_seed(seed)
+            model = VAE(cfg)
+            guide = GaussianEncoder(
+                GaussianEncoderConfig(cfg.data_dim, cfg.latent_dim, cfg.hidden_dims, cfg.activation)
+            )
+            options = self.p.fit_options(len(self.x), seed, self.device)
+            options["epochs"] = max(1, self.p.pretrain_epochs)
+            tic = time.perf_counter()
+            result = fit(model, guide, {"x": self.x}, progress=False, **options)
+            self.seconds = time.perf_counter() - tic
+            self.final_loss = float(result.history.train_loss.iloc[-1])
+            self.pairs[seed] = (model.eval(), guide.eval())
+        return self.pairs[seed]
+
+    def describe(self) -> str:
+        n = max(1, self.p.pretrain_epochs)
+        text = f"VAE 784-600-600-50 softplus on all training images, {n} epoch{'s' * (n != 1)}"
+        if self.seconds:
+            text += f" ({self.seconds / 60:.1f} min, final −ELBO {self.final_loss:.1f} nats)"
+        return text
+
+
+def _m1_features(encoder: GaussianEncoder, x: torch.Tensor) -> torch.Tensor:
+    device = next(encoder.parameters()).device
+    with torch.no_grad():
+        return encoder.encode(x.to(device))[0].cpu()
+
+
+def _builtin_m1_m2(task: Task, m1_of: _PretrainedM1) -> Contender:
+    m1_model, m1_guide = (copy.deepcopy(m) for m in m1_of(task.seed))
+    cfg = M2Config(
+        M1_CONFIG.latent_dim,
+        num_classes=task.num_classes or 10,
+        latent_dim=task.latent_dim or 50,
+        hidden_dims=task.hidden_dims or (500,),
+        aux_weight=task.extra["aux_weight"],
+    )
+    model, guide = build_m1_m2(cfg, m1_model, m1_guide)
     return Contender(model, guide, objective=_m2_objective())
 
 
@@ -729,8 +800,10 @@ def run_m2(
     p = scale or M2_PROFILES[profile]
     train = load_mnist("train", binarization="static", seed=p.seed, limit=p.n_train)
     test = load_mnist("test", binarization="static", seed=p.seed, limit=p.n_test)
-    reserved = (REFERENCE, SUPERVISED, M2_SOURCE, PYRO_M2_SOURCE)
-    chosen = cs.select("vae-m2", {BUILTIN: _builtin_m2}, contenders, only, reserved=reserved)
+    reserved = (REFERENCE, SUPERVISED, SUPERVISED_M1, M2_SOURCE, M1_M2_SOURCE, PYRO_M2_SOURCE)
+    m1_of = _PretrainedM1(train.x, p, device)
+    builtin = {BUILTIN: _builtin_m2, STACKED: partial(_builtin_m1_m2, m1_of=m1_of)}
+    chosen = cs.select("vae-m2", builtin, contenders, only, reserved=reserved)
     labels_run = [n for n in M2_LABELS[profile] if settings is None or f"{n} labels" in settings]
     if settings is not None:
         _chosen([_m2_task(n, len(train.x)) for n in M2_LABELS[profile]], settings)
@@ -757,8 +830,13 @@ def run_m2(
                 )
                 rows.append(_m2_row(task, name, seed, p.epochs, curve, per_epoch))
                 curves.append(curve.frame(setting=task.setting, contender=name, seed=seed))
-            if only in (None, SUPERVISED):
-                row, curve = _supervised_only(task, labelled, test, p, seed, device, len(train.x))
+            supervised = [(SUPERVISED, None)] if only in (None, SUPERVISED) else []
+            if only in (None, STACKED, SUPERVISED_M1):
+                supervised.append((SUPERVISED_M1, m1_of(seed)[1]))
+            for name, m1_encoder in supervised:
+                row, curve = _supervised_only(
+                    task, labelled, test, p, seed, device, len(train.x), name, m1_encoder
+                )
                 rows.append(row)
                 curves.append(curve)
             if only in (None, REFERENCE) and task.setting in p.reference:
@@ -767,6 +845,7 @@ def run_m2(
                 curves.append(curve)
         for source, values in (
             (M2_SOURCE, 100 - M2_PAPER_ERROR[labels]),
+            (M1_M2_SOURCE, 100 - M1_M2_PAPER_ERROR[labels]),
             (PYRO_M2_SOURCE, PYRO_M2_ACCURACY[labels]),
         ):
             rows.append({"setting": f"{labels} labels", "contender": source, "accuracy": values})
@@ -792,7 +871,10 @@ def run_m2(
             title=f"M2 per epoch ({p.describe(len(train.x))})",
             path=Path(figures_dir) / "vae-m2-curves.png",
         )
-    return _finish(frame, curves, p.describe(len(train.x)))
+    text = p.describe(len(train.x))
+    if m1_of.trained:
+        text += f"; M1 first: {m1_of.describe()}"
+    return _finish(frame, curves, text)
 
 
 def _m2_task(labels: int, n_train: int) -> Task:
@@ -829,15 +911,22 @@ def _m2_row(task, name, seed, epochs, curve: Curve, per_epoch: float) -> dict[st
     }
 
 
-def _supervised_only(task, labelled, test, p: Protocol, seed, device, n_train):
+def _supervised_only(
+    task, labelled, test, p: Protocol, seed, device, n_train, name=SUPERVISED, m1_encoder=None
+):
     """The M2 guide's classifier network trained on the labelled images alone (maximum
     likelihood through ``fit``), for as many optimizer steps as M2 takes; its accuracy is
-    recorded at the M2-epochs those steps correspond to."""
-    cs.say(task, SUPERVISED)
+    recorded at the M2-epochs those steps correspond to. With ``m1_encoder`` it reads M1's
+    posterior mean instead of the pixels (M1+M2's classifier, without M2)."""
+    cs.say(task, name)
     pyro.set_rng_seed(seed)
-    _, guide = build_m2(M2Config(784, latent_dim=task.latent_dim, hidden_dims=task.hidden_dims))
+    features = (lambda x: x) if m1_encoder is None else (lambda x: _m1_features(m1_encoder, x))
+    dim = 784 if m1_encoder is None else M1_CONFIG.latent_dim
+    _, guide = build_m2(M2Config(dim, latent_dim=task.latent_dim, hidden_dims=task.hidden_dims))
     classifier = guide.classifier
     pyro.clear_param_store()  # a contender's plain functions may have used the same names
+    labelled = {"x": features(labelled["x"]), "y": labelled["y"]}
+    test_x = features(test.x)
 
     def model(x, y):
         pyro.module("supervised_classifier", classifier)
@@ -856,7 +945,7 @@ def _supervised_only(task, labelled, test, p: Protocol, seed, device, n_train):
             if epoch in at:
                 with torch.no_grad():
                     classifier.eval()
-                    x = test.x.to(next(classifier.parameters()).device)
+                    x = test_x.to(next(classifier.parameters()).device)
                     acc = (classifier(x).argmax(-1).cpu() == test.y).float().mean()
                     classifier.train()
                 curve.rows.append(
@@ -868,8 +957,8 @@ def _supervised_only(task, labelled, test, p: Protocol, seed, device, n_train):
     tic = time.perf_counter()
     fit(model, empty_guide, dict(labelled), progress=False, callbacks=[Record()], **options)
     per_epoch = (time.perf_counter() - tic) / p.epochs
-    row = _m2_row(task, SUPERVISED, seed, p.epochs, curve, per_epoch)
-    return row, curve.frame(setting=task.setting, contender=SUPERVISED, seed=seed)
+    row = _m2_row(task, name, seed, p.epochs, curve, per_epoch)
+    return row, curve.frame(setting=task.setting, contender=name, seed=seed)
 
 
 def _reference_m2(task, sources, test, p: Protocol, seed):

@@ -1,12 +1,16 @@
-"""The README's M2 ablations, each a contender of the M2 benchmark at 100 labels: Kingma et al.'s
-α scaled (``--alpha-times``) and Kingma et al.'s initialisation, every weight N(0, 0.001²) and
-every bias 0 (``--init-std``; their code's ``init_w(1e-3)``), and a smaller code z
-(``--latent-dim``; Kingma's is 50), for ``--epochs`` epochs. Writes
-benchmarks/results/vae-m2-ablation-NAME-cpu.* (table and curve).
+"""The README's M2 ablations, each a contender of the M2 benchmark (``--labels``, 100 by default):
+Kingma et al.'s α scaled (``--alpha-times``) or set per labelled image (``--alpha``: Pyro's example
+uses 46 at every label count), Kingma et al.'s initialisation, every weight N(0, 0.001²) and every
+bias 0 (``--init-std``; their code's ``init_w(1e-3)``), a smaller code z (``--latent-dim``;
+Kingma's is 50), and Adam's learning rate and β₁ (``--lr``, ``--beta1``: Pyro's example's are
+4.2e-4 and 0.95), for ``--epochs`` epochs. Writes benchmarks/results/vae-m2-ablation-NAME-cpu.*
+(table and curve).
 
     python examples/m2_ablation.py --alpha-times 10 --epochs 12
     python examples/m2_ablation.py --init-std 0.001 --epochs 50
     python examples/m2_ablation.py --latent-dim 5 --epochs 12
+    python examples/m2_ablation.py --labels 3000 --alpha 46 --epochs 12
+    python examples/m2_ablation.py --alpha 46 --lr 4.2e-4 --beta1 0.95 --epochs 12
 """
 
 import argparse
@@ -19,11 +23,11 @@ from lvmkit.benchmarks import vae
 from lvmkit.benchmarks.contenders import Contender, Task
 
 
-def alpha_times(factor: float):
-    """The built-in M2 contender with ``factor`` times the task's α."""
+def alpha_times(factor: float, absolute: float | None = None):
+    """The built-in M2 contender with ``factor`` times the task's α, or α = ``absolute``."""
 
     def factory(task: Task) -> Contender:
-        alpha = factor * task.extra["aux_weight"]
+        alpha = absolute if absolute is not None else factor * task.extra["aux_weight"]
         return vae._builtin_m2(dataclasses.replace(task, extra={**task.extra, "aux_weight": alpha}))
 
     return factory
@@ -55,16 +59,26 @@ def initialised(std: float, factory=vae._builtin_m2):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--labels", type=int, default=100, choices=vae.M2_LABELS["full"])
     parser.add_argument("--alpha-times", type=float, default=1.0)
+    parser.add_argument("--alpha", type=float, default=None)
     parser.add_argument("--init-std", type=float, default=None)
     parser.add_argument("--latent-dim", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--beta1", type=float, default=None)
     parser.add_argument("--epochs", type=int, default=12)
     args = parser.parse_args()
     factory, parts, tags = vae._builtin_m2, [], []
-    if args.alpha_times != 1.0:
-        factory = alpha_times(args.alpha_times)
-        parts.append(f"alpha x{args.alpha_times:g}")
-        tags.append(f"alpha{args.alpha_times:g}")
+    if args.labels != 100:
+        tags.append(f"{args.labels}labels")
+    if args.alpha_times != 1.0 or args.alpha is not None:
+        factory = alpha_times(args.alpha_times, args.alpha)
+        if args.alpha is not None:
+            parts.append(f"alpha {args.alpha:g}")
+            tags.append(f"alpha{args.alpha:g}-per-image")
+        else:
+            parts.append(f"alpha x{args.alpha_times:g}")
+            tags.append(f"alpha{args.alpha_times:g}")
     if args.latent_dim is not None:
         factory = latent(args.latent_dim, factory)
         parts.append(f"z of {args.latent_dim}")
@@ -73,10 +87,21 @@ if __name__ == "__main__":
         factory = initialised(args.init_std, factory)
         parts.append(f"init N(0, {args.init_std:g}^2)")
         tags.append(f"init{args.init_std:g}")
-    name = "M2, " + (", ".join(parts) or "as built in")
     protocol = dataclasses.replace(vae.M2_PROFILES["full"], epochs=args.epochs)
+    if args.lr is not None or args.beta1 is not None:
+        lr = args.lr if args.lr is not None else protocol.lr
+        beta1 = args.beta1 if args.beta1 is not None else protocol.optimizer_args["betas"][0]
+        betas = (beta1, protocol.optimizer_args["betas"][1])
+        protocol = dataclasses.replace(protocol, lr=lr, optimizer_args={"betas": betas})
+        parts.append(f"Adam lr {lr:g}, beta1 {beta1:g}")
+        tags.append(f"lr{lr:g}-beta{beta1:g}")
+    name = "M2, " + (", ".join(parts) or "as built in")
     frame = vae.run_m2(
-        "full", scale=protocol, contenders={name: factory}, only=name, settings=("100 labels",)
+        "full",
+        scale=protocol,
+        contenders={name: factory},
+        only=name,
+        settings=(f"{args.labels} labels",),
     )
     tag = "-".join(tags) or "builtin"
     bench.write_results(frame, "benchmarks/results", f"vae-m2-ablation-{tag}-{args.epochs}ep-cpu")

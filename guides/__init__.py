@@ -4,7 +4,7 @@ from lvmkit.guides.categorical import CategoricalEncoder, CategoricalEncoderConf
 from lvmkit.guides.conditional import ConditionalEncoder
 from lvmkit.guides.deterministic import DeterministicEncoder
 from lvmkit.guides.gaussian import GaussianEncoder, GaussianEncoderConfig
-from lvmkit.guides.semisupervised import SemiSupervisedEncoder
+from lvmkit.guides.semisupervised import SemiSupervisedEncoder, StackedSemiSupervisedEncoder
 from lvmkit.guides.sequence import MarkovGuide, RecurrentEncoder
 
 __all__ = [
@@ -17,4 +17,5 @@ __all__ = [
     "MarkovGuide",
     "RecurrentEncoder",
     "SemiSupervisedEncoder",
+    "StackedSemiSupervisedEncoder",
 ]

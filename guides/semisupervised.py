@@ -49,11 +49,47 @@ class SemiSupervisedEncoder(PyroModule):
             raise ValueError("SemiSupervisedEncoder needs data: x (and y for labelled images)")
         weight = self.config.labelled_weight if y is not None else 1.0  # as the model's
         with pyro.plate("data", x.shape[0]), poutine.scale(scale=weight):
-            label = y
-            if label is None:
-                label = pyro.sample(  # batch (N,)
-                    "y",
-                    dist.Categorical(logits=self.classifier(x)),
-                    infer={"enumerate": "parallel"},
-                )
-            self._z(x, label, "z")  # batch (N,) event (Dz,)
+            self._y_and_z(x, y)
+
+    def _y_and_z(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
+        label = y
+        if label is None:
+            label = pyro.sample(  # batch (N,)
+                "y",
+                dist.Categorical(logits=self.classifier(x)),
+                infer={"enumerate": "parallel"},
+            )
+        self._z(x, label, "z")  # batch (N,) event (Dz,)
+
+
+class StackedSemiSupervisedEncoder(SemiSupervisedEncoder):
+    """Guide of :class:`lvmkit.models.StackedM2` (M1+M2): z₁ ~ q(z₁ | x) from the trained M1
+    encoder (not trained further), then M2's q(y | z₁) q(z | z₁, y) on that code. ``classify``
+    reads M1's posterior mean, as Kingma et al. classify with M1's features."""
+
+    def __init__(self, config: M2Config, m1_guide) -> None:
+        if not callable(getattr(m1_guide, "encode", None)):
+            raise TypeError(
+                "m1_guide must have encode(x) → (loc, scale) (an lvmkit.GaussianEncoder does); "
+                f"got {type(m1_guide).__name__}"
+            )
+        super().__init__(config)
+        self.m1_encoder = m1_guide  # frozen: used under torch.no_grad
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """M1's posterior mean of z₁ for the images ``x``, shape ``(N, D₁)``."""
+        with torch.no_grad():
+            return self.m1_encoder.encode(x)[0]
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x)).argmax(dim=-1)
+
+    def forward(self, x=None, y=None, *, batch_size=None):
+        if x is None:
+            raise ValueError("StackedSemiSupervisedEncoder needs data: x (and y for labelled)")
+        weight = self.config.labelled_weight if y is not None else 1.0
+        with pyro.plate("data", x.shape[0]), poutine.scale(scale=weight):
+            with torch.no_grad():  # M1's encoder is not trained here
+                loc, scale = self.m1_encoder.encode(x)
+            z1 = pyro.sample("z1", dist.Normal(loc, scale).to_event(1))  # batch (N,) event (D₁,)
+            self._y_and_z(z1, y)

@@ -14,7 +14,7 @@ from lvmkit.models.gmm import (
     GMMConfig,
     empty_guide,
 )
-from lvmkit.models.m2 import M2, M2Config, build_m2, kingma_aux_weight
+from lvmkit.models.m2 import M2, M2Config, StackedM2, build_m1_m2, build_m2, kingma_aux_weight
 from lvmkit.models.nonlinear import (
     NonlinearConfig,
     NonlinearLVM,
@@ -54,10 +54,12 @@ __all__ = [
     "NonlinearLVM",
     "RecurrentVAE",
     "RecurrentVAEConfig",
+    "StackedM2",
     "VAEConfig",
     "build_autoencoder",
     "build_cvae",
     "build_dmm",
+    "build_m1_m2",
     "build_m2",
     "build_nonlinear",
     "build_recurrent_vae",

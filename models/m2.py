@@ -29,6 +29,7 @@ then gives the ELBO and the importance-sampled log p(x) with y and z both sample
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -97,18 +98,18 @@ class M2(PyroModule):
             raise TypeError(f"config must be an M2Config; got {type(config).__name__}")
         super().__init__()
         self.config = config
-        self.decoder = mlp(
-            config.latent_dim + config.num_classes,
-            config.hidden_dims,
-            config.data_dim,
-            config.activation,
-        )
+        self.decoder = self._decoder(config.data_dim)
         self.classifier = classifier  # the guide's, for the auxiliary term (build_m2 shares it)
         self.register_buffer(
             "prior_probs", torch.full((config.num_classes,), 1 / config.num_classes)
         )
         self.register_buffer("prior_loc", torch.zeros(config.latent_dim))
         self.register_buffer("prior_scale", torch.ones(config.latent_dim))
+
+    def _decoder(self, outputs: int) -> nn.Module:
+        """f(y, z): the network from the label and the style to the likelihood's parameters."""
+        cfg = self.config
+        return mlp(cfg.latent_dim + cfg.num_classes, cfg.hidden_dims, outputs, cfg.activation)
 
     def _one_hot(self, y: torch.Tensor) -> torch.Tensor:
         return F.one_hot(y.long(), self.config.num_classes).to(self.prior_loc.dtype)
@@ -141,26 +142,97 @@ class M2(PyroModule):
         return self.training and self.config.aux_weight > 0 and self.classifier is not None
 
     def validate_data(self, x=None, y=None, **_: object) -> None:
-        cfg = self.config
-        check_data_matrix(x, cfg.data_dim, "M2", "M2Config")
+        check_data_matrix(x, self.config.data_dim, "M2", "M2Config")
         check_bernoulli_data(x)
-        if y is None:
-            return
-        if y.is_floating_point() or y.dtype == torch.bool or y.dim() != 1:
-            raise ValueError(
-                "data 'y' must be a 1-D integer tensor of class labels; got "
-                f"{y.dtype} of shape {tuple(y.shape)}"
+        check_labels(self.config.num_classes, x, y)
+
+
+class StackedM2(M2):
+    """M1+M2 (Kingma et al. 2014, §3.2 "stacked generative semi-supervised model"):
+    p(y) p(z) p(z₁ | y, z) p(x | z₁), where p(x | z₁) is the decoder of a VAE ("M1") trained
+    first on all the images, and M2 models M1's latent code z₁ with a Gaussian p(z₁ | y, z) in
+    place of the pixels. The M1 decoder stays as trained (it is evaluated without gradients, so no
+    optimizer moves it); guide: :class:`lvmkit.guides.StackedSemiSupervisedEncoder`.
+
+    ``config.data_dim`` is M1's latent size (the dimension of z₁); the data are the images, called
+    as for :class:`M2`: ``model(x)`` unlabelled, ``model(x, y)`` labelled.
+
+    Example::
+
+        >>> import torch, lvmkit
+        >>> m1 = lvmkit.VAE(lvmkit.VAEConfig(data_dim=4, latent_dim=3, hidden_dims=(8,)))
+        >>> enc = lvmkit.GaussianEncoder(lvmkit.GaussianEncoderConfig(4, 3, (8,)))
+        >>> model, guide = lvmkit.build_m1_m2(lvmkit.M2Config(data_dim=3, num_classes=2,
+        ...                                   latent_dim=2, hidden_dims=(8,)), m1, enc)
+        >>> model(batch_size=5).shape
+        torch.Size([5, 4])
+    """
+
+    static_structure = False
+    m1_decoder: Any  # M1's model: anything with likelihood(z) → p(x | z)
+
+    def __init__(self, config: M2Config, m1_model: Any, classifier=None) -> None:
+        if not callable(getattr(m1_model, "likelihood", None)):
+            raise TypeError(
+                "m1_model must have likelihood(z) → p(x | z) (an lvmkit.VAE does); got "
+                f"{type(m1_model).__name__}"
             )
-        if len(y) != len(x):
-            raise ValueError(
-                f"data 'y' must hold one label per image: {len(x)} images, {len(y)} labels"
-            )
-        if len(y) and (int(y.min()) < 0 or int(y.max()) >= cfg.num_classes):
-            raise ValueError(
-                f"data 'y' must hold labels in 0..{cfg.num_classes - 1} "
-                f"(M2Config.num_classes={cfg.num_classes}); got values in "
-                f"[{int(y.min())}, {int(y.max())}]"
-            )
+        super().__init__(config, classifier)  # p(y), p(z), the shared classifier
+        self.m1_decoder = m1_model  # frozen: used under torch.no_grad
+
+    def _decoder(self, outputs: int) -> nn.Module:
+        return super()._decoder(2 * outputs)  # p(z₁ | y, z): a mean and a log-variance
+
+    def forward(self, x=None, y=None, *, batch_size=None):
+        cfg = self.config
+        n = x.shape[0] if x is not None else (len(y) if y is not None else (batch_size or 1))
+        labelled = y is not None and x is not None
+        with pyro.plate("data", n):
+            with poutine.scale(scale=cfg.labelled_weight if labelled else 1.0):
+                label = pyro.sample("y", dist.Categorical(self.prior_probs), obs=y)  # (N,)
+                z = pyro.sample("z", dist.Normal(self.prior_loc, self.prior_scale).to_event(1))
+                out = self.decoder(joint_input(z, self._one_hot(label)))
+                loc, log_var = out.split(cfg.data_dim, -1)
+                z1 = pyro.sample(  # batch (N,) event (D₁,): M1's code
+                    "z1", dist.Normal(loc, torch.exp(0.5 * log_var)).to_event(1)
+                )
+                with torch.no_grad():  # M1's decoder is not trained here
+                    likelihood = self.m1_decoder.likelihood(z1)
+                out = pyro.sample("x", likelihood, obs=x)  # batch (N,) event (Dx,)
+            if labelled and self._aux:  # α log q(y | z₁), unweighted
+                assert self.classifier is not None and y is not None
+                log_q = dist.Categorical(logits=self.classifier(z1)).log_prob(y.long())
+                pyro.factor("classifier_log_q", cfg.aux_weight * log_q)  # batch (N,)
+        return out
+
+    def validate_data(self, x=None, y=None, **_: object) -> None:
+        check = getattr(self.m1_decoder, "validate_data", None)
+        if callable(check):  # the images are M1's data: M1 knows their shape and range
+            check(x)
+        elif not isinstance(x, torch.Tensor):
+            raise ValueError(f"data must provide the images 'x' for StackedM2; got {x!r}")
+        check_labels(self.config.num_classes, x, y)
+
+
+def check_labels(num_classes: int, x: torch.Tensor, y) -> None:
+    """``y``, when given, one label in 0..C − 1 per image of ``x``."""
+    if y is None:
+        return
+    if y.is_floating_point() or y.dtype == torch.bool or y.dim() != 1:
+        raise ValueError(
+            "data 'y' must be a 1-D integer tensor of class labels; got "
+            f"{y.dtype} of shape {tuple(y.shape)}"
+        )
+    if len(y) != len(x):
+        raise ValueError(
+            f"data 'y' must hold one label per image: {len(x)} images, {len(y)} labels"
+        )
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(
+            f"data 'y' must hold labels in 0..{num_classes - 1} "
+            f"(M2Config.num_classes={num_classes}); got values in "
+            f"[{int(y.min())}, {int(y.max())}]"
+        )
 
 
 def kingma_aux_weight(num_points: int, num_labelled: int) -> float:
@@ -193,3 +265,34 @@ def build_m2(config: M2Config):
 
     guide = SemiSupervisedEncoder(config)
     return M2(config, classifier=guide.classifier), guide
+
+
+def build_m1_m2(config: M2Config, m1_model: Any, m1_guide: Any):
+    """The stacked M1+M2 pair on a trained M1 (``m1_model`` with ``likelihood(z)``, ``m1_guide``
+    with ``encode(x) → (loc, scale)``, e.g. an :class:`lvmkit.VAE` and its
+    :class:`lvmkit.GaussianEncoder` after ``fit``): a :class:`StackedM2` and its
+    :class:`lvmkit.guides.StackedSemiSupervisedEncoder`, sharing the classifier q(y | z₁). M1's
+    networks are held, not copied, and are not trained further; ``config.data_dim`` must be M1's
+    latent size.
+
+    Example::
+
+        >>> import torch, lvmkit
+        >>> m1 = lvmkit.VAE(lvmkit.VAEConfig(data_dim=4, latent_dim=3, hidden_dims=(8,)))
+        >>> enc = lvmkit.GaussianEncoder(lvmkit.GaussianEncoderConfig(4, 3, (8,)))
+        >>> # ... lvmkit.fit(m1, enc, images) first: M1 learns from every image, labels unused
+        >>> cfg = lvmkit.M2Config(data_dim=3, num_classes=2, latent_dim=2, hidden_dims=(8,))
+        >>> model, guide = lvmkit.build_m1_m2(cfg, m1, enc)
+        >>> guide.classify(torch.zeros(5, 4)).shape  # q(y | z₁) at M1's posterior mean
+        torch.Size([5])
+    """
+    from lvmkit.guides.semisupervised import StackedSemiSupervisedEncoder
+
+    m1_latent = getattr(getattr(m1_model, "config", None), "latent_dim", config.data_dim)
+    if m1_latent != config.data_dim:
+        raise ValueError(
+            f"config.data_dim must be M1's latent size {m1_latent} (M2 models M1's code z₁); "
+            f"got {config.data_dim}"
+        )
+    guide = StackedSemiSupervisedEncoder(config, m1_guide)
+    return StackedM2(config, m1_model, classifier=guide.classifier), guide

@@ -45,20 +45,28 @@ def test_m2_table_sets_m2_beside_the_classifier_on_labels_alone_and_the_referenc
     frame = vae.run_m2("quick")
     assert list(frame.contender) == [
         vae.BUILTIN,
+        vae.STACKED,
         vae.SUPERVISED,
+        vae.SUPERVISED_M1,
         vae.REFERENCE,
         vae.M2_SOURCE,
+        vae.M1_M2_SOURCE,
         vae.PYRO_M2_SOURCE,
     ]
     rows = frame.set_index("contender")
     assert rows.loc[vae.M2_SOURCE, "accuracy"] == pytest.approx(88.03)
+    assert rows.loc[vae.M1_M2_SOURCE, "accuracy"] == pytest.approx(96.67)
     assert rows.loc[vae.BUILTIN, "minus_supervised_only"] == pytest.approx(
         rows.loc[vae.BUILTIN, "accuracy"] - rows.loc[vae.SUPERVISED, "accuracy"]
     )
     curves = frame.attrs["curves"]
-    for name in (vae.BUILTIN, vae.SUPERVISED, vae.REFERENCE):  # one point per epoch each
-        assert sorted(curves[curves.contender == name].epoch) == [1, 2]
+    for name in (vae.BUILTIN, vae.STACKED, vae.SUPERVISED, vae.SUPERVISED_M1, vae.REFERENCE):
+        assert sorted(curves[curves.contender == name].epoch) == [1, 2]  # a point per epoch
     assert "Adam(lr=0.0003, betas=(0.9, 0.999)), batch 200" in frame.attrs["protocol"]
+    assert (
+        "M1 first: VAE 784-600-600-50 softplus on all training images, 1 epoch ("
+        in (frame.attrs["protocol"])
+    )
 
 
 def test_iwae_schedule_is_burda_et_al_stages_in_proportion():

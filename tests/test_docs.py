@@ -65,7 +65,7 @@ WITHOUT_EXAMPLE = {
     "GaussianEncoderConfig", "M2Config", "NonFiniteLossError", "NonlinearConfig", "VAEConfig",
     "RecurrentVAEConfig", "DMMConfig",
     "Autoencoder", "ConditionalBaseline", "ConditionalEncoder", "DeterministicEncoder",
-    "SemiSupervisedEncoder",
+    "SemiSupervisedEncoder", "StackedSemiSupervisedEncoder",
 }  # fmt: skip
 
 

@@ -46,6 +46,7 @@ def test_m2_ablation_example_scales_kingmas_alpha_and_initialises_like_kingma():
     contender = example.alpha_times(10.0)(task)
     assert task.extra["aux_weight"] == 50.0
     assert contender.model.config.aux_weight == 500.0
+    assert example.alpha_times(1.0, absolute=46.0)(task).model.config.aux_weight == 46.0
     assert example.latent(5)(task).model.config.latent_dim == 5
     initialised = example.initialised(1e-3)(task)
     weights = [

@@ -488,6 +488,58 @@ def test_m2_aux_term_is_alpha_log_q_of_each_labelled_image_in_training_only():
     assert lvmkit.models.kingma_aux_weight(50_000, 100) == 50.0
 
 
+def _m1(x, latent=4, epochs=30):
+    """A small M1 (VAE) trained on all of ``x``, labels unused."""
+    m1 = lvmkit.VAE(lvmkit.VAEConfig(data_dim=x.shape[1], latent_dim=latent, hidden_dims=(32,)))
+    encoder = lvmkit.GaussianEncoder(lvmkit.GaussianEncoderConfig(x.shape[1], latent, (32,)))
+    lvmkit.fit(m1, encoder, x, epochs=epochs, batch_size=50, lr=1e-2, progress=False, device="cpu")
+    return m1, encoder
+
+
+def test_m1_m2_learns_the_classes_on_m1s_code_and_leaves_m1_as_trained():
+    x, y = _clusters()
+    m1, encoder = _m1(x)
+    before = {k: v.clone() for k, v in [*m1.state_dict().items(), *encoder.state_dict().items()]}
+    data = datasets.semi_supervised(x, y, 12, seed=0)
+    cfg = lvmkit.M2Config(data_dim=4, num_classes=3, latent_dim=2, hidden_dims=(32,), aux_weight=5)
+    model, guide = lvmkit.build_m1_m2(cfg, m1, encoder)
+    assert model.classifier is guide.classifier and model.m1_decoder is m1
+    lvmkit.fit(
+        model,
+        guide,
+        data,
+        epochs=15,
+        batch_size=50,
+        lr=1e-2,
+        objective=TraceEnum_ELBO(max_plate_nesting=1, strict_enumeration_warning=False),
+        progress=False,
+        device="cpu",
+    )
+    after = {k: v for k, v in [*m1.state_dict().items(), *encoder.state_dict().items()]}
+    assert all(torch.equal(before[k], after[k]) for k in before)  # M1 is not trained further
+    guide.eval()
+    accuracy = float((guide.classify(x) == y).float().mean())
+    assert accuracy > 0.9, accuracy
+    summary = lvmkit.summarize(lvmkit.evaluate(model, guide, x[:50], 100))  # a model of x
+    assert summary.log_likelihood >= summary.elbo
+    assert model(batch_size=7).shape == (7, 12)
+
+
+def test_m1_m2_refuses_an_m1_it_cannot_use():
+    x, _ = _clusters(40)
+    m1, encoder = _m1(x, epochs=1)
+    cfg = lvmkit.M2Config(data_dim=4, num_classes=3, latent_dim=2, hidden_dims=(8,))
+    with pytest.raises(ValueError, match=r"config\.data_dim must be M1's latent size 4"):
+        lvmkit.build_m1_m2(lvmkit.M2Config(data_dim=12, num_classes=3), m1, encoder)
+    with pytest.raises(TypeError, match=r"m1_guide must have encode\(x\)"):
+        lvmkit.build_m1_m2(cfg, m1, lambda x: x)
+    with pytest.raises(TypeError, match=r"m1_model must have likelihood\(z\)"):
+        lvmkit.build_m1_m2(cfg, encoder, encoder)
+    model, guide = lvmkit.build_m1_m2(cfg, m1, encoder)
+    with pytest.raises(ValueError, match=r"data 'x' must have shape \(N, 12\)"):
+        lvmkit.fit(model, guide, {"x": x[:, :4]}, progress=False)
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
