@@ -3,7 +3,8 @@ Kingma et al.'s α scaled (``--alpha-times``) or set per labelled image (``--alp
 uses 46 at every label count), Kingma et al.'s initialisation, every weight N(0, 0.001²) and every
 bias 0 (``--init-std``; their code's ``init_w(1e-3)``), a smaller code z (``--latent-dim``;
 Kingma's is 50), and Adam's learning rate and β₁ (``--lr``, ``--beta1``: Pyro's example's are
-4.2e-4 and 0.95), for ``--epochs`` epochs. Writes benchmarks/results/vae-m2-ablation-NAME-cpu.*
+4.2e-4 and 0.95), for ``--epochs`` epochs; ``--stacked`` ablates M1+M2 (M2 on the code of the
+suite's M1) instead of M2 on pixels. Writes benchmarks/results/vae-m2-ablation-NAME-cpu.*
 (table and curve).
 
     python examples/m2_ablation.py --alpha-times 10 --epochs 12
@@ -11,6 +12,7 @@ Kingma's is 50), and Adam's learning rate and β₁ (``--lr``, ``--beta1``: Pyro
     python examples/m2_ablation.py --latent-dim 5 --epochs 12
     python examples/m2_ablation.py --labels 3000 --alpha 46 --epochs 12
     python examples/m2_ablation.py --alpha 46 --lr 4.2e-4 --beta1 0.95 --epochs 12
+    python examples/m2_ablation.py --stacked --labels 3000 --alpha 46 --epochs 20
 """
 
 import argparse
@@ -23,14 +25,14 @@ from lvmkit.benchmarks import vae
 from lvmkit.benchmarks.contenders import Contender, Task
 
 
-def alpha_times(factor: float, absolute: float | None = None):
-    """The built-in M2 contender with ``factor`` times the task's α, or α = ``absolute``."""
+def alpha_times(factor: float, absolute: float | None = None, factory=vae._builtin_m2):
+    """``factory``'s contender with ``factor`` times the task's α, or α = ``absolute``."""
 
-    def factory(task: Task) -> Contender:
+    def made(task: Task) -> Contender:
         alpha = absolute if absolute is not None else factor * task.extra["aux_weight"]
-        return vae._builtin_m2(dataclasses.replace(task, extra={**task.extra, "aux_weight": alpha}))
+        return factory(dataclasses.replace(task, extra={**task.extra, "aux_weight": alpha}))
 
-    return factory
+    return made
 
 
 def latent(dim: int, factory=vae._builtin_m2):
@@ -60,6 +62,7 @@ def initialised(std: float, factory=vae._builtin_m2):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--labels", type=int, default=100, choices=vae.M2_LABELS["full"])
+    parser.add_argument("--stacked", action="store_true", help="M1+M2 instead of M2 on pixels")
     parser.add_argument("--alpha-times", type=float, default=1.0)
     parser.add_argument("--alpha", type=float, default=None)
     parser.add_argument("--init-std", type=float, default=None)
@@ -69,10 +72,13 @@ if __name__ == "__main__":
     parser.add_argument("--epochs", type=int, default=12)
     args = parser.parse_args()
     factory, parts, tags = vae._builtin_m2, [], []
+    if args.stacked:
+        factory = vae._builtin_m1_m2
+        tags.append("m1m2")
     if args.labels != 100:
         tags.append(f"{args.labels}labels")
     if args.alpha_times != 1.0 or args.alpha is not None:
-        factory = alpha_times(args.alpha_times, args.alpha)
+        factory = alpha_times(args.alpha_times, args.alpha, factory)
         if args.alpha is not None:
             parts.append(f"alpha {args.alpha:g}")
             tags.append(f"alpha{args.alpha:g}-per-image")
@@ -95,7 +101,7 @@ if __name__ == "__main__":
         protocol = dataclasses.replace(protocol, lr=lr, optimizer_args={"betas": betas})
         parts.append(f"Adam lr {lr:g}, beta1 {beta1:g}")
         tags.append(f"lr{lr:g}-beta{beta1:g}")
-    name = "M2, " + (", ".join(parts) or "as built in")
+    name = ("M1+M2, " if args.stacked else "M2, ") + (", ".join(parts) or "as built in")
     frame = vae.run_m2(
         "full",
         scale=protocol,

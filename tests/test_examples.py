@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -47,6 +48,11 @@ def test_m2_ablation_example_scales_kingmas_alpha_and_initialises_like_kingma():
     assert task.extra["aux_weight"] == 50.0
     assert contender.model.config.aux_weight == 500.0
     assert example.alpha_times(1.0, absolute=46.0)(task).model.config.aux_weight == 46.0
+    m1 = (lvmkit.VAE(vae.M1_CONFIG), lvmkit.GaussianEncoder(lvmkit.GaussianEncoderConfig(784, 50)))
+    stacked = dataclasses.replace(task, extra={**task.extra, "pretrained_m1": lambda: m1})
+    made = example.alpha_times(1.0, 46.0, vae._builtin_m1_m2)(stacked)  # M1+M2 on the suite's M1
+    assert isinstance(made.model, lvmkit.StackedM2) and made.model.config.aux_weight == 46.0
+    assert made.model.m1_decoder is m1[0] and made.guide.m1_encoder is m1[1]
     assert example.latent(5)(task).model.config.latent_dim == 5
     initialised = example.initialised(1e-3)(task)
     weights = [
