@@ -860,29 +860,27 @@ def run_m2(
     frame = pd.DataFrame(rows)
     frame.insert(1, "labels", frame.setting.str.split().str[0].astype(int))
     frame["error"] = 100 - frame.accuracy
-    supervised = frame[frame.contender == SUPERVISED].groupby(["setting", "seed"]).accuracy
-    base = frame.set_index(["setting", "seed"]).index.map(supervised.mean().to_dict())
-    frame["minus_supervised_only"] = frame.accuracy - np.asarray(base, dtype=float)
+    frame["minus_supervised_only"] = _minus(frame, SUPERVISED)
     frame.loc[frame.contender == SUPERVISED, "minus_supervised_only"] = math.nan
+    frame["minus_m1_code_only"] = _minus(frame, SUPERVISED_M1)  # what M2 adds to M1's features
+    frame.loc[frame.contender != STACKED, "minus_m1_code_only"] = math.nan
     frame["n_test"] = len(test.x)
     curves_frame = pd.concat(curves, ignore_index=True)
     frame = _with_trend(frame, curves_frame, "test accuracy", "accuracy_change_per_epoch_late")
     if figures_dir is not None:
         m2_figure(frame, Path(figures_dir) / "vae-m2-accuracy.png")
-        lines = m2_lines(labels_run, stacked=m1_of.trained)
-        cs.curve_figure(
-            curves_frame,
-            "test accuracy",
-            label_of=_label,
-            lines=lines,
-            ylabel="test accuracy of q(y | x) (%)",
-            title=f"M2 per epoch ({p.describe(len(train.x))})",
-            path=Path(figures_dir) / "vae-m2-curves.png",
-        )
+        m2_curve_figures(curves_frame, p.describe(len(train.x)), Path(figures_dir))
     text = p.describe(len(train.x))
     if m1_of.trained:
         text += f"; M1 first: {m1_of.describe()}"
     return _finish(frame, curves, text)
+
+
+def _minus(frame: pd.DataFrame, baseline: str) -> np.ndarray:
+    """Each row's accuracy minus ``baseline``'s in the same setting and seed (NaN without one)."""
+    rows = frame[frame.contender == baseline].groupby(["setting", "seed"]).accuracy.mean()
+    base = frame.set_index(["setting", "seed"]).index.map(rows.to_dict())
+    return frame.accuracy.to_numpy() - np.asarray(base, dtype=float)
 
 
 def _m2_task(labels: int, n_train: int) -> Task:
@@ -998,12 +996,23 @@ def _reference_m2(task, sources, test, p: Protocol, seed):
     return row, curve.frame(setting=task.setting, contender=REFERENCE, seed=seed)
 
 
-def m2_lines(labels: list[int], stacked: bool) -> dict[str, float]:
-    """The papers' final accuracies, as the curve figure's dashed lines."""
-    lines = {f"{M2_SOURCE}, {n} labels": 100 - M2_PAPER_ERROR[n] for n in labels}
-    if stacked:
-        lines |= {f"{M1_M2_SOURCE}, {n} labels": 100 - M1_M2_PAPER_ERROR[n] for n in labels}
-    return lines
+def m2_curve_figures(curves: pd.DataFrame, protocol: str, out: Path) -> None:
+    """Test accuracy per epoch, one figure per label count (``vae-m2-curves-100-labels.png``, …),
+    the papers' final accuracies as dashed lines (M1+M2's where M1+M2 ran)."""
+    for setting, part in curves.groupby("setting", sort=False):
+        n = int(str(setting).split()[0])
+        lines = {M2_SOURCE: 100 - M2_PAPER_ERROR[n]}
+        if STACKED in set(part.contender):
+            lines[M1_M2_SOURCE] = 100 - M1_M2_PAPER_ERROR[n]
+        cs.curve_figure(
+            part,
+            "test accuracy",
+            label_of=lambda run: _label(run).removeprefix(f"{setting} — "),
+            lines=lines,
+            ylabel="test accuracy of q(y | x) (%)",
+            title=f"M2, {setting}: {protocol}",
+            path=out / f"vae-m2-curves-{n}-labels.png",
+        )
 
 
 def m2_figure(frame: pd.DataFrame, path: Path):

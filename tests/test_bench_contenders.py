@@ -59,6 +59,10 @@ def test_m2_table_sets_m2_beside_the_classifier_on_labels_alone_and_the_referenc
     assert rows.loc[vae.BUILTIN, "minus_supervised_only"] == pytest.approx(
         rows.loc[vae.BUILTIN, "accuracy"] - rows.loc[vae.SUPERVISED, "accuracy"]
     )
+    assert rows.loc[vae.STACKED, "minus_m1_code_only"] == pytest.approx(
+        rows.loc[vae.STACKED, "accuracy"] - rows.loc[vae.SUPERVISED_M1, "accuracy"]
+    )
+    assert rows.minus_m1_code_only.notna().sum() == 1  # M1+M2's row only
     curves = frame.attrs["curves"]
     for name in (vae.BUILTIN, vae.STACKED, vae.SUPERVISED, vae.SUPERVISED_M1, vae.REFERENCE):
         assert sorted(curves[curves.contender == name].epoch) == [1, 2]  # a point per epoch
