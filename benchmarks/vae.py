@@ -53,6 +53,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.infer import TraceEnum_ELBO
+from pyro.util import get_rng_state, set_rng_state
 
 from lvmkit import datasets, plots
 from lvmkit.benchmarks import contenders as cs
@@ -737,8 +738,9 @@ class _PretrainedM1:
         if seed not in self.pairs:
             cfg = M1_CONFIG
             print(f"[vae-m2] M1: {self.describe()}, seed {seed}", flush=True)
-            pyro.clear_param_store()
-            pyro.set_rng_seed(seed)
+            state = get_rng_state()  # M1 leaves the run's random stream as it was,
+            pyro.clear_param_store()  # so a contender's draws do not depend on whether M1
+            pyro.set_rng_seed(seed)  # was trained just now or for an earlier setting
             model = VAE(cfg)
             guide = GaussianEncoder(
                 GaussianEncoderConfig(cfg.data_dim, cfg.latent_dim, cfg.hidden_dims, cfg.activation)
@@ -750,6 +752,7 @@ class _PretrainedM1:
             self.seconds = time.perf_counter() - tic
             self.final_loss = float(result.history.train_loss.iloc[-1])
             self.pairs[seed] = (model.eval(), guide.eval())
+            set_rng_state(state)
         return self.pairs[seed]
 
     def describe(self) -> str:
@@ -996,6 +999,10 @@ def _reference_m2(task, sources, test, p: Protocol, seed):
     return row, curve.frame(setting=task.setting, contender=REFERENCE, seed=seed)
 
 
+def _contender_label(run: pd.Series, setting: str) -> str:
+    return _label(run).removeprefix(f"{setting} — ")
+
+
 def m2_curve_figures(curves: pd.DataFrame, protocol: str, out: Path) -> None:
     """Test accuracy per epoch, one figure per label count (``vae-m2-curves-100-labels.png``, …),
     the papers' final accuracies as dashed lines (M1+M2's where M1+M2 ran)."""
@@ -1007,7 +1014,7 @@ def m2_curve_figures(curves: pd.DataFrame, protocol: str, out: Path) -> None:
         cs.curve_figure(
             part,
             "test accuracy",
-            label_of=lambda run: _label(run).removeprefix(f"{setting} — "),
+            label_of=partial(_contender_label, setting=setting),
             lines=lines,
             ylabel="test accuracy of q(y | x) (%)",
             title=f"M2, {setting}: {protocol}",
