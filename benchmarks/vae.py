@@ -707,15 +707,19 @@ def _m2_objective() -> TraceEnum_ELBO:
     return TraceEnum_ELBO(max_plate_nesting=1, strict_enumeration_warning=False)
 
 
-def _builtin_m2(task: Task) -> Contender:
-    cfg = M2Config(
-        task.data_dim,
+def _m2_config(task: Task, data_dim: int) -> M2Config:
+    """M2's sizes and α for ``task``, on ``data_dim`` inputs (the pixels, or M1's code)."""
+    return M2Config(
+        data_dim,
         num_classes=task.num_classes or 10,
         latent_dim=task.latent_dim or 50,
         hidden_dims=task.hidden_dims or (500,),
         aux_weight=task.extra["aux_weight"],
     )
-    model, guide = build_m2(cfg)
+
+
+def _builtin_m2(task: Task) -> Contender:
+    model, guide = build_m2(_m2_config(task, task.data_dim))
     return Contender(model, guide, objective=_m2_objective())
 
 
@@ -736,15 +740,11 @@ class _PretrainedM1:
 
     def __call__(self, seed: int) -> tuple[VAE, GaussianEncoder]:
         if seed not in self.pairs:
-            cfg = M1_CONFIG
             print(f"[vae-m2] M1: {self.describe()}, seed {seed}", flush=True)
             state = get_rng_state()  # M1 leaves the run's random stream as it was,
             pyro.clear_param_store()  # so a contender's draws do not depend on whether M1
             pyro.set_rng_seed(seed)  # was trained just now or for an earlier setting
-            model = VAE(cfg)
-            guide = GaussianEncoder(
-                GaussianEncoderConfig(cfg.data_dim, cfg.latent_dim, cfg.hidden_dims, cfg.activation)
-            )
+            model, guide = _vae_pair(M1_CONFIG)
             options = self.p.fit_options(len(self.x), seed, self.device)
             options["epochs"] = max(1, self.p.pretrain_epochs)
             tic = time.perf_counter()
@@ -769,22 +769,9 @@ def _copies(m1_of: _PretrainedM1, seed: int) -> tuple[VAE, GaussianEncoder]:
     return copy.deepcopy(model), copy.deepcopy(guide)
 
 
-def _m1_features(encoder: GaussianEncoder, x: torch.Tensor) -> torch.Tensor:
-    device = next(encoder.parameters()).device
-    with torch.no_grad():
-        return encoder.encode(x.to(device))[0].cpu()
-
-
 def _builtin_m1_m2(task: Task) -> Contender:
     m1_model, m1_guide = task.extra["pretrained_m1"]()
-    cfg = M2Config(
-        M1_CONFIG.latent_dim,
-        num_classes=task.num_classes or 10,
-        latent_dim=task.latent_dim or 50,
-        hidden_dims=task.hidden_dims or (500,),
-        aux_weight=task.extra["aux_weight"],
-    )
-    model, guide = build_m1_m2(cfg, m1_model, m1_guide)
+    model, guide = build_m1_m2(_m2_config(task, M1_CONFIG.latent_dim), m1_model, m1_guide)
     return Contender(model, guide, objective=_m2_objective())
 
 
@@ -929,7 +916,7 @@ def _supervised_only(
     posterior mean instead of the pixels (M1+M2's classifier, without M2)."""
     cs.say(task, name)
     pyro.set_rng_seed(seed)
-    features = (lambda x: x) if m1_encoder is None else (lambda x: _m1_features(m1_encoder, x))
+    features = (lambda x: x) if m1_encoder is None else partial(posterior_means, m1_encoder)
     dim = 784 if m1_encoder is None else M1_CONFIG.latent_dim
     _, guide = build_m2(M2Config(dim, latent_dim=task.latent_dim, hidden_dims=task.hidden_dims))
     classifier = guide.classifier

@@ -46,10 +46,14 @@ class SemiSupervisedEncoder(PyroModule):
 
     def forward(self, x=None, y=None, *, batch_size=None):
         if x is None:
-            raise ValueError("SemiSupervisedEncoder needs data: x (and y for labelled images)")
+            raise ValueError(f"{type(self).__name__} needs data: x (and y for labelled images)")
         weight = self.config.labelled_weight if y is not None else 1.0  # as the model's
         with pyro.plate("data", x.shape[0]), poutine.scale(scale=weight):
-            self._y_and_z(x, y)
+            self._y_and_z(self._inputs(x), y)
+
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """What q(y | ·) and q(z | ·, y) read: the images themselves."""
+        return x
 
     def _y_and_z(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
         label = y
@@ -84,12 +88,7 @@ class StackedSemiSupervisedEncoder(SemiSupervisedEncoder):
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x)).argmax(dim=-1)
 
-    def forward(self, x=None, y=None, *, batch_size=None):
-        if x is None:
-            raise ValueError("StackedSemiSupervisedEncoder needs data: x (and y for labelled)")
-        weight = self.config.labelled_weight if y is not None else 1.0
-        with pyro.plate("data", x.shape[0]), poutine.scale(scale=weight):
-            with torch.no_grad():  # M1's encoder is not trained here
-                loc, scale = self.m1_encoder.encode(x)
-            z1 = pyro.sample("z1", dist.Normal(loc, scale).to_event(1))  # batch (N,) event (D₁,)
-            self._y_and_z(z1, y)
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():  # M1's encoder is not trained here
+            loc, scale = self.m1_encoder.encode(x)
+        return pyro.sample("z1", dist.Normal(loc, scale).to_event(1))  # batch (N,) event (D₁,)

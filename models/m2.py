@@ -129,13 +129,18 @@ class M2(PyroModule):
                 z = pyro.sample(  # batch (N,) event (Dz,)
                     "z", dist.Normal(self.prior_loc, self.prior_scale).to_event(1)
                 )
-                logits = self.decoder(joint_input(z, self._one_hot(label)))
-                out = pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+                out, features = self._emit(joint_input(z, self._one_hot(label)), x)
             if y is not None and x is not None and self._aux:  # α log q(y | x), unweighted
                 assert self.classifier is not None
-                log_q = dist.Categorical(logits=self.classifier(x)).log_prob(y.long())
+                log_q = dist.Categorical(logits=self.classifier(features)).log_prob(y.long())
                 pyro.factor("classifier_log_q", self.config.aux_weight * log_q)  # batch (N,)
         return out
+
+    def _emit(self, yz: torch.Tensor, x: torch.Tensor | None):
+        """The data given (y, z) — ``yz`` their joint input — and what the classifier reads."""
+        logits = self.decoder(yz)
+        out = pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+        return out, x
 
     @property
     def _aux(self) -> bool:
@@ -183,27 +188,14 @@ class StackedM2(M2):
     def _decoder(self, outputs: int) -> nn.Module:
         return super()._decoder(2 * outputs)  # p(z₁ | y, z): a mean and a log-variance
 
-    def forward(self, x=None, y=None, *, batch_size=None):
-        cfg = self.config
-        n = x.shape[0] if x is not None else (len(y) if y is not None else (batch_size or 1))
-        labelled = y is not None and x is not None
-        with pyro.plate("data", n):
-            with poutine.scale(scale=cfg.labelled_weight if labelled else 1.0):
-                label = pyro.sample("y", dist.Categorical(self.prior_probs), obs=y)  # (N,)
-                z = pyro.sample("z", dist.Normal(self.prior_loc, self.prior_scale).to_event(1))
-                out = self.decoder(joint_input(z, self._one_hot(label)))
-                loc, log_var = out.split(cfg.data_dim, -1)
-                z1 = pyro.sample(  # batch (N,) event (D₁,): M1's code
-                    "z1", dist.Normal(loc, torch.exp(0.5 * log_var)).to_event(1)
-                )
-                with torch.no_grad():  # M1's decoder is not trained here
-                    likelihood = self.m1_decoder.likelihood(z1)
-                out = pyro.sample("x", likelihood, obs=x)  # batch (N,) event (Dx,)
-            if labelled and self._aux:  # α log q(y | z₁), unweighted
-                assert self.classifier is not None and y is not None
-                log_q = dist.Categorical(logits=self.classifier(z1)).log_prob(y.long())
-                pyro.factor("classifier_log_q", cfg.aux_weight * log_q)  # batch (N,)
-        return out
+    def _emit(self, yz: torch.Tensor, x: torch.Tensor | None):
+        loc, log_var = self.decoder(yz).split(self.config.data_dim, -1)
+        z1 = pyro.sample(  # batch (N,) event (D₁,): M1's code
+            "z1", dist.Normal(loc, torch.exp(0.5 * log_var)).to_event(1)
+        )
+        with torch.no_grad():  # M1's decoder is not trained here
+            likelihood = self.m1_decoder.likelihood(z1)
+        return pyro.sample("x", likelihood, obs=x), z1  # batch (N,) event (Dx,); q(y | z₁)
 
     def validate_data(self, x=None, y=None, **_: object) -> None:
         check = getattr(self.m1_decoder, "validate_data", None)

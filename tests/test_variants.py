@@ -82,9 +82,16 @@ def test_fit_logs_the_kl_weight_and_keeps_val_elbo_unweighted():
     pyro.set_rng_seed(0)
     model, guide = lvmkit.build_vae(SMALL)
     heavy = lvmkit.fit(
-        model, guide, x, epochs=1, batch_size=64, kl_schedule=lvmkit.KLSchedule(beta=20.0),
-        validation_data=x[:32], progress=False, device="cpu",
-    )  # fmt: skip
+        model,
+        guide,
+        x,
+        epochs=1,
+        batch_size=64,
+        kl_schedule=lvmkit.KLSchedule(beta=20.0),
+        validation_data=x[:32],
+        progress=False,
+        device="cpu",
+    )
     elbo = lvmkit.summarize(lvmkit.evaluate(model, guide, x[:32], num_samples=2000)).elbo
     assert heavy.history.val_elbo.iloc[0] == pytest.approx(elbo, abs=0.3)  # one-sample noise
     assert heavy.history.train_loss.iloc[0] > -elbo + 0.5
@@ -438,22 +445,28 @@ def _m2(**kw):
     return lvmkit.build_m2(lvmkit.M2Config(**{**cfg, **kw}))
 
 
-def test_m2_learns_the_classes_from_few_labels():
-    x, y = _clusters()
-    data = datasets.semi_supervised(x, y, 12, seed=0)
-    model, guide = _m2(aux_weight=5)
-    result = lvmkit.fit(
+def _fit_m2(model, guide, data, **kw):
+    """15 epochs of an M2-like pair on the cluster data, labels enumerated for unlabelled points."""
+    objective = TraceEnum_ELBO(max_plate_nesting=1, strict_enumeration_warning=False)
+    return lvmkit.fit(
         model,
         guide,
         data,
         epochs=15,
         batch_size=50,
         lr=1e-2,
-        objective=TraceEnum_ELBO(max_plate_nesting=1, strict_enumeration_warning=False),
-        validation_data=x[:100],
+        objective=objective,
         progress=False,
         device="cpu",
+        **kw,
     )
+
+
+def test_m2_learns_the_classes_from_few_labels():
+    x, y = _clusters()
+    data = datasets.semi_supervised(x, y, 12, seed=0)
+    model, guide = _m2(aux_weight=5)
+    result = _fit_m2(model, guide, data, validation_data=x[:100])
     guide.eval()
     accuracy = float((guide.classify(x) == y).float().mean())
     assert accuracy > 0.9, accuracy
@@ -504,17 +517,7 @@ def test_m1_m2_learns_the_classes_on_m1s_code_and_leaves_m1_as_trained():
     cfg = lvmkit.M2Config(data_dim=4, num_classes=3, latent_dim=2, hidden_dims=(32,), aux_weight=5)
     model, guide = lvmkit.build_m1_m2(cfg, m1, encoder)
     assert model.classifier is guide.classifier and model.m1_decoder is m1
-    lvmkit.fit(
-        model,
-        guide,
-        data,
-        epochs=15,
-        batch_size=50,
-        lr=1e-2,
-        objective=TraceEnum_ELBO(max_plate_nesting=1, strict_enumeration_warning=False),
-        progress=False,
-        device="cpu",
-    )
+    _fit_m2(model, guide, data)
     after = {k: v for k, v in [*m1.state_dict().items(), *encoder.state_dict().items()]}
     assert all(torch.equal(before[k], after[k]) for k in before)  # M1 is not trained further
     guide.eval()
