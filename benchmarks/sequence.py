@@ -42,8 +42,9 @@ from lvmkit.benchmarks import contenders as cs
 from lvmkit.benchmarks.contenders import Contender, Curve, Task
 from lvmkit.inference import KLSchedule, active_units, evaluate, summarize
 from lvmkit.inference._data import as_data
+from lvmkit.inference._device import pair_placement
 from lvmkit.inference._params import eval_mode, param_scope
-from lvmkit.inference.evaluate import eval_device, scoring
+from lvmkit.inference.evaluate import scoring
 from lvmkit.inference.weights import find_layout, is_sample, paired_traces, site_log_prob
 from lvmkit.models import DMMConfig, RecurrentVAEConfig, build_dmm, build_recurrent_vae
 from lvmkit.models._checks import check_choice
@@ -308,7 +309,7 @@ def _posterior_terms(model, guide, data, seed: int, *, draws: int = 8) -> dict[s
     E_q[log q(z | x) − log p(z)] (z from the guide), and ``recon_prior`` E_p(z)[log p(x | z)]
     (z from the prior); ``latents``, the guide's latent sites. Scored by the evaluation kernel
     (:mod:`lvmkit.inference.weights`): per data point, masks honoured, unscaled densities."""
-    device = eval_device(model, guide, None)
+    device = pair_placement(model, guide, None).device
     values = as_data(data, model).to(device)
     n = values.check_sliceable()
     totals = {k: torch.zeros(1, n, device=device) for k in ("recon", "kl", "recon_prior")}

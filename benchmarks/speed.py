@@ -62,12 +62,13 @@ from lvmkit import plots
 from lvmkit.data import load_mnist
 from lvmkit.guides import GaussianEncoder, GaussianEncoderConfig
 from lvmkit.inference import evaluate, fit
-from lvmkit.inference._data import as_data, feeds, resolve_device
+from lvmkit.inference._data import as_data, load
+from lvmkit.inference._device import resolve_device
 from lvmkit.inference.callbacks import Callback
 from lvmkit.inference.evaluate import DEFAULT_MAX_PAIRS
+from lvmkit.inference.loop import epoch_order
 from lvmkit.inference.optim import OptimSpec
 from lvmkit.inference.step import prepare
-from lvmkit.inference.train import epoch_order
 from lvmkit.models import VAE, VAEConfig
 from lvmkit.models._checks import check_choice
 
@@ -243,8 +244,9 @@ def _lvmkit_step(
     builds for these options (``prepare``), stepped as ``fit`` steps it."""
     model, guide = _networks(cfg, batch.shape[1], dev)
     trainer = prepare(
-        model, guide, feeds(batch, model, len(batch)), objective=objective,
-        num_particles=particles, device=dev, compile=compile, optim=OptimSpec(lr=cfg.lr),
+        model, guide, load(batch, model, guide, batch_size=len(batch), device=dev).train,
+        objective=objective, num_particles=particles, compile=compile,
+        optim=OptimSpec(lr=cfg.lr),
     )  # fmt: skip
 
     calls: dict[int, Any] = {}  # each minibatch's call, built once as fit builds its data once

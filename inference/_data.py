@@ -31,6 +31,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from lvmkit.inference import _memory
+from lvmkit.inference._device import (
+    Placement,
+    SiteTracker,
+    explain_mismatch,
+    is_mismatch,
+    move_pair,
+    place,
+    user_frame,
+)
+
 AUTO = "auto"  # Source(batch_size="auto"): the source's share of each step (see Source)
 
 
@@ -76,6 +87,15 @@ class Data:
     def tensors(self) -> list[torch.Tensor]:
         """The per-point tensors."""
         return [v for v in self.values() if _per_point(v)]
+
+    def named_tensors(self, name: str) -> list[tuple[str, torch.Tensor]]:
+        """Every tensor among the arguments, labelled as the user gave it (``data``,
+        ``data[0]``, ``data['y']``)."""
+        if self.form == "tensor":
+            return [(name, v) for v in self.values() if isinstance(v, torch.Tensor)]
+        labelled = [(f"{name}[{i}]", v) for i, v in enumerate(self.args)]
+        labelled += [(f"{name}[{k!r}]", v) for k, v in self.kwargs.items()]
+        return [(label, v) for label, v in labelled if isinstance(v, torch.Tensor)]
 
     def map(self, fn: Callable[[torch.Tensor], Any]) -> Data:
         """``fn`` applied to every per-point tensor; other values kept."""
@@ -328,15 +348,20 @@ class Source:
 
 @dataclass
 class Feed:
-    """A source as the training loop uses it: its data, and how many of its points each step
-    of an epoch takes (a fixed minibatch size, an even share, or the whole data)."""
+    """A data set as the training loop uses it: its data (checked, on the run's device), the
+    transform its minibatches go through (``fit``'s, then its :class:`Source`'s), and how many of
+    its points each step of an epoch takes (a fixed minibatch size, an even share, or the whole
+    data). ``layout`` is what the pair's first call on it showed (its data plate), filled in when
+    the trainer is prepared."""
 
     data: Data
     batch_size: int | str | None  # None: the whole data every step; AUTO: an even share
     transform: Callable[[Any], Any] | None
     name: str
     num_points: int | None
+    placement: Placement = field(default_factory=lambda: Placement(torch.device("cpu")))
     shares: list[int] | None = None  # with AUTO: the points of each step, summing to N
+    layout: Any = None  # weights.Layout, or None: no plate over the points found
 
     @property
     def steps(self) -> int:
@@ -356,23 +381,89 @@ class Feed:
         return position * size, min(n, (position + 1) * size)
 
     def batch(self, order: torch.Tensor | None, position: int) -> Data | None:
-        """The minibatch at ``position`` of a pass in ``order`` (the whole data when unbatched;
-        None when an even share leaves this step nothing)."""
+        """The minibatch at ``position`` of a pass in ``order``, transformed (the whole data when
+        unbatched; None when an even share leaves this step nothing)."""
         if self.batch_size is None or order is None:
-            return self.data
+            return self.prepare(self.data)
         start, stop = self.bounds(position, len(order))
-        return self.data.take(order[start:stop]) if stop > start else None
+        return self.prepare(self.data.take(order[start:stop])) if stop > start else None
 
-    def prepare(self, batch: Data, transform: Callable[[Any], Any] | None) -> Data:
-        """``batch`` through ``fit``'s transform and then this source's."""
-        for fn in (transform, self.transform):
-            if fn is not None:
-                batch = from_transform(fn(batch.user_form()), batch)
-        return batch
+    def first(self) -> Data:
+        """The set-up step's minibatch: the first points in their stored order, transformed."""
+        if self.batch_size is None:
+            return self.prepare(self.data)
+        start, stop = self.bounds(0, self.num_points or 1)
+        return self.prepare(self.data.take(slice(0, max(1, stop - start))))
+
+    def prepare(self, batch: Data) -> Data:
+        """``batch`` through the feed's transform (run under the placement's default device)."""
+        if self.transform is None:
+            return batch
+        with self.placement.scope():
+            return from_transform(self.transform(batch.user_form()), batch)
+
+    def represented(self, points: int) -> float:
+        """The data points a loss on ``points`` of them stands for: the plate's declared full
+        size when the model scales its minibatches up to it (N / n), else the points."""
+        return self.layout.represented(points) if self.layout is not None else float(points)
 
 
-def feeds(data: Any, model: Any, batch_size: int | None, *, name: str = "data") -> list[Feed]:
+@dataclass(frozen=True)
+class Feeds:
+    """``fit``'s data, loaded: the training feeds and the validation feed, checked and on the
+    device of ``placement``."""
+
+    train: list[Feed]
+    val: Feed | None
+    placement: Placement
+
+    def all(self) -> list[Feed]:
+        return [*self.train, *([self.val] if self.val is not None else [])]
+
+
+def load(
+    data: Any,
+    model: Any,
+    guide: Any,
+    *,
+    batch_size: int | None,
+    transform: Callable[[Any], Any] | None = None,
+    validation_data: Any = None,
+    device: str | torch.device | None = None,
+    memory_budget: Any = None,
+    join: Callable[[torch.device], torch.device] | None = None,
+) -> Feeds:
+    """``fit``'s data as feeds, in one trip: converted and checked (the model's own
+    ``validate_data`` too), placed by the device policy (:func:`~lvmkit.inference._device.place`:
+    ``device=None`` moves nothing), checked against the memory budget, and moved there.
+    ``join`` (several processes) turns the chosen device into this process's."""
+    train = _train_feeds(data, model, batch_size, transform)
+    val = _validation_feed(validation_data, model)
+    loaded = [*train, *([val] if val is not None else [])]
+    for f in loaded:
+        check_with_model(model, f.data)
+    placement = place(device, model, guide, ((f.name, t) for f in loaded for t in f.data.tensors()))
+    if join is not None:  # several processes: each its own GPU
+        placement.device = join(placement.device)
+        if placement.moves:
+            move_pair(placement, model, guide)
+    dev = placement.device
+    if dev.type != "cpu":  # on the CPU the data are in memory already
+        data_bytes = _memory.tensor_bytes([t for f in loaded for t in f.data.tensors()])
+        _memory.check_data(data_bytes, memory_budget, dev)
+    for f in loaded:
+        if any(t.device != dev for t in f.data.tensors()):
+            f.data = f.data.to(dev)
+            placement.note("data", f.name)
+        f.placement = placement
+    return Feeds(train, val, placement)
+
+
+def _train_feeds(
+    data: Any, model: Any, batch_size: int | None, transform: Callable[[Any], Any] | None
+) -> list[Feed]:
     """``fit``'s data as one feed, or a list of :class:`Source` as several."""
+    name = "data"
     if isinstance(data, Source):
         data = [data]
     if isinstance(data, list) and data and all(isinstance(s, Source) for s in data):
@@ -392,7 +483,8 @@ def feeds(data: Any, model: Any, batch_size: int | None, *, name: str = "data") 
         values = as_data(source.data, model, name=label)
         size = source.batch_size
         points = values.check_sliceable(label) if size is not None else values.num_points
-        out.append(Feed(values, size, source.transform, label, points))
+        both = _compose(transform, source.transform)
+        out.append(Feed(values, size, both, label, points))
     _share(out, batch_size)
     return out
 
@@ -416,46 +508,58 @@ def _share(out: list[Feed], batch_size: int | None) -> None:
         f.shares = [b - a for a, b in itertools.pairwise(edges)]
 
 
+def _validation_feed(validation_data: Any, model: Any) -> Feed | None:
+    """Validation data are scored as given (``fit``'s transform does not apply; a Source's
+    own does)."""
+    if validation_data is None:
+        return None
+    source = validation_data if isinstance(validation_data, Source) else Source(validation_data)
+    values = as_data(source.data, model, name="validation_data")
+    return Feed(values, None, source.transform, "validation_data", values.num_points)
+
+
+def _compose(
+    first: Callable[[Any], Any] | None, then: Callable[[Any], Any] | None
+) -> Callable[[Any], Any] | None:
+    """``first`` and then ``then`` (each may be None), in the data's own form."""
+    if first is None or then is None:
+        return first or then
+
+    def both(batch: Any) -> Any:
+        return then(first(batch))
+
+    return both
+
+
 # -- devices and failures ---------------------------------------------------------------------
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` → CUDA when present, else CPU; ``"cuda"`` without CUDA is an error."""
-    if isinstance(device, torch.device):
-        device = str(device)
-    if not isinstance(device, str):
-        raise TypeError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {device!r}")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(
-            f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {device!r}"
-        ) from err
-    if resolved.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {device!r}")
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"device={device!r} but this torch build sees no CUDA device; "
-            "use device='auto' or 'cpu'"
-        )
-    return resolved
-
-
 @contextmanager
-def model_failures_as_data_errors(where: str, data: Data) -> Iterator[None]:
+def model_failures_as_data_errors(
+    where: str, data: Data, placement: Placement | None = None, who: str = "fit"
+) -> Iterator[None]:
     """Report the model/guide failing on ``data`` (with anything but a ValueError/TypeError, e.g.
     a shape error from deep inside torch) as a ValueError naming ``where`` and the data's shapes,
-    with the original error chained: on the first batch such a failure is a data/model mismatch."""
+    with the original error chained: on the first batch such a failure is a data/model mismatch.
+    A device mismatch is said as one, with the function and site where it happened and the fix."""
+    tracker = SiteTracker()
     try:
-        yield
+        with tracker:
+            yield
     except (ValueError, TypeError):
         raise
     except Exception as err:
+        if is_mismatch(err):
+            raise ValueError(
+                f"model/guide failed on {where} ({data.describe()}): "
+                + explain_mismatch(err, placement, tracker.last, who)
+            ) from err
+        lines = str(err).strip().splitlines()
+        said = f": {lines[0][:400]}" if lines else " (no message)"
+        frame = user_frame(err)
+        at = f" in {frame}" if frame else ""
         raise ValueError(
-            f"model/guide failed on {where} ({data.describe()}): "
-            f"{type(err).__name__}: {str(err).strip().splitlines()[0][:400]}"
+            f"model/guide failed on {where} ({data.describe()}): {type(err).__name__}{at}{said}"
         ) from err
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyro
 import pyro.poutine as poutine
@@ -27,7 +27,8 @@ from pyro.params.param_store import module_from_param_with_module_name, user_par
 from torch import nn
 from torch.nn.modules.module import register_module_forward_pre_hook
 
-from lvmkit.inference._data import Data
+if TYPE_CHECKING:  # pragma: no cover
+    from lvmkit.inference._data import Data
 
 
 def is_module_pair(model: Any, guide: Any) -> bool:
@@ -83,14 +84,13 @@ def collect_params(
     calls: list[Data],
     model: Any,
     guide: Any,
-    device: torch.device,
 ) -> dict[str, torch.Tensor]:
     """Every trainable tensor: module parameters, then the ``pyro.param`` sites ``step`` touches.
 
     Running one step on ``calls`` also creates parameters that are initialised lazily, and it runs
-    with Pyro's validation on, so model errors surface here with Pyro's own messages. Parameters of
-    plain-function pairs may still sit on the CPU when the data are on a GPU: then the step runs on
-    a CPU copy of the data, and the parameters it finds are moved to ``device`` afterwards. A
+    with Pyro's validation on, so model errors surface here with Pyro's own messages (with an
+    explicit device, the caller runs it under ``Placement.first_use``, which moves each network
+    and ``pyro.param`` tensor to the device as it is met). A
     ``pyro.module`` whose name already holds another network's parameters in the param store is
     refused (or warned about, when the shapes agree): Pyro would train the store's copy while the
     network computes with its own, and the loss would not move.
@@ -103,24 +103,14 @@ def collect_params(
                 if param.requires_grad and id(param) not in seen:
                     params[name] = param
                     seen.add(id(param))
-    try:
-        with poutine.trace(param_only=True) as capture, pyro.validation_enabled(True):
-            step(calls)
-    except RuntimeError as err:
-        if device.type == "cpu" or is_module_pair(model, guide) or "device" not in str(err):
-            raise
-        with poutine.trace(param_only=True) as capture, pyro.validation_enabled(True):
-            step([call.to(torch.device("cpu")) for call in calls])
+    with poutine.trace(param_only=True) as capture, pyro.validation_enabled(True):
+        step(calls)
     for name, site in capture.trace.nodes.items():
         value: Any = site["value"]
         _check_not_stale(name, site)
         unconstrained = value.unconstrained() if hasattr(value, "unconstrained") else value
         if not unconstrained.requires_grad or id(unconstrained) in seen:
             continue
-        if unconstrained.device != device:
-            # Parameters of plain-function pairs (pyro.module / pyro.param) are moved in place,
-            # so the networks that own them compute on the device too.
-            unconstrained.data = unconstrained.data.to(device)
         params[name] = unconstrained
         seen.add(id(unconstrained))
     if not params:

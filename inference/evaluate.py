@@ -48,8 +48,8 @@ from lvmkit.inference._data import (
     check_with_model,
     cuda_devices,
     from_transform,
-    resolve_device,
 )
+from lvmkit.inference._device import Placement, pair_placement
 from lvmkit.inference._params import eval_mode, param_scope
 from lvmkit.inference._rundir import rng_state, set_rng_state
 from lvmkit.inference.callbacks import check_callbacks, notify
@@ -130,7 +130,8 @@ def log_weights(
     """
     values = as_data(data, model)
     num_samples = check_int("num_samples", num_samples)
-    dev = eval_device(model, guide, device)
+    placement = pair_placement(model, guide, device)
+    dev = placement.device
     budget, what = _memory.budget_for(memory_budget, dev)
     n = values.num_points or 0
     size = num_samples * n * 4
@@ -141,7 +142,7 @@ def log_weights(
             "lvmkit.evaluate, which reduces the weights chunk by chunk, or fewer num_samples"
         )
     stream = WeightStream(
-        model, guide, values, num_samples, max_pairs=max_pairs, device=dev,
+        model, guide, values, num_samples, max_pairs=max_pairs, device=placement,
         memory_budget=memory_budget, plate=data_plate, transform=transform,
         vectorize=vectorize_particles,
     )  # fmt: skip
@@ -231,7 +232,7 @@ def evaluate(
     start, rng = partial.resume(rows) if partial is not None else (0, None)
     with torch.random.fork_rng(devices=cuda_devices()), using_threads(threads):
         if rng is not None:  # where the interrupted evaluation stood
-            set_rng_state(rng, eval_device(model, guide, device))
+            set_rng_state(rng, pair_placement(model, guide, device).device)
         elif seed is not None:
             pyro.set_rng_seed(check_int("seed", seed, minimum=0))
         rest = values.take(slice(start, None)) if start else values
@@ -356,10 +357,11 @@ def summarize(scores: pd.DataFrame) -> EvaluationSummary:
 
 
 def mean_elbo(
-    model, guide, data: Data, *, plate: str | None = None, transform=None
+    model, guide, data: Data, *, plate: str | None = None, transform=None, placement=None
 ) -> torch.Tensor:
-    """One-sample ELBO averaged over ``data``, as a device scalar (``fit``'s validation)."""
-    stream = WeightStream(model, guide, data, 1, plate=plate, transform=transform)
+    """One-sample ELBO averaged over ``data``, as a device scalar (``fit``'s validation, on
+    the fit's ``placement``)."""
+    stream = WeightStream(model, guide, data, 1, plate=plate, transform=transform, device=placement)
     sums = [lw.sum() for _, lw in stream]
     return torch.stack(sums).sum() / stream.total
 
@@ -410,7 +412,7 @@ def posterior_means(
     total = values.check_sliceable()
     num_samples = check_int("num_samples", num_samples)
     _check_site(site)
-    dev = eval_device(guide, guide, None)
+    dev = pair_placement(guide, guide, None).device
     pairs = check_int("max_pairs", max_pairs) if max_pairs is not None else default_max_pairs(dev)
     out: list[torch.Tensor] = []
     with scoring(guide, guide, seed), pyro.validation_enabled(False):
@@ -496,7 +498,7 @@ def reconstruction_error(
     total = values.check_sliceable()
     check_with_model(model, values)
     _check_site(site)
-    dev = eval_device(model, guide, None)
+    dev = pair_placement(model, guide, None).device
     pairs = check_int("max_pairs", max_pairs) if max_pairs is not None else default_max_pairs(dev)
     out: list[torch.Tensor] = []
     with scoring(model, guide, seed), pyro.validation_enabled(False):
@@ -614,7 +616,10 @@ class WeightStream:
             raise TypeError(f"data_plate must be a plate's name (a str) or None; got {plate!r}")
         if vectorize is not None and not isinstance(vectorize, bool):
             raise TypeError(f"vectorize_particles must be True, False or None; got {vectorize!r}")
-        self.dev = eval_device(model, guide, device)
+        self.placement = (
+            device if isinstance(device, Placement) else pair_placement(model, guide, device)
+        )
+        self.dev = self.placement.device
         self.transform = transform
         check_with_model(model, data)
         self.data = data
@@ -622,11 +627,16 @@ class WeightStream:
         if not ragged:
             sample = data.take(slice(0, 1)) if data.num_points else data
             check_signature(model, self._prepare(sample))
-        with torch.no_grad(), param_scope(model, guide, publish=False), eval_mode(model, guide):
+        with (
+            torch.no_grad(),
+            param_scope(model, guide, publish=False),
+            eval_mode(model, guide),
+            self.placement.first_use(),
+        ):
             try:
                 self.layout = find_layout(
                     model, guide, data.to(self.dev), plate=plate, vectorize=vectorize,
-                    prepare=self._prepare,
+                    prepare=self._prepare, placement=self.placement,
                 )  # fmt: skip
             except (ValueError, TypeError) as err:
                 if ragged:  # only a model that subsamples itself takes such data whole
@@ -634,6 +644,7 @@ class WeightStream:
                 raise err
             with pyro.validation_enabled(False):
                 self.max_pairs = self._pairs_in_budget(max_pairs, memory_budget)
+        self.placement.say("evaluate")
         self.total = (
             self.layout.num_points if self.layout.subsampled else data.check_sliceable()
         ) or 0
@@ -641,7 +652,8 @@ class WeightStream:
     def _prepare(self, data: Data) -> Data:
         if self.transform is None:
             return data
-        return from_transform(self.transform(data.user_form()), data)
+        with self.placement.scope():
+            return from_transform(self.transform(data.user_form()), data)
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
         k, layout = self.num_samples, self.layout
@@ -654,6 +666,7 @@ class WeightStream:
             param_scope(model, guide, publish=False),
             eval_mode(model, guide),
             pyro.validation_enabled(False),
+            self.placement.scope(),
         ):
             if layout.subsampled:  # chunks of the model's own subsample size
                 whole = self._prepare(self.data.to(self.dev))
@@ -752,17 +765,3 @@ def import_arviz():
         import arviz
 
     return arviz
-
-
-def eval_device(model, guide, device) -> torch.device:
-    """Where to evaluate: ``device``, else where the pair's parameters are."""
-    if device is not None:
-        return resolve_device(device)
-    for obj in (model, guide):
-        if isinstance(obj, torch.nn.Module):
-            for param in obj.parameters():
-                return param.device
-    # Plain-function pairs keep their parameters in Pyro's param store (fit puts them there).
-    for _, value in pyro.get_param_store().items():
-        return value.device
-    return torch.device("cpu")

@@ -50,10 +50,10 @@ from lvmkit.inference._data import (
     from_transform,
     model_failures_as_data_errors,
 )
+from lvmkit.inference._device import pair_placement
 from lvmkit.inference.evaluate import (
     MIN_SAMPLES_FOR_PSIS,
     default_max_pairs,
-    eval_device,
     import_arviz,
     pareto_k,
     scoring,
@@ -140,16 +140,19 @@ def to_inference_data(
         raise TypeError(f"transform must be callable or None; got {type(transform).__name__}")
     values = as_data(data, model)
     check_with_model(model, values)
-    dev = eval_device(model, guide, device)
+    placement = pair_placement(model, guide, device)
+    dev = placement.device
 
     def prepare(part: Data) -> Data:
         return part if transform is None else from_transform(transform(part.user_form()), part)
 
-    with scoring(model, guide, seed), using_threads(threads):
-        layout = find_layout(
-            model, guide, values.to(dev), plate=data_plate, vectorize=vectorize_particles,
-            prepare=prepare,
-        )  # fmt: skip
+    with scoring(model, guide, seed), using_threads(threads), placement.scope():
+        with placement.first_use():
+            layout = find_layout(
+                model, guide, values.to(dev), plate=data_plate, vectorize=vectorize_particles,
+                prepare=prepare, placement=placement,
+            )  # fmt: skip
+        placement.say("to_inference_data")
         call = prepare(values.to(dev))
         n = layout.num_points if layout.subsampled else values.check_sliceable()
         assert n is not None
@@ -160,7 +163,10 @@ def to_inference_data(
                 "call); use lvmkit.evaluate, which scores it subsample by subsample"
             )
         subsample = None
-        with model_failures_as_data_errors("the data", call), pyro.validation_enabled(True):
+        with (
+            model_failures_as_data_errors("the data", call, placement, "to_inference_data"),
+            pyro.validation_enabled(True),
+        ):
             probe = paired_traces(model, guide, call, subsample=subsample)
         _check_size(probe, num_samples, n, posterior_predictive, max_bytes)
         pairs = max_pairs or default_max_pairs(dev)

@@ -47,19 +47,6 @@ from lvmkit.inference.weights import (
 
 
 @dataclass
-class Source:
-    """A data source as the step uses it: its feed and the layout found on its first minibatch."""
-
-    feed: Feed
-    layout: Layout | None  # None: no plate over the points found (each call counts its points)
-
-    def represented(self, points: int) -> float:
-        """The data points a loss on ``points`` of them stands for: the plate's declared full
-        size when the model scales its minibatches up to it (N / n), else the points."""
-        return self.layout.represented(points) if self.layout is not None else float(points)
-
-
-@dataclass
 class Trainer:
     """What a training step uses: the loss of one minibatch per source, the parameters it
     trains, and the optimizer (with schedule and clipping) that updates them."""
@@ -67,7 +54,7 @@ class Trainer:
     loss: Callable[[list[Data]], torch.Tensor]
     params: dict[str, torch.Tensor]
     optim: Optim
-    sources: list[Source]
+    feeds: list[Feed]  # the data, each with its layout: the one owner the loop reads
     objective: pyro.infer.ELBO
     scored: tuple[Any, Any]  # the pair as the loss sees it (latent sites weighted by a schedule)
     compiled: CompiledLoss | None = None
@@ -97,15 +84,13 @@ class Trainer:
 def prepare(
     model: Any,
     guide: Any,
-    sources: list[Feed],
+    feeds: list[Feed],
     *,
     objective: str | pyro.infer.ELBO = "elbo",
     num_particles: int = 1,
     optim: OptimSpec | None = None,
-    device: torch.device | None = None,
     compile: bool = False,
     scaler: LatentScale | None = None,
-    transform: Callable[[Any], Any] | None = None,
     data_plate: str | None = None,
     vectorize_particles: bool | None = None,
     memory_budget: Any = None,
@@ -113,12 +98,16 @@ def prepare(
 ) -> Trainer:
     """Build the :class:`Trainer` of a pair on its data sources (see the module docstring).
 
-    Runs inside the caller's ``param_scope``, with the modules on ``device``. The set-up step
-    runs from the caller's random state and leaves it as it was: lazily initialised guides
-    (autoguides, ``init_loc_fn``) are initialised on the first minibatch, as by Pyro's own first
-    step, and whatever seeding the caller did holds.
+    Runs inside the caller's ``param_scope``, on the feeds' placement (:func:`lvmkit.inference.
+    _data.load`): with an explicit device, the networks and ``pyro.param`` tensors the set-up step
+    meets are moved there as they are first used, and every call of the model and guide runs
+    with it as torch's default device. The set-up step runs from the caller's random state and
+    leaves it as it was: lazily initialised guides (autoguides, ``init_loc_fn``) are initialised
+    on the first minibatch, as by Pyro's own first step, and whatever seeding the caller did
+    holds.
     """
-    dev = device or torch.device("cpu")
+    placement = feeds[0].placement
+    dev = placement.device
     scored = (scaler(model), scaler(guide)) if scaler is not None else (model, guide)
     by_name = not isinstance(objective, pyro.infer.ELBO)
     vectorize = vectorize_particles is not False
@@ -133,10 +122,16 @@ def prepare(
     active: dict[str, Any] = {"loss": module, "factor": 1}
 
     def eager(call: Data) -> torch.Tensor:
-        return active["loss"](*call.args, **call.kwargs)
+        with placement.scope():
+            return active["loss"](*call.args, **call.kwargs)
 
     traced = CompiledLoss(*scored, eager) if compile else None
-    source_loss = traced if traced is not None else eager
+
+    def source_loss(call: Data) -> torch.Tensor:
+        if traced is None:
+            return eager(call)
+        with placement.scope():  # (tracing runs the user's code: its tensors on the device)
+            return traced(call)
 
     def loss(calls: list[Data]) -> torch.Tensor:
         total = source_loss(calls[0])
@@ -144,21 +139,21 @@ def prepare(
             total = total + source_loss(call)
         return total * active["factor"] if active["factor"] != 1 else total
 
-    first = [_first_call(feed, transform).to(dev) for feed in sources]
-    for feed, call in zip(sources, first, strict=True):
+    first = [feed.first() for feed in feeds]
+    for feed, call in zip(feeds, first, strict=True):
         check_signature(model, call, name=feed.name)
         check_signature(guide, call, name=feed.name, role="guide")
 
     def set_up() -> tuple[dict[str, torch.Tensor], int]:
-        where = "the first minibatch of data" + (" (after transform)" if transform else "")
+        transformed = any(feed.transform is not None for feed in feeds)
+        where = "the first minibatch of data" + (" (after transform)" if transformed else "")
         with (
             torch.random.fork_rng(devices=cuda_devices()),  # the caller's stream, left as it was
-            model_failures_as_data_errors(where, first[0]),
+            model_failures_as_data_errors(where, first[0], placement),
+            placement.first_use(),
         ):
             found, saved = _memory.measure_saved(
-                lambda: collect_params(
-                    lambda calls: _sum(map(eager, calls)), first, model, guide, dev
-                )
+                lambda: collect_params(lambda calls: _sum(map(eager, calls)), first, model, guide)
             )
         return found, _memory.activation_bytes(saved, found.values())
 
@@ -177,28 +172,29 @@ def prepare(
         memory_budget, dev,
         batch_size=sum(c.num_points or 1 for c in first), num_particles=num_particles,
     )  # fmt: skip
-    laid = [
-        Source(feed, _layout(model, guide, call, feed, data_plate))
-        for feed, call in zip(sources, first, strict=True)
-    ]
+    for feed, call in zip(feeds, first, strict=True):
+        with placement.scope():
+            feed.layout = _layout(model, guide, call, feed, data_plate)
     if by_name and num_particles > 1 and vectorize_particles is None and vectorize:
         # a model can run with vectorised particles and still compute the wrong thing (a value
         # of plausible shape from indexing a particle-batched tensor): check every site's shape
-        with eval_mode(model, guide):  # (the probe must not move BatchNorm's statistics)
+        # (the probe must not move BatchNorm's statistics)
+        with eval_mode(model, guide), placement.scope():
             fits = all(
-                broadcasts(model, guide, call, source.layout)
-                for source, call in zip(laid, first, strict=True)
-                if source.layout is not None
+                broadcasts(model, guide, call, feed.layout)
+                for feed, call in zip(feeds, first, strict=True)
+                if feed.layout is not None
             )
         if not fits:
             elbo, active["loss"] = objective_module(False)
-    for source in laid:
-        _warn_global_prior(source)
+    for feed in feeds:
+        _warn_global_prior(feed)
+    placement.say("fit")
     return Trainer(
         loss=loss,
         params=params,
         optim=build(optim or OptimSpec(), params, model, guide),
-        sources=laid,
+        feeds=feeds,
         objective=elbo,
         scored=scored,
         compiled=traced,
@@ -211,14 +207,6 @@ def _sum(values):
     for value in values:
         total = value if total is None else total + value
     return total
-
-
-def _first_call(feed: Feed, transform) -> Data:
-    """The set-up step's minibatch: a source's first points in their stored order."""
-    if feed.batch_size is None:
-        return feed.prepare(feed.data, transform)
-    start, stop = feed.bounds(0, feed.num_points or 1)
-    return feed.prepare(feed.data.take(slice(0, max(1, stop - start))), transform)
 
 
 def _layout(model, guide, call: Data, feed: Feed, plate: str | None) -> Layout | None:
@@ -241,10 +229,10 @@ def _layout(model, guide, call: Data, feed: Feed, plate: str | None) -> Layout |
         return None
 
 
-def _warn_global_prior(source: Source) -> None:
+def _warn_global_prior(feed: Feed) -> None:
     """Minibatches of a model with global latents whose data plate is not scaled to the data:
     each step counts the global prior once per minibatch."""
-    layout, feed = source.layout, source.feed
+    layout = feed.layout
     if layout is None or feed.batch_size is None or feed.num_points is None:
         return
     size = feed.bounds(0, feed.num_points)[1]

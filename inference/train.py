@@ -1,60 +1,58 @@
-"""The one training loop: SVI on any Pyro model/guide pair.
+"""``fit``: SVI on any Pyro model/guide pair.
 
-``fit`` checks its options, builds the pair's :class:`~lvmkit.inference.step.Trainer` (the loss,
-its parameters, the optimizer: :mod:`lvmkit.inference.step`), and runs epochs of
-:meth:`Trainer.step` over minibatches taken by index from data already on the device (no
-DataLoader). Around the step, as separate pieces: the check points (one host sync each: the
-running loss and a finiteness check, at every epoch's end and every ``checkpoint_every``
-steps), where the run's state is snapshotted and written to the run directory
-(:mod:`~lvmkit.inference._rundir`); the rollback, location and lr reduction when a value turned
-non-finite (:mod:`~lvmkit.inference._recovery`); callbacks; several processes
-(:mod:`~lvmkit.inference._distributed`). ``resume=True`` continues from the last checkpoint and
-ends with the same parameters as an uninterrupted run.
+``fit`` checks its options, loads the data in one trip (:func:`lvmkit.inference._data.load`:
+checked, placed by the device policy, on the device), builds the pair's
+:class:`~lvmkit.inference.step.Trainer` (the loss, its parameters, the optimizer:
+:mod:`lvmkit.inference.step`), and runs the :class:`~lvmkit.inference.loop.Loop`: epochs of
+:meth:`Trainer.step`, with check points, non-finite recovery, callbacks and several processes
+around them. The run directory is :mod:`~lvmkit.inference._rundir`'s; ``resume=True`` continues
+from the last checkpoint and ends with the same parameters as an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pyro
 import pyro.infer
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from lvmkit.inference import _distributed, _memory, _recovery
-from lvmkit.inference._data import (
-    Data,
-    Feed,
-    as_data,
-    check_with_model,
-    feeds,
-    resolve_device,
-)
-from lvmkit.inference._data import Source as DataSource
+from lvmkit.inference import _distributed, _memory
+from lvmkit.inference._data import load
 from lvmkit.inference._params import param_scope
-from lvmkit.inference._rundir import RunDir, history_columns, rng_state, set_rng_state
+from lvmkit.inference._rundir import RunDir, history_columns
 from lvmkit.inference.annealing import KLSchedule, LatentScale
 from lvmkit.inference.callbacks import FitInfo, check_callbacks, notify
-from lvmkit.inference.evaluate import mean_elbo
+from lvmkit.inference.loop import (
+    LR_REDUCTION,
+    MAX_LR_REDUCTIONS,
+    NONFINITE_POLICIES,
+    Loop,
+    LoopOptions,
+    NonFiniteLossError,
+    epoch_order,
+)
 from lvmkit.inference.optim import OptimSpec
-from lvmkit.inference.step import Trainer, prepare
+from lvmkit.inference.step import prepare
 from lvmkit.inference.threads import using as using_threads
 from lvmkit.models._checks import check_choice, check_int
 
-NONFINITE_POLICIES = _recovery.NONFINITE_POLICIES
-LR_REDUCTION = _recovery.LR_REDUCTION  # on_nonfinite="reduce_lr": lr × this per rollback
-MAX_LR_REDUCTIONS = _recovery.MAX_LR_REDUCTIONS  # ... at most this many times
-NonFiniteLossError = _recovery.NonFiniteLossError
+__all__ = [
+    "LR_REDUCTION",
+    "MAX_LR_REDUCTIONS",
+    "NONFINITE_POLICIES",
+    "FitResult",
+    "NonFiniteLossError",
+    "epoch_order",
+    "fit",
+]
 
 
 @dataclass(frozen=True)
@@ -96,7 +94,7 @@ def fit(
     objective: str | pyro.infer.ELBO = "elbo",
     num_particles: int = 1,
     seed: int | None = 0,
-    device: str | torch.device = "auto",
+    device: str | torch.device | None = None,
     validation_data: Any = None,
     transform: Callable[[Any], Any] | None = None,
     data_plate: str | None = None,
@@ -148,7 +146,14 @@ def fit(
             ``None`` leaves the random state as you set it (Pyro's behaviour). Either way,
             guides that initialise lazily (autoguides) are initialised from your random state,
             on the first minibatch, as Pyro's first step would.
-        device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``. Modules and data are moved.
+        device: ``None`` (default): train where the data and the pair's parameters already are,
+            moving nothing, as Pyro's ``SVI`` does (CPU tensors train on the CPU on a GPU machine
+            too; data and parameters on different devices are an error naming them). ``"cpu"``,
+            ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (CUDA when present): move the data and the
+            pair's networks there (its modules, the networks it registers with ``pyro.module``,
+            its ``pyro.param`` tensors) and run the model, guide and ``transform`` with that
+            device as torch's default, so tensors they make without ``device=`` land there too;
+            one log line says what moved.
         validation_data: like ``data`` (or a :class:`lvmkit.Source` with its own transform);
             its one-sample ELBO per point is logged each epoch, scored as given (``transform``
             does not apply to it).
@@ -219,8 +224,7 @@ def fit(
         vectorize_particles=vectorize_particles, on_nonfinite=on_nonfinite,
         kl_schedule=kl_schedule, memory_budget=memory_budget, compile=compile,
     )  # fmt: skip
-    options = _LoopOptions(
-        transform=transform,
+    options = LoopOptions(
         validate=validate,
         checkpoint_every=check_int("checkpoint_every", checkpoint_every)
         if checkpoint_every is not None
@@ -238,34 +242,33 @@ def fit(
     distributed = _distributed.wanted()
     annealed = kl_schedule is not None and not kl_schedule.constant
     compile = _check_compile(compile, distributed, objective, num_particles, annealed, model, guide)
-    train = feeds(data, model, batch_size)
-    val = _validation(validation_data, model)
-    for f in [*train, *([val] if val else [])]:
-        check_with_model(model, f.data)
+    if resume and run_dir is None:
+        raise ValueError("resume=True needs run_dir: the folder holding checkpoint.pt")
+    world = _distributed.SINGLE
+
+    def join(dev: torch.device) -> torch.device:  # several processes: this one's device
+        nonlocal world
+        world, dev = _distributed.join(dev)
+        return dev
+
+    loaded = load(
+        data, model, guide, batch_size=batch_size, transform=transform,
+        validation_data=validation_data, device=device, memory_budget=memory_budget,
+        join=join if distributed else None,
+    )  # fmt: skip
+    train, val, dev = loaded.train, loaded.val, loaded.placement.device
     if distributed and (len(train) > 1 or train[0].shares is not None):
+        _distributed.leave(world)
         raise ValueError(
             "several data sources (a list of lvmkit.Source) are not supported with several "
             "processes (torchrun) yet; train in one process, or on one source"
         )
-    if resume and run_dir is None:
-        raise ValueError("resume=True needs run_dir: the folder holding checkpoint.pt")
-    dev = resolve_device(device)
-    world = _distributed.SINGLE
-    if distributed:
-        world, dev = _distributed.join(dev)
-    data_bytes = _memory.tensor_bytes(
-        [t for f in [*train, *([val] if val else [])] for t in f.data.tensors()]
-    )
-    if dev.type != "cpu":  # on the CPU the data are in memory already
-        _memory.check_data(data_bytes, memory_budget, dev)
     for obj in (model, guide):
         if isinstance(obj, nn.Module):
-            obj.to(dev)
             obj.train()
-    for f in [*train, *([val] if val else [])]:
-        f.data = f.data.to(dev)
-    if options.scaler is not None:  # a constant weight is set once here, a warm-up every step
-        options.scaler.weight = options.kl_schedule.weight(0.0)  # type: ignore[union-attr]
+    if options.scaler is not None and kl_schedule is not None:  # a constant weight: set once
+        options.scaler.weight = kl_schedule.weight(0.0)  # (a warm-up: every step)
+    data_bytes = _memory.tensor_bytes([t for f in loaded.all() for t in f.data.tensors()])
 
     with (
         using_threads(threads) as threads_used,
@@ -274,9 +277,9 @@ def fit(
     ):
         trainer = prepare(
             model, guide, train, objective=objective, num_particles=num_particles, optim=optim,
-            device=dev, compile=compile, scaler=options.scaler, transform=transform,
-            data_plate=data_plate, vectorize_particles=vectorize_particles,
-            memory_budget=memory_budget, data_bytes=data_bytes,
+            compile=compile, scaler=options.scaler, data_plate=data_plate,
+            vectorize_particles=vectorize_particles, memory_budget=memory_budget,
+            data_bytes=data_bytes,
         )  # fmt: skip
         if seed is not None:
             pyro.set_rng_seed(seed + world.rank)  # each process its own draws
@@ -302,8 +305,8 @@ def fit(
             val.data = val.data.take(share)
         if not world.main:
             options = replace(options, callbacks=[])
-        loop = _Loop(
-            trainer, train, model, guide, options, seed=order_seed, dev=dev, world=world,
+        loop = Loop(
+            trainer, model, guide, options, seed=order_seed, dev=dev, world=world,
             run=files.run, val=val, val_total=val_total,
         )  # fmt: skip
         files.open(loop, settings, metadata, keep_seed=seed is None)
@@ -394,7 +397,7 @@ class _RunFiles:
             raise
         return self
 
-    def open(self, loop: _Loop, settings: dict[str, Any], metadata, *, keep_seed: bool) -> None:
+    def open(self, loop: Loop, settings: dict[str, Any], metadata, *, keep_seed: bool) -> None:
         """Start the run's files, or restore ``loop`` from its checkpoint when resuming (a run
         started with ``seed=None`` goes on with the seed it drew)."""
         source = self.run if self.run is not None else self.reader
@@ -449,297 +452,3 @@ def _check_compile(compile, distributed, objective, num_particles, annealed, mod
             "every step (warmup_epochs > 0): use compile=False, or a constant schedule"
         )
     return bool(compile)
-
-
-def _validation(validation_data: Any, model: Any) -> Feed | None:
-    if validation_data is None:
-        return None
-    if isinstance(validation_data, DataSource):
-        source = validation_data
-        values = as_data(source.data, model, name="validation_data")
-        return Feed(values, None, source.transform, "validation_data", values.num_points)
-    values = as_data(validation_data, model, name="validation_data")
-    return Feed(values, None, None, "validation_data", values.num_points)
-
-
-def epoch_order(seed: int, epoch: int, n: int, *, source: int = 0, cycle: int = 0) -> torch.Tensor:
-    """The order in which one pass of an epoch takes a source's points: a function of the seed,
-    the epoch, the source and the pass only, so that resume replays it."""
-    key = [seed, epoch] if source == 0 and cycle == 0 else [seed, epoch, source, cycle]
-    state = int(np.random.SeedSequence(key).generate_state(1)[0])
-    return torch.randperm(n, generator=torch.Generator().manual_seed(state))
-
-
-@dataclass(frozen=True)
-class _LoopOptions:
-    """How the loop runs around its steps (fit's options of the same names)."""
-
-    transform: Callable[[Any], Any] | None
-    validate: bool  # Pyro's validation after the first step too
-    checkpoint_every: int | None  # steps between check points inside an epoch
-    on_nonfinite: str
-    data_plate: str | None
-    kl_schedule: KLSchedule | None
-    scaler: LatentScale | None  # applies the schedule's weight to the latent sites
-    callbacks: list[Any]
-
-
-@dataclass
-class Progress:
-    """Where a run stands: with the trainer's parameters and optimizer, what a checkpoint
-    holds (see :meth:`_Loop.snapshot`)."""
-
-    epoch: int = 0  # epochs completed
-    step: int = 0  # steps completed in epoch ``epoch + 1``
-    running: torch.Tensor | None = None  # this epoch's summed step losses, on the device
-    running_value: float = 0.0  # ``running`` as last read on the host (summed over processes)
-    elapsed: float = 0.0  # seconds spent in this epoch's steps
-    history: list[dict[str, float]] = field(default_factory=list)
-    lr_reductions: int = 0
-
-
-class _Loop:
-    """Epochs of steps, and the check points around them (see the module docstring)."""
-
-    def __init__(
-        self,
-        trainer: Trainer,
-        feeds: list[Feed],
-        model: Any,
-        guide: Any,
-        options: _LoopOptions,
-        *,
-        seed: int,
-        dev: torch.device,
-        world: _distributed.World,
-        run: RunDir | None,
-        val: Feed | None,
-        val_total: int,
-    ) -> None:
-        self.trainer, self.feeds, self.options = trainer, feeds, options
-        self.model, self.guide = model, guide  # as given: validation scores the true ELBO
-        self.seed, self.dev, self.world, self.rundir = seed, dev, world, run
-        self.val, self.val_total = val, val_total
-        self.kl_weight: float | None = None  # at the last step
-        self.stopped = False  # a callback asked to stop
-        # steps an epoch: as many as the source that needs most (a shard of it per process)
-        self.steps_per_epoch = max(self._steps(f) for f in feeds)
-        self.total = sum(f.num_points or 1 for f in feeds)  # points of an epoch, all processes
-        self.represented = self._represented()  # what an epoch's losses stand for, per process
-        self.progress = Progress(running=torch.zeros((), device=dev))
-        self.orders: dict[tuple[int, int], torch.Tensor] = {}  # this epoch's: (source, pass)
-        self.good: dict[str, Any] = {}  # the last snapshot: where a rollback returns to
-
-    def _steps(self, feed: Feed) -> int:
-        """Steps to pass one source once (its shard of the points, under several processes)."""
-        if feed.batch_size is None or feed.shares is not None:
-            return feed.steps
-        shard = _distributed.shard_size(self.world, feed.num_points or 1)
-        return -(-shard // int(feed.batch_size))
-
-    def _represented(self) -> float:
-        """Points an epoch's summed losses stand for, on one process."""
-        total = 0.0
-        for source in self.trainer.sources:
-            feed = source.feed
-            for step in range(self.steps_per_epoch):
-                points = self._batch_points(feed, step)
-                total += source.represented(points) if points else 0.0
-        return total
-
-    def _batch_points(self, feed: Feed, step: int) -> int:
-        if feed.batch_size is None:
-            return feed.num_points or 1
-        n = _distributed.shard_size(self.world, feed.num_points or 1)
-        start, stop = feed.bounds(step % self._steps(feed), n)
-        return stop - start
-
-    # -- state --------------------------------------------------------------------------------
-
-    def snapshot(self) -> dict[str, Any]:
-        """The run's whole state: what a checkpoint holds and a rollback returns to."""
-        p, optim = self.progress, self.trainer.optim
-        state = {
-            "epoch": p.epoch,
-            "step": p.step,
-            "running": p.running_value,
-            "elapsed": p.elapsed,
-            "lr": optim.lr,
-            "lr_reductions": p.lr_reductions,
-            "params": {k: v.detach().cpu().clone() for k, v in self.trainer.params.items()},
-            "optimizer": _cpu(optim.optimizer.state_dict()),
-            "scheduler": _cpu(optim.scheduler.state_dict()) if optim.scheduler else None,
-            "rng": rng_state(self.dev),
-            "history": [dict(row) for row in p.history],
-        }
-        if self.world.distributed:  # each process's random state and share of the running loss
-            own = {"rng": rng_state(self.dev), "running": float(p.running)}  # type: ignore[arg-type]
-            state["ranks"] = _distributed.gather(self.world, own)
-        return state
-
-    def restore(self, state: dict[str, Any]) -> None:
-        p, optim = self.progress, self.trainer.optim
-        with torch.no_grad():
-            for name, value in state["params"].items():
-                self.trainer.params[name].copy_(value)
-        optim.load_state_dict(
-            {"optimizer": _copy(state["optimizer"]), "scheduler": _copy(state.get("scheduler"))}
-        )
-        p.epoch, p.step = int(state["epoch"]), int(state["step"])
-        own = state["ranks"][self.world.rank] if "ranks" in state else state  # distributed: its own
-        p.running_value = float(state["running"])
-        p.running = torch.tensor(float(own["running"]), device=self.dev)
-        p.elapsed = float(state["elapsed"])
-        p.lr_reductions = int(state["lr_reductions"])
-        p.history = [dict(row) for row in state["history"]]
-        set_rng_state(own["rng"], self.dev)
-        self.orders = {}
-        self.good = state
-
-    # -- the loop -----------------------------------------------------------------------------
-
-    def run(self, epochs: int, *, progress: bool) -> None:
-        p = self.progress
-        if not self.good:
-            self.good = self.snapshot()  # where a non-finite first check point rolls back to
-        bar = tqdm(
-            total=max(0, (epochs - p.epoch) * self.steps_per_epoch - p.step),
-            disable=not progress,
-            unit="step",
-            desc="fit",
-            dynamic_ncols=True,
-        )
-        try:
-            self._epochs(epochs, bar)
-        finally:  # (an interrupt, too: the bar is done before anyone says why)
-            bar.close()
-
-    def _epochs(self, epochs: int, bar) -> None:
-        p = self.progress
-        first_step = True
-        while p.epoch < epochs and not self.stopped:
-            tic = time.perf_counter()
-            rolled_back = False
-            while p.step < self.steps_per_epoch:
-                with pyro.validation_enabled(self.options.validate or first_step):
-                    loss = self.trainer.step(self.calls())
-                p.running = loss if p.running is None else p.running + loss
-                first_step = False
-                p.step += 1
-                bar.update(1)
-                end = p.step == self.steps_per_epoch
-                every = self.options.checkpoint_every
-                if end or (every and p.step % every == 0):
-                    p.elapsed += time.perf_counter() - tic
-                    if not self._finite():
-                        _recovery.recover(self)
-                        rolled_back = True
-                        break
-                    if end:
-                        self._end_epoch(bar)
-                    self._check_point()
-                    if end:
-                        row = dict(p.history[-1])
-                        replies = notify(self.options.callbacks, "on_epoch_end", p.epoch, row)
-                        stop = any(reply is True for reply in replies)  # (rank 0's callbacks)
-                        self.stopped = _distributed.any_rank(self.world, stop)
-                        break
-                    tic = time.perf_counter()
-            if rolled_back:
-                bar.reset(total=(epochs - p.epoch) * self.steps_per_epoch - p.step)
-
-    def calls(self) -> list[Data]:
-        """This step's minibatches, one per source, ready for the model (the KL weight set)."""
-        p = self.progress
-        schedule, scaler = self.options.kl_schedule, self.options.scaler
-        if schedule is not None and scaler is not None:
-            self.kl_weight = schedule.weight(p.epoch + p.step / self.steps_per_epoch)
-            scaler.weight = self.kl_weight
-        out = []
-        for index, feed in enumerate(self.feeds):
-            steps = self._steps(feed)
-            order = self._order(index, feed, p.step // steps) if feed.batch_size else None
-            batch = feed.batch(order, p.step % steps)
-            if batch is not None:  # (an even share may leave a source out of a step)
-                out.append(feed.prepare(batch, self.options.transform))
-        return out
-
-    def _order(self, index: int, feed: Feed, cycle: int) -> torch.Tensor:
-        key = (index, cycle)
-        if key not in self.orders:
-            epoch, n = self.progress.epoch + 1, feed.num_points or 1
-            if self.world.distributed:
-                order = _distributed.epoch_order(self.world, self.seed, epoch, n)
-            else:
-                order = epoch_order(self.seed, epoch, n, source=index, cycle=cycle)
-            self.orders[key] = order.to(self.dev)
-        return self.orders[key]
-
-    def _finite(self) -> bool:
-        """One host sync: read the running loss, and check it and every parameter are finite."""
-        p = self.progress
-        params = list(self.trainer.params.values())
-        finite = torch.stack([torch.isfinite(t).all() for t in params]).all()
-        running = p.running
-        assert running is not None
-        bad = (~finite).to(running.dtype)
-        summed = _distributed.all_sum(self.world, torch.stack([running, bad]))
-        value, bad_ranks = summed.tolist()  # the one host sync
-        p.running_value = value  # summed over the processes
-        return not bad_ranks and math.isfinite(value)
-
-    def _end_epoch(self, bar) -> None:
-        p, world = self.progress, self.world
-        # step losses are summed over the processes, each multiplied by their number (so that
-        # DDP's averaged gradient is the whole effective batch's): undo both
-        per_point = p.running_value / (self.represented * world.size * world.size)
-        row: dict[str, float] = {"epoch": p.epoch + 1, "train_loss": per_point}
-        if self.kl_weight is not None:
-            row["kl_weight"] = self.kl_weight  # at the epoch's last step
-        if self.val is not None:
-            row["val_elbo"] = self._val_elbo()
-        optim = self.trainer.optim
-        row.update(lr=optim.last_lr, seconds=p.elapsed, examples_per_s=self.total / p.elapsed)
-        optim.end_epoch(row)  # a per-epoch schedule moves the lr for the next epoch
-        p.history.append(row)
-        bar.set_postfix({k: f"{v:.2f}" for k, v in row.items() if k in ("train_loss", "val_elbo")})
-        p.epoch, p.step, self.orders = p.epoch + 1, 0, {}
-        p.running = torch.zeros((), device=self.dev)
-        p.running_value = 0.0
-        p.elapsed = 0.0
-
-    def _val_elbo(self) -> float:
-        """The one-sample validation ELBO per point (unweighted by any KL schedule); each
-        process scores its share."""
-        val = self.val
-        assert val is not None
-        local = mean_elbo(
-            self.model, self.guide, val.data, plate=self.options.data_plate, transform=val.transform
-        )
-        if not self.world.distributed:
-            return float(local)
-        total = _distributed.all_sum(self.world, local * (val.data.num_points or 1))
-        return float(total) / self.val_total
-
-    def _check_point(self) -> None:
-        """Snapshot the state as the one to roll back to; write it to the run directory."""
-        p = self.progress
-        self.good = self.snapshot()
-        if self.rundir is not None:
-            self.rundir.save(self.good)
-            notify(self.options.callbacks, "on_checkpoint", self.rundir.checkpoint, p.epoch, p.step)
-
-
-def _cpu(obj: Any) -> Any:
-    """A nested structure with every tensor moved to the CPU (checkpoints load on any device)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().clone()
-    if isinstance(obj, dict):
-        return {k: _cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_cpu(v) for v in obj]
-    return obj
-
-
-def _copy(obj: Any) -> Any:
-    return _cpu(obj) if obj is not None else None

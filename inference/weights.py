@@ -398,11 +398,13 @@ def find_layout(
     plate: str | None = None,
     vectorize: bool | None = None,
     prepare=None,
+    placement=None,
 ) -> Layout:
     """Probe the pair on a few points (or, for models that subsample themselves, on the whole
     data) and return its :class:`Layout`. Runs with Pyro's validation on and leaves the random
     state as it was. ``prepare`` maps a slice of ``data`` to the call (a transform);
-    ``vectorize``: None detects whether particles broadcast, True/False imposes it."""
+    ``vectorize``: None detects whether particles broadcast, True/False imposes it;
+    ``placement`` (where the evaluation runs) lets a device mismatch be explained."""
     prepare = prepare or (lambda d: d)
     failure: Exception | None = None
     n = data.num_points
@@ -417,7 +419,9 @@ def find_layout(
             probe = prepare(data.take(slice(0, min(n, _PROBE_POINTS))))
             m = probe.num_points
             try:
-                with model_failures_as_data_errors("the first data points", probe):
+                with model_failures_as_data_errors(
+                    "the first data points", probe, placement, "evaluate"
+                ):
                     traces = paired_traces(model, guide, probe)
                 layout = layout_of(traces, m, plate=plate)
             except (ValueError, TypeError) as err:
@@ -425,7 +429,7 @@ def find_layout(
         if layout is None:
             whole = prepare(data)
             try:
-                with model_failures_as_data_errors("the data", whole):
+                with model_failures_as_data_errors("the data", whole, placement, "evaluate"):
                     traces = paired_traces(model, guide, whole)
             except (ValueError, TypeError):
                 if failure is not None:

@@ -358,7 +358,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     from lvmkit.benchmarks import BENCHMARKS, run, write_results
     from lvmkit.benchmarks.contenders import load
-    from lvmkit.inference._data import resolve_device
+    from lvmkit.inference._device import resolve_device
     from lvmkit.models._checks import check_choice
 
     key = args.suite

@@ -22,7 +22,7 @@ from lvmkit import plots
 from lvmkit.data import MNIST_IMAGE_SHAPE, Dataset, binarize, load_mnist
 from lvmkit.guides import GaussianEncoder, GaussianEncoderConfig
 from lvmkit.inference import active_units, evaluate, fit, summarize
-from lvmkit.inference._data import resolve_device
+from lvmkit.inference._device import resolve_device
 from lvmkit.inference._distributed import env_rank
 from lvmkit.inference._rundir import CHECKPOINT_FILE, CONFIG_FILE, HISTORY_FILE, RunLock
 from lvmkit.inference.checkpoint import (

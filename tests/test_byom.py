@@ -21,7 +21,7 @@ from pyro.infer.autoguide import AutoDelta
 import lvmkit
 from conftest import assert_close
 from lvmkit.inference.evaluate import import_arviz
-from lvmkit.inference.train import epoch_order
+from lvmkit.inference.loop import epoch_order
 
 # -- 1. pyro.markov -------------------------------------------------------------------------
 

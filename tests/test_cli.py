@@ -196,7 +196,7 @@ def test_console_script_runs():
 
 
 def test_training_logs_to_mlflow_and_tensorboard(tmp_path, capsys):
-    from mlflow.tracking import MlflowClient
+    MlflowClient = pytest.importorskip("mlflow.tracking").MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -316,9 +316,9 @@ def test_sample_leaves_the_runs_own_figure_alone(finished_run, capsys):
 
 
 def test_ctrl_c_in_training_ends_quietly_and_resume_continues(tmp_path, capsys, monkeypatch):
-    from lvmkit.inference import train as train_module
+    from lvmkit.inference import loop as loop_module
 
-    real = train_module._Loop._check_point
+    real = loop_module.Loop._check_point
     state = {"points": 0}
 
     def interrupt_after_the_first(self):
@@ -327,7 +327,7 @@ def test_ctrl_c_in_training_ends_quietly_and_resume_continues(tmp_path, capsys, 
         if state["points"] == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_module._Loop, "_check_point", interrupt_after_the_first)
+    monkeypatch.setattr(loop_module.Loop, "_check_point", interrupt_after_the_first)
     run = tmp_path / "run"
     assert main(["train", *TINY, "--out", str(run)]) == 130
     err = capsys.readouterr().err
@@ -356,6 +356,14 @@ def test_ctrl_c_before_any_checkpoint_leaves_nothing(tmp_path, capsys, monkeypat
 def test_ctrl_c_in_evaluation_keeps_the_scored_images(tmp_path, capsys, monkeypatch):
     """The figures are written before the evaluation; an interrupted evaluation keeps what it
     scored, and `lvmkit evaluate` continues to the numbers of one never interrupted."""
+    import importlib
+
+    from lvmkit.inference._device import resolve_device
+
+    # passes of 20 images × 200 samples on the device the CLI picks (CUDA's default is larger)
+    evaluate_module = importlib.import_module("lvmkit.inference.evaluate")
+    used = resolve_device("auto").type
+    monkeypatch.setitem(evaluate_module.DEFAULT_MAX_PAIRS, used, 4000)
     argv = [*TINY, "--epochs", "1", "--eval-points", "60", "--eval-samples", "200"]
     assert main(["train", *argv, "--out", str(tmp_path / "straight")]) == 0
     run = tmp_path / "run"
@@ -396,3 +404,19 @@ def test_the_makefile_has_the_targets_the_docs_name():
         mentioned |= set(re.findall(r"(?:^|`)make ([a-z][a-z-]*)", path.read_text(), flags=re.M))
     assert mentioned - targets == set()
     assert re.search(r'^license = "MIT"$', (root / "pyproject.toml").read_text(), flags=re.M)
+
+
+def test_check_gpu_says_there_is_no_cuda_and_exits_0(monkeypatch, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "check_gpu.py"
+    spec = importlib.util.spec_from_file_location("check_gpu", path)
+    assert spec is not None and spec.loader is not None
+    check_gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check_gpu)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert check_gpu.main([]) == 0
+    assert "check-gpu: no CUDA device here" in capsys.readouterr().out

@@ -85,7 +85,8 @@ def test_evaluate_refuses_bad_data(pair, data, error, match):
         (
             {"device": "tpu"},
             ValueError,
-            r"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got 'tpu'",
+            r"device must be None \(where the data and parameters are\), 'auto', 'cpu', "
+            r"'cuda' or 'cuda:N'; got 'tpu'",
         ),
         ({"transform": "binarize"}, TypeError, r"transform must be callable"),
         ({"resume": True}, ValueError, r"resume=True needs run_dir"),

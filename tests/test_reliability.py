@@ -11,7 +11,7 @@ from nan_models import ExpLoc, Flagged, FlaggedGuide, no_guide
 import lvmkit
 from lvmkit.inference._rundir import CHECKPOINT_FILE
 from lvmkit.inference.checkpoint import load_checkpoint
-from lvmkit.inference.train import epoch_order
+from lvmkit.inference.loop import epoch_order
 
 N, BATCH = 40, 8
 

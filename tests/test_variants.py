@@ -433,7 +433,7 @@ def test_semi_supervised_split_is_balanced_and_passes_each_image_once_an_epoch()
     every = torch.cat([unlabelled.data["x"], labelled.data["x"]])
     assert sorted(map(tuple, every.tolist())) == sorted(map(tuple, x.tolist()))
     model, _ = lvmkit.build_m2(lvmkit.M2Config(data_dim=12, num_classes=3, hidden_dims=(8,)))
-    feeds = _data.feeds([unlabelled, labelled], model, 50)
+    feeds = _data.load([unlabelled, labelled], model, None, batch_size=50).train
     assert [sum(f.shares) for f in feeds] == [570, 30]  # each image once per epoch
     assert len(feeds[0].shares) == len(feeds[1].shares) == 12  # in the same 12 steps
     with pytest.raises(ValueError, match="multiple of the 3 classes"):

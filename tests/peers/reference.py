@@ -17,7 +17,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer import SVI
 
-from lvmkit.inference.train import epoch_order
+from lvmkit.inference.loop import epoch_order
 
 
 def minibatches(arrays: Sequence[torch.Tensor], batch_size: int, seed: int, epoch: int):
