@@ -40,6 +40,7 @@ import importlib
 import importlib.util
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -424,7 +425,7 @@ def load(spec: str) -> tuple[str, Factory]:
         loader_spec.loader.exec_module(module)
     else:
         try:
-            module = importlib.import_module(where)
+            module = _import_from_here(where)
         except ModuleNotFoundError as err:
             raise ValueError(
                 f"--contender {name}: cannot import {where!r} ({err}); give a module on the "
@@ -439,6 +440,23 @@ def load(spec: str) -> tuple[str, Factory]:
             "function of the task"
         )
     return name.strip(), factory
+
+
+def _import_from_here(name: str) -> Any:
+    """Import ``name`` as ``python -m`` would, with the working directory on the path: the
+    ``lvmkit`` console script's own path holds only its folder, and a user's models module sits
+    in the folder they run it from."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError:
+        here = os.getcwd()
+        if here in sys.path or "" in sys.path:
+            raise
+        sys.path.append(here)
+        try:
+            return importlib.import_module(name)
+        finally:
+            sys.path.remove(here)
 
 
 __all__ = ["Contender", "Curve", "Task", "build", "classify", "load", "select", "train"]

@@ -4,8 +4,8 @@
   data and the pair's parameters already are, so CPU tensors train on the CPU on a GPU machine
   too, and data already on ``cuda:0`` train there. Data and parameters on different devices are
   an error before training that names which tensor is where. An evaluation runs where the pair's
-  parameters are (its data are copied there chunk by chunk: reading them moves nothing the user
-  holds).
+  parameters are: its data are copied there chunk by chunk (reading them moves nothing the user
+  holds) and the pair's code runs with that device as torch's default.
 - **An explicit** ``device=`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, or ``"auto"``: CUDA when there
   is one) moves the data and the pair's networks there — the model and guide when they are
   modules (PyroModules, autoguides), every network registered with ``pyro.module`` and every
@@ -26,7 +26,7 @@ import os
 import sysconfig
 import traceback
 from collections.abc import Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,20 +70,25 @@ class Placement:
     """Where a fit or an evaluation runs, and whether it was asked to move things there.
 
     ``moves``: an explicit ``device=`` was given; the data and the pair's networks are moved to
-    ``device`` and the user's code runs with it as torch's default device (:meth:`scope`).
+    ``device``. ``sets_default`` (default: ``moves``): the user's code runs with ``device`` as
+    torch's default device (:meth:`scope`) — with an explicit device, and in an evaluation, which
+    runs where the pair is and copies its data there.
     """
 
     device: torch.device
     moves: bool = False
+    sets_default: bool | None = None
     moved: dict[str, list[str]] = field(default_factory=dict)  # what → names, for the one line
 
     def __post_init__(self) -> None:
         self._default = torch.empty(0).device  # torch's default device when the run started
+        if self.sets_default is None:
+            self.sets_default = self.moves
 
     @property
     def _context(self) -> bool:
         # the user's code needs torch's default device set only where it differs from ours
-        return self.moves and self._default != self.device
+        return bool(self.sets_default) and self._default != self.device
 
     def scope(self) -> AbstractContextManager[Any]:
         """The user's model, guide or transform runs inside this: with an explicit device, that
@@ -94,11 +99,12 @@ class Placement:
     def first_use(self) -> Iterator[None]:
         """Around the pair's first calls: with an explicit device, every network whose forward
         runs and every ``pyro.param`` tensor (``pyro.module`` registers its network's parameters
-        so) is moved to the device, in place, before it computes."""
-        if not self.moves:
-            yield
-            return
-        with self.scope(), _Mover(self), _moving_modules(self):
+        so) is moved to the device, in place, before it computes (and :meth:`scope` holds)."""
+        with ExitStack() as stack:
+            stack.enter_context(self.scope())
+            if self.moves:
+                stack.enter_context(_Mover(self))
+                stack.enter_context(_moving_modules(self))
             yield
 
     def note(self, what: str, name: str) -> None:
@@ -158,14 +164,17 @@ def place(
 
 def pair_placement(model: Any, guide: Any, device: str | torch.device | None) -> Placement:
     """Where an evaluation runs: ``device`` (the pair moved there), else where the pair's
-    parameters are (the data are copied there chunk by chunk)."""
+    parameters are. Either way its data are copied there chunk by chunk, and the model, guide
+    and transform run with that device as torch's default (a pair trained with
+    ``fit(device="cuda")`` is scored on CUDA even when its code makes tensors without
+    ``device=``)."""
     if device is not None:
         placement = Placement(resolve_device(device), moves=True)
         move_pair(placement, model, guide)
         return placement
     for _, tensor in _parameters(model, guide):
-        return Placement(tensor.device)
-    return Placement(torch.device("cpu"))
+        return Placement(tensor.device, sets_default=True)
+    return Placement(torch.device("cpu"), sets_default=True)
 
 
 def _parameters(model: Any, guide: Any) -> Iterator[tuple[str, torch.Tensor]]:

@@ -412,10 +412,11 @@ def posterior_means(
     total = values.check_sliceable()
     num_samples = check_int("num_samples", num_samples)
     _check_site(site)
-    dev = pair_placement(guide, guide, None).device
+    placement = pair_placement(guide, guide, None)
+    dev = placement.device
     pairs = check_int("max_pairs", max_pairs) if max_pairs is not None else default_max_pairs(dev)
     out: list[torch.Tensor] = []
-    with scoring(guide, guide, seed), pyro.validation_enabled(False):
+    with scoring(guide, guide, seed), pyro.validation_enabled(False), placement.scope():
         chunk = max(1, pairs // num_samples)
         for start in range(0, total, chunk):
             part = values.take(slice(start, start + chunk)).to(dev)
@@ -498,10 +499,11 @@ def reconstruction_error(
     total = values.check_sliceable()
     check_with_model(model, values)
     _check_site(site)
-    dev = pair_placement(model, guide, None).device
+    placement = pair_placement(model, guide, None)
+    dev = placement.device
     pairs = check_int("max_pairs", max_pairs) if max_pairs is not None else default_max_pairs(dev)
     out: list[torch.Tensor] = []
-    with scoring(model, guide, seed), pyro.validation_enabled(False):
+    with scoring(model, guide, seed), pyro.validation_enabled(False), placement.scope():
         layout = find_layout(model, guide, values.to(dev), plate=data_plate, vectorize=True)
         for start in range(0, total, pairs):
             part = values.take(slice(start, start + pairs)).to(dev)

@@ -11,9 +11,9 @@ import torch
 from pyro.infer import TraceEnum_ELBO
 
 import lvmkit
+import user_models
 from lvmkit.benchmarks import Contender, contenders, references, run, vae
 from lvmkit.cli import main
-from tests import user_models
 
 SUITES = ["vae-latent", "vae-iwae", "vae-m2", "vae-cvae", "vae-variants", "gmm", "sequence"]
 
@@ -206,11 +206,11 @@ def test_cli_contender_errors_name_the_flag(tmp_path, capsys):
     assert code == 2 and "--contender must be NAME=MODULE:FUNCTION" in err
     code, err = error("--contender", "mine=no_such_module_xyz:make")
     assert code == 2 and "cannot import 'no_such_module_xyz'" in err
-    code, err = error("--contender", "mine=tests.user_models:nothing_here")
-    assert code == 2 and "tests.user_models has no 'nothing_here'" in err
+    code, err = error("--contender", "mine=user_models:nothing_here")
+    assert code == 2 and "user_models has no 'nothing_here'" in err
     code, err = error("--contender", f"mine={tmp_path / 'missing.py'}:make")
     assert code == 2 and "no file" in err
-    pair = "mine=tests.user_models:make_pair"
+    pair = "mine=user_models:make_pair"
     code, err = error("--contender", pair, "--contender", pair)
     assert code == 2 and "--contender names must differ; ['mine']" in err
     code, err = error("--contender", pair, "--only", "nobody")
@@ -228,7 +228,7 @@ def test_cli_only_runs_one_contender_beside_the_paper_rows(tmp_path):
         "--out",
         str(tmp_path),
         "--contender",
-        "mine=tests.user_models:make_pair",
+        "mine=user_models:make_pair",
         "--only",
         "mine",
     ]

@@ -11,6 +11,7 @@ import torch
 from pyro.infer import TraceEnum_ELBO
 
 import lvmkit
+from conftest import assert_close
 from lvmkit import datasets
 from lvmkit.inference import _data
 from lvmkit.inference._data import call_of
@@ -18,7 +19,6 @@ from lvmkit.inference.annealing import LatentScale
 from lvmkit.inference.objectives import IWAE, ReweightedWakeSleep, TraceELBO
 from lvmkit.inference.weights import find_layout, log_density_pass
 from lvmkit.models import empty_guide
-from tests.conftest import assert_close
 
 SMALL = lvmkit.VAEConfig(data_dim=6, latent_dim=2, hidden_dims=(8,))
 

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _tests(out: Path, workers: int | None, extra: list[str]) -> tuple[bool, list[str]]:
     report = out / "check-gpu-tests.xml"
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:benchmark"]
     command += ["--junitxml", str(report), "-o", "junit_family=xunit1"]
     if importlib.util.find_spec("xdist") is not None:
         n = workers or max(1, min(8, (os.cpu_count() or 2) // 2))
