@@ -141,7 +141,9 @@ def place(
     if given (the pair's modules and param-store tensors are moved there now), else where the
     data and the parameters already are — an error naming them when they disagree."""
     if device is not None:
-        placement = Placement(resolve_device(device), moves=True)
+        placement = Placement(
+            resolve_device(device), moves=True, sets_default=_user_code(model, guide)
+        )
         move_pair(placement, model, guide)
         return placement
     where: dict[torch.device, list[str]] = {}
@@ -168,13 +170,25 @@ def pair_placement(model: Any, guide: Any, device: str | torch.device | None) ->
     and transform run with that device as torch's default (a pair trained with
     ``fit(device="cuda")`` is scored on CUDA even when its code makes tensors without
     ``device=``)."""
+    user = _user_code(model, guide)
     if device is not None:
-        placement = Placement(resolve_device(device), moves=True)
+        placement = Placement(resolve_device(device), moves=True, sets_default=user)
         move_pair(placement, model, guide)
         return placement
     for _, tensor in _parameters(model, guide):
-        return Placement(tensor.device, sets_default=True)
-    return Placement(torch.device("cpu"), sets_default=True)
+        return Placement(tensor.device, sets_default=user)
+    return Placement(torch.device("cpu"), sets_default=user)
+
+
+def _user_code(model: Any, guide: Any) -> bool:
+    """Whether the pair runs code other than lvmkit's own models and guides, which make every
+    tensor on their inputs' device (``tests/test_devices.py`` holds them to it): only such code
+    needs torch's default device set, a mode that costs every torch call some host time (about
+    60 % of an eager step of a tiny network on the CPU)."""
+    return not all(
+        isinstance(obj, nn.Module) and type(obj).__module__.startswith("lvmkit.")
+        for obj in (model, guide)
+    )
 
 
 def _parameters(model: Any, guide: Any) -> Iterator[tuple[str, torch.Tensor]]:
