@@ -29,7 +29,7 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -670,8 +670,10 @@ class WeightStream:
             pyro.validation_enabled(False),
             self.placement.scope(),
         ):
-            if layout.subsampled:  # chunks of the model's own subsample size
+            if layout.subsampled:  # chunks of the model's own subsample size (or of ours)
                 whole = self._prepare(self.data.to(self.dev))
+                if layout.subsample_size is None:  # the plate takes any number of indices
+                    layout = replace(layout, subsample_size=points)
                 samples = max(1, min(k, self.max_pairs // (layout.subsample_size or 1)))
                 samples = samples if layout.vectorized else 1
                 for stop, keep, subsample in subsample_chunks(layout):

@@ -348,7 +348,9 @@ class Loop:
             else f"the checkpoint after epoch {p.epoch}"
         )
         lr = optim.lr
-        if self.options.on_nonfinite == "reduce_lr" and p.lr_reductions < MAX_LR_REDUCTIONS:
+        reduce = self.options.on_nonfinite == "reduce_lr" and lr is not None
+        if reduce and p.lr_reductions < MAX_LR_REDUCTIONS:
+            assert lr is not None
             warnings.warn(
                 f"{where}; rolled back to {rolled} and continuing with "
                 f"lr {lr:g} → {lr * LR_REDUCTION:g} (reduction "
@@ -363,14 +365,18 @@ class Loop:
                 self.rundir.save(self.good)
             return
         advice = (
-            f"on_nonfinite='reduce_lr' already lowered the lr {MAX_LR_REDUCTIONS} times"
-            if self.options.on_nonfinite == "reduce_lr"
-            else "Lower lr, or pass on_nonfinite='reduce_lr' to lower it automatically"
+            f"on_nonfinite='reduce_lr' already lowered the lr {MAX_LR_REDUCTIONS} times (now "
+            f"{lr:g})"
+            if reduce and lr is not None
+            else "the optimizer has no learning rate (lr) for on_nonfinite='reduce_lr' to lower"
+            if lr is None
+            else f"Lower lr (now {lr:g}), or pass on_nonfinite='reduce_lr' to lower it "
+            "automatically"
         )
         saved = f" ({self.rundir.checkpoint} holds it)" if self.rundir is not None else ""
         raise NonFiniteLossError(
             f"{where}. The model, guide and optimizer were rolled back to {rolled}{saved}. "
-            f"{advice} (now {lr:g}), or check the model "
+            f"{advice}, or check the model "
             "for log(0), division by zero or overflow.",
             epoch=epoch,
             step=step,

@@ -151,6 +151,14 @@ def _args(args: Any) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in sorted(args.items()))
 
 
+RATE_KEYS = ("lr", "eta")  # what optimizers call their learning rate (eta: AdagradRMSProp's)
+
+
+def rate_key(group: dict[str, Any]) -> str | None:
+    """The name of a parameter group's learning rate, or None where it has none."""
+    return next((key for key in RATE_KEYS if isinstance(group.get(key), (int, float))), None)
+
+
 class Optim:
     """A torch optimizer with its schedule and clipping: what a training step drives."""
 
@@ -185,7 +193,7 @@ class Optim:
                 if args.get("clip_value") is not None:
                     clip_grad_value_(param, args["clip_value"])
         self.optimizer.step()
-        self.last_lr = float(self.optimizer.param_groups[0]["lr"])  # (a host float: no sync)
+        self.last_lr = self.lr  # (a host float: no sync)
         if self.scheduler is not None and self.interval == "step" and not self.plateau:
             self.scheduler.step()
 
@@ -200,20 +208,28 @@ class Optim:
             self.scheduler.step()
 
     @property
-    def lr(self) -> float:
-        """The first parameter group's learning rate now."""
-        return float(self.optimizer.param_groups[0]["lr"])
+    def lr(self) -> float | None:
+        """The first parameter group's learning rate now (None for an optimizer without one)."""
+        group = self.optimizer.param_groups[0]
+        key = rate_key(group)
+        return float(group[key]) if key is not None else None
 
-    def scale_lr(self, factor: float) -> None:
+    def scale_lr(self, factor: float) -> bool:
         """Multiply every group's learning rate (and the schedule's base rates) by ``factor``:
-        a schedule goes on from the lowered level; an adversary keeps its ratio."""
-        self.last_lr = self.last_lr * factor
+        a schedule goes on from the lowered level; an adversary keeps its ratio. False (nothing
+        changed) for an optimizer without a rate."""
+        if self.lr is None:
+            return False
+        self.last_lr = self.last_lr * factor if self.last_lr is not None else None
         for group in self.optimizer.param_groups:
-            group["lr"] = group["lr"] * factor
+            key = rate_key(group)
+            if key is not None:
+                group[key] = group[key] * factor
             if "initial_lr" in group:
                 group["initial_lr"] = group["initial_lr"] * factor
         if self.scheduler is not None and hasattr(self.scheduler, "base_lrs"):
             self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
+        return True
 
     def state_dict(self) -> dict[str, Any]:
         return {

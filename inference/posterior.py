@@ -63,6 +63,7 @@ from lvmkit.inference.weights import (
     PARTICLE_PLATE,
     Layout,
     Traces,
+    contracted_log_joint,
     find_layout,
     in_plate,
     is_deterministic,
@@ -286,13 +287,17 @@ def _one_pass(
 
 def _site_log_likelihood(traces: Traces, site: Any, layout: Layout, k: int, n: int, device):
     """log p(x_n | z_n, θ) of one observed site per draw and point, ``(k, n)``: the model's
-    enumerated sites in the data plate summed out with it (their prior included)."""
-    total = site_log_prob(site, layout, k, n)
-    for _, other in scored_sites(traces):
-        if is_enumerated(other) and in_plate(other, layout.plate):
-            total = total + site_log_prob(other, layout, k, n)
-    if total.dim() > 2:
-        total = total.reshape(-1, k, n).logsumexp(dim=0)
+    enumerated sites in the data plate summed out with it (their prior included), contracted as
+    the kernel contracts them (``pyro.markov`` chains included)."""
+    enumerated = [
+        other
+        for _, other in scored_sites(traces)
+        if is_enumerated(other) and in_plate(other, layout.plate)
+    ]
+    if enumerated:
+        total = contracted_log_joint(traces, layout, k, n, [site, *enumerated])
+    else:
+        total = site_log_prob(site, layout, k, n)
     return total.double().cpu().numpy()
 
 
@@ -305,6 +310,7 @@ def _sample_enumerated(
     would share one draw across the particles, which its factors do not depend on.)"""
     if not names:
         return {}
+    _refuse_shared_enum_dims(traces, names)
     joint = log_joint(traces, layout, k, n, device)
     enum_shape = tuple(joint.shape[:-2])
     index = torch.distributions.Categorical(logits=joint.reshape(-1, k, n).permute(1, 2, 0))
@@ -321,6 +327,24 @@ def _sample_enumerated(
         support = site["value"].reshape(enum_shape[axis], -1, *event_shape)[:, 0]  # its values
         out[name] = support[choice]
     return out
+
+
+def _refuse_shared_enum_dims(traces: Traces, names: list[str]) -> None:
+    """Drawing enumerated sites from one joint categorical needs a dim of their own each;
+    ``pyro.markov`` reuses dims along a chain (its states need forward filtering, backward
+    sampling)."""
+    seen: dict[int, str] = {}
+    for name in names:
+        dim = traces.model.nodes[name]["infer"]["_enumerate_dim"]
+        if dim in seen:
+            raise ValueError(
+                f"to_inference_data cannot draw the enumerated sites {seen[dim]!r} and {name!r}: "
+                "they share an enumeration dim (a pyro.markov chain reuses dims along it), and "
+                "drawing a chain's states needs forward filtering, backward sampling. Score the "
+                "pair with lvmkit.evaluate (it sums the chain out exactly), or draw the states "
+                "with pyro.infer.infer_discrete"
+            )
+        seen[dim] = name
 
 
 def _values(name: str, site: Any, layout: Layout, k: int) -> tuple[np.ndarray, list[str]]:

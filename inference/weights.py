@@ -22,6 +22,7 @@ leaks into a likelihood) summed to one number per (particle, data point).
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
@@ -30,6 +31,9 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import scale_and_mask
+from pyro.ops import packed
+from pyro.ops.contract import contract_to_tensor
+from pyro.ops.rings import LogRing
 from pyro.poutine.util import site_is_subsample
 
 from lvmkit.inference._data import Data, cuda_devices, model_failures_as_data_errors
@@ -195,11 +199,52 @@ def log_densities(
     traces: Traces, layout: Layout, k: int, n: int, device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log p(x, z | θ), log q(z | x, θ))`` per particle and point, each ``(k, n)``,
-    enumerated sites summed out of the first."""
-    log_p = log_joint(traces, layout, k, n, device)
-    if log_p.dim() > 2:  # enumerated sites: sum them out, exactly
-        log_p = log_p.reshape(-1, k, n).logsumexp(dim=0)
+    enumerated sites summed out of the first (:func:`contracted_log_joint`)."""
+    sites = [site for _, site in scored_sites(traces) if in_plate(site, layout.plate)]
+    if any(is_enumerated(site) for site in sites):
+        log_p = contracted_log_joint(traces, layout, k, n, sites)
+    else:
+        log_p = log_joint(traces, layout, k, n, device)
     return log_p, log_guide(traces, layout, k, n, device)
+
+
+def contracted_log_joint(traces: Traces, layout: Layout, k: int, n: int, sites) -> torch.Tensor:
+    """The summed log-densities of ``sites`` (model sites in the data plate) per particle and
+    point, ``(k, n)``, with the model's enumerated sites among them summed out exactly as Pyro's
+    ``TraceEnum_ELBO`` contracts them: variable elimination over the sites' packed log-densities,
+    aware of the plates (a plate nested in the data plate is product-contracted per point) and
+    of ``pyro.markov``, which reuses an enumeration dim along a chain (x_t and x_{t+2} share
+    one): Pyro tells such variables apart by their enumeration ids, so each gets its own symbol
+    here too, and a chain's states are summed along the chain (the forward algorithm), not as
+    one joint over the shared dims."""
+    trace = traces.model
+    wanted = {site["name"] for site in sites}
+    trace.compute_log_prob(site_filter=lambda name, site: name in wanted)
+    trace.pack_tensors()
+    plates = set(trace.plate_to_symbol.values())
+    tree: OrderedDict[frozenset[str], list[Any]] = OrderedDict()  # packed: tensors with dims
+    sum_dims: set[str] = set()
+    for site in sites:
+        to_symbol = site["infer"]["_dim_to_symbol"]
+        ordinal = frozenset(to_symbol[f.dim] for f in site["cond_indep_stack"] if f.vectorized)
+        term: Any = packed.scale_and_mask(
+            site["packed"]["unscaled_log_prob"], mask=site["packed"]["mask"]
+        )
+        tree.setdefault(ordinal, []).append(term)
+        sum_dims.update(set(term._pyro_dims) - plates)
+    particle = trace.plate_to_symbol.get(PARTICLE_PLATE)
+    point = trace.plate_to_symbol[layout.plate]
+    present = {d for terms in tree.values() for term in terms for d in term._pyro_dims}
+    target = frozenset(d for d in (particle, point) if d in present)  # (size-1 dims: packed away)
+    total: Any = contract_to_tensor(tree, sum_dims, target_ordinal=target, ring=LogRing())
+    dims = total._pyro_dims
+    order = [d for d in (particle, point) if d is not None and d in dims]
+    out = total.permute([dims.index(d) for d in order]) if order else total
+    if particle is None or particle not in dims:
+        out = out.unsqueeze(0)
+    if point not in dims:
+        out = out.unsqueeze(-1)
+    return out.expand(k, n)
 
 
 def log_density_pass(
@@ -336,28 +381,66 @@ def layout_of(
     size = _plate_size(frame, site)
     full = frame.full_size if isinstance(frame.full_size, int) and frame.full_size > 0 else size
     declared = full if full is not None and size is not None and full != size else None
+    return _layout_around(
+        traces, frame.name,
+        full_size=declared,
+        subsampled=bool(whole and declared is not None),
+        subsample_size=size if whole and declared is not None else None,
+    )  # fmt: skip
+
+
+def whole_layout(traces: Traces, plate: str | None) -> Layout | None:
+    """The layout of a pair given its whole data, whose points lie along a plate that does not
+    subsample itself and need not follow the data's first dimension (Pyro's LDA lays its words
+    out as (words, documents)): ``plate`` if named, else ``"data"``, else the outermost plate
+    around every observed site. Its points are then scored by conditioning the plate's
+    subsample indices (``subsample_size`` None: any number of points a call), or all at once
+    (set by :func:`find_layout` where indices cannot be driven)."""
+    candidates = _candidates(traces)
+    names = [plate] if plate is not None else [DEFAULT_PLATE]
+    chosen = next(((f, s) for name in names for f, s in candidates if f.name == name), None)
+    if chosen is None and plate is None and candidates:
+        chosen = next(((f, s) for f, s in candidates if f.name != PARTICLE_PLATE), None)
+    if chosen is None:
+        return None
+    frame, site = chosen
+    size = _plate_size(frame, site)
+    full = frame.full_size if isinstance(frame.full_size, int) and frame.full_size > 0 else size
+    if full is None:
+        return None
+    return _layout_around(traces, frame.name, full_size=full, subsampled=True, subsample_size=None)
+
+
+def _layout_around(
+    traces: Traces,
+    plate: str,
+    *,
+    full_size: int | None,
+    subsampled: bool,
+    subsample_size: int | None,
+) -> Layout:
     scored = list(scored_sites(traces))
     for name, s in scored:
-        if not in_plate(s, frame.name) and is_enumerated(s):
+        if not in_plate(s, plate) and is_enumerated(s):
             raise ValueError(
-                f"site {name!r} is enumerated outside the data plate {frame.name!r}: a discrete "
+                f"site {name!r} is enumerated outside the data plate {plate!r}: a discrete "
                 "global latent ties the points together, so they cannot be scored one by one"
             )
     model_globals = sorted(
         m for m, s in traces.model.nodes.items()
-        if is_sample(s) and not s["is_observed"] and not in_plate(s, frame.name)
+        if is_sample(s) and not s["is_observed"] and not in_plate(s, plate)
     )  # fmt: skip
-    guide_globals = [m for m in traces.latents if not in_plate(traces.guide.nodes[m], frame.name)]
+    guide_globals = [m for m in traces.latents if not in_plate(traces.guide.nodes[m], plate)]
     global_sites = tuple(sorted({*model_globals, *guide_globals}))
     masses = all(
         m in traces.latents and _is_point_mass(traces.guide.nodes[m]["fn"]) for m in global_sites
     )
     return Layout(
-        plate=frame.name,
+        plate=plate,
         nesting=plate_nesting(traces.guide, traces.model),
-        full_size=declared,
-        subsampled=bool(whole and declared is not None),
-        subsample_size=size if whole and declared is not None else None,
+        full_size=full_size,
+        subsampled=subsampled,
+        subsample_size=subsample_size,
         global_sites=global_sites,
         model_global_sites=tuple(model_globals),
         point_masses=masses,
@@ -437,12 +520,38 @@ def find_layout(
                 raise
             layout = layout_of(traces, whole.num_points, plate=plate, whole=True)
             if layout is None or not layout.subsampled:
-                if failure is not None:
-                    raise failure
-                raise no_plate_error(traces, n, plate)
+                # points along a plate of the whole data that the model does not subsample
+                # itself (another dimension than the first, per-point parameters)
+                layout = whole_layout(traces, plate)
+                if layout is None:
+                    if failure is not None:
+                        raise failure
+                    raise no_plate_error(traces, n, plate)
+                layout = _drive_or_whole(model, guide, whole, layout)
             probe = whole  # probed below on a subsample of its own plate
         vectorized = broadcasts(model, guide, probe, layout, vectorize)
     return replace(layout, vectorized=vectorized)
+
+
+def _drive_or_whole(model, guide, whole: Data, layout: Layout) -> Layout:
+    """A whole-data layout whose points can be taken a few at a time by conditioning the data
+    plate's subsample indices (``pyro.plate`` hands them to the model, which indexes its data
+    and per-point parameters with them), or else all at once: tried on two indices."""
+    full = layout.full_size or 1
+    if full > 1:
+        two = {layout.plate: torch.arange(2, device=_device_of(whole))}
+        try:
+            traces = paired_traces(model, guide, whole, subsample=two)
+            observed = [s for _, s in scored_sites(traces) if s["is_observed"]]
+            frames = [
+                next(f for f in s["cond_indep_stack"] if f.name == layout.plate) for s in observed
+            ]
+            sizes = [_plate_size(f, s) for f, s in zip(frames, observed, strict=True)]
+            if sizes and all(size == 2 for size in sizes):
+                return layout
+        except Exception:  # e.g. per-point parameters made for every point, indexed by nothing
+            pass
+    return replace(layout, subsample_size=full)
 
 
 def broadcasts(model, guide, probe: Data, layout: Layout, vectorize: bool | None = None) -> bool:
@@ -521,9 +630,9 @@ def note_sequential(model, guide, why: str) -> None:
 
 
 def subsample_indices(layout: Layout, start: int) -> torch.Tensor:
-    """The indices of the subsample starting at point ``start`` of a model that subsamples
-    itself: as many as its plate draws (Pyro refuses any other number), wrapping around at the
-    end of the data."""
+    """The indices of the subsample starting at point ``start`` of a model given its whole data:
+    as many as its plate draws (Pyro refuses any other number; one where any number will do),
+    wrapping around at the end of the data."""
     total, size = layout.full_size or 1, layout.subsample_size or 1
     return torch.arange(start, start + size) % total
 

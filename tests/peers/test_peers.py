@@ -82,6 +82,35 @@ def test_vae_example(mnist_small):
     assert dict(idata.log_likelihood["obs"].sizes) == {"chain": 1, "draw": 20, "point": 10}
 
 
+@pytest.mark.parametrize(
+    "make_optim",
+    [
+        lambda: pyro.optim.AdagradRMSProp({"eta": 0.05, "t": 0.1}),  # its rate is eta, not lr
+        lambda: pyro.optim.ClippedAdam({"lr": 3e-3, "clip_norm": 5.0, "lrd": 0.999}),
+    ],
+    ids=["AdagradRMSProp", "ClippedAdam"],
+)
+def test_pyro_optimizers_whatever_they_call_their_rate(digits, make_optim):
+    """examples/sparse_gamma_def.py trains with AdagradRMSProp, whose rate is ``eta``: fit
+    reads no ``lr`` it does not have (it failed with KeyError: 'lr'), and trains as Pyro's loop."""
+    x, _ = digits
+    x = x[:256]
+    pyro.set_rng_seed(1)
+    vae = VAE(data_dim=64, z_dim=4, hidden=32)
+    twin = _twin(vae)
+    result = lvmkit.fit(
+        vae.model, vae.guide, x, epochs=2, batch_size=64, seed=0, device="cpu", progress=False,
+        optimizer=make_optim(),
+    )  # fmt: skip
+    pyro.clear_param_store()
+    theirs = pyro_loop(
+        twin.model, twin.guide, make_optim(), Trace_ELBO(), [x], epochs=2, batch_size=64
+    )
+    _close_losses(result.history.train_loss, theirs, rtol=1e-3)
+    rate = make_optim().pt_optim_args.get("eta", 0.05)
+    assert 0 < result.history.lr.iloc[0] <= rate  # the rate, under whatever name (lrd lowers it)
+
+
 # -- examples/cvae/ ----------------------------------------------------------------------------
 
 
