@@ -7,7 +7,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-from lvmkit.inference._data import Source
+from lvmkit.inference._data import Interleaved, Source
 from lvmkit.inference.annealing import KLSchedule
 from lvmkit.inference.callbacks import (
     Callback,
@@ -45,6 +45,7 @@ __all__ = [
     "EvaluationSummary",
     "FitInfo",
     "FitResult",
+    "Interleaved",
     "KLSchedule",
     "MLflowLogger",
     "NonFiniteLossError",

@@ -24,7 +24,7 @@ import inspect
 import itertools
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -346,6 +346,68 @@ class Source:
             )
 
 
+@dataclass(frozen=True)
+class Interleaved:
+    """Several data sets stepped as Pyro's semi-supervised examples step them
+    (``examples/vae/ss_vae_M2.py``): every minibatch of every source is an optimizer step of its
+    own, the smaller sources' minibatches interleaved among the largest's — the step ``i`` of an
+    epoch takes the next minibatch of a smaller source when ``i % period == 1`` (while it has
+    any left), else of the largest. ``period`` defaults to the epoch's steps over the smaller
+    source's steps (Pyro's ``periodic_interval_batches``). Each source passes once per epoch;
+    its ``batch_size`` is an int, ``None`` (the whole source as one step) or ``"auto"``
+    (``fit``'s ``batch_size``).
+
+    A plain list of :class:`Source` instead sums one minibatch of every source into each step
+    (fewer, larger steps): the two differ in updates per epoch, so to reproduce a Pyro example's
+    numbers use the schedule its loop uses.
+
+    Example::
+
+        >>> import torch, lvmkit
+        >>> unlabelled = lvmkit.Source(torch.rand(90, 4), batch_size=10)
+        >>> labelled = lvmkit.Source((torch.rand(20, 4), torch.zeros(20)), batch_size=10)
+        >>> lvmkit.Interleaved([unlabelled, labelled]).schedule([9, 2])
+        [0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0]
+    """
+
+    sources: list[Source]
+    period: int | None = None
+
+    def __post_init__(self) -> None:
+        sources = self.sources
+        if not isinstance(sources, (list, tuple)) or len(sources) < 2:
+            raise TypeError(
+                "Interleaved.sources must be a list of at least two lvmkit.Source; got "
+                f"{type(sources).__name__}"
+            )
+        if not all(isinstance(s, Source) for s in sources):
+            raise TypeError("Interleaved.sources must hold lvmkit.Source items only")
+        period = self.period
+        if period is not None and (isinstance(period, bool) or not isinstance(period, int)
+                                   or period < 1):  # fmt: skip
+            raise ValueError(f"Interleaved.period must be an int >= 1 or None; got {period!r}")
+
+    def schedule(self, steps: list[int]) -> list[int]:
+        """The source of each step of an epoch, given each source's steps per pass."""
+        main = max(range(len(steps)), key=lambda j: steps[j])
+        total = sum(steps)
+        minors = [j for j in range(len(steps)) if j != main]
+        periods = {j: self.period or max(1, total // max(1, steps[j])) for j in minors}
+        used = [0] * len(steps)
+        out = []
+        for i in range(total):
+            due = [j for j in minors if used[j] < steps[j] and i % periods[j] == 1 % periods[j]]
+            if due:
+                pick = due[0]
+            elif used[main] < steps[main]:
+                pick = main
+            else:
+                pick = next(j for j in minors if used[j] < steps[j])
+            used[pick] += 1
+            out.append(pick)
+        return out
+
+
 @dataclass
 class Feed:
     """A data set as the training loop uses it: its data (checked, on the run's device), the
@@ -416,6 +478,7 @@ class Feeds:
     train: list[Feed]
     val: Feed | None
     placement: Placement
+    schedule: list[int] | None = None  # Interleaved: the feed of each step of an epoch
 
     def all(self) -> list[Feed]:
         return [*self.train, *([self.val] if self.val is not None else [])]
@@ -437,7 +500,14 @@ def load(
     ``validate_data`` too), placed by the device policy (:func:`~lvmkit.inference._device.place`:
     ``device=None`` moves nothing), checked against the memory budget, and moved there.
     ``join`` (several processes) turns the chosen device into this process's."""
-    train = _train_feeds(data, model, batch_size, transform)
+    schedule = None
+    if isinstance(data, Interleaved):
+        sources = [replace(s, batch_size=batch_size) if s.batch_size == AUTO else s
+                   for s in data.sources]  # fmt: skip
+        train = _train_feeds(sources, model, batch_size, transform)
+        schedule = data.schedule([f.steps for f in train])
+    else:
+        train = _train_feeds(data, model, batch_size, transform)
     val = _validation_feed(validation_data, model)
     loaded = [*train, *([val] if val is not None else [])]
     for f in loaded:
@@ -456,7 +526,7 @@ def load(
             f.data = f.data.to(dev)
             placement.note("data", f.name)
         f.placement = placement
-    return Feeds(train, val, placement)
+    return Feeds(train, val, placement, schedule)
 
 
 def _train_feeds(

@@ -107,6 +107,7 @@ class Loop:
         run: RunDir | None,
         val: Feed | None,
         val_total: int,
+        schedule: list[int] | None = None,
     ) -> None:
         self.trainer, self.options = trainer, options
         feeds = trainer.feeds
@@ -116,7 +117,12 @@ class Loop:
         self.kl_weight: float | None = None  # at the last step
         self.stopped = False  # a callback asked to stop
         # steps an epoch: as many as the source that needs most (a shard of it per process)
-        self.steps_per_epoch = max(self._steps(f) for f in feeds)
+        # (Interleaved sources: each minibatch a step, in the schedule's order)
+        self.schedule = schedule
+        self.positions = _positions(schedule) if schedule is not None else None
+        self.steps_per_epoch = (
+            len(schedule) if schedule is not None else max(self._steps(f) for f in feeds)
+        )
         self.total = sum(f.num_points or 1 for f in feeds)  # points of an epoch, all processes
         self.represented = self._represented()  # what an epoch's losses stand for, per process
         self.progress = Progress(running=torch.zeros((), device=dev))
@@ -133,6 +139,11 @@ class Loop:
     def _represented(self) -> float:
         """Points an epoch's summed losses stand for, on one process."""
         total = 0.0
+        if self.schedule is not None and self.positions is not None:
+            for index, position in zip(self.schedule, self.positions, strict=True):
+                feed = self.trainer.feeds[index]
+                total += feed.represented(self._batch_points(feed, position))
+            return total
         for feed in self.trainer.feeds:
             for step in range(self.steps_per_epoch):
                 points = self._batch_points(feed, step)
@@ -247,6 +258,12 @@ class Loop:
         if schedule is not None and scaler is not None:
             self.kl_weight = schedule.weight(p.epoch + p.step / self.steps_per_epoch)
             scaler.weight = self.kl_weight
+        if self.schedule is not None and self.positions is not None:  # one source a step
+            index, position = self.schedule[p.step], self.positions[p.step]
+            feed = self.trainer.feeds[index]
+            order = self._order(index, feed, 0) if feed.batch_size else None
+            batch = feed.batch(order, position)
+            return [batch] if batch is not None else []
         out = []
         for index, feed in enumerate(self.trainer.feeds):
             steps = self._steps(feed)
@@ -433,6 +450,16 @@ class Loop:
             "replaying the steps one by one did not reproduce it (non-deterministic kernels?)"
         )
         return message, bad_epoch, None, None
+
+
+def _positions(schedule: list[int]) -> list[int]:
+    """For each step of an interleaved epoch, its source's minibatch number."""
+    seen: dict[int, int] = {}
+    out = []
+    for index in schedule:
+        out.append(seen.get(index, 0))
+        seen[index] = out[-1] + 1
+    return out
 
 
 def _cpu(obj: Any) -> Any:

@@ -124,7 +124,9 @@ def fit(
             into minibatches along their first dimension; other values (ints, namespaces,
             modules) are passed unchanged to every call. A list of :class:`lvmkit.Source`
             trains on several data sets at once, each step calling the pair on one minibatch of
-            each and summing the losses (labelled and unlabelled data, say).
+            each and summing the losses (labelled and unlabelled data, say);
+            :class:`lvmkit.Interleaved` steps them as Pyro's semi-supervised examples do, each
+            source's minibatch a step of its own.
         epochs: total epochs; with ``resume=True`` training continues up to this number.
         batch_size: points per minibatch; ``None``: the whole data every step (one step per
             epoch), for models that subsample themselves or read their data whole.
@@ -257,7 +259,7 @@ def fit(
         join=join if distributed else None,
     )  # fmt: skip
     train, val, dev = loaded.train, loaded.val, loaded.placement.device
-    if distributed and (len(train) > 1 or train[0].shares is not None):
+    if distributed and (len(train) > 1 or train[0].shares is not None):  # (Interleaved too)
         _distributed.leave(world)
         raise ValueError(
             "several data sources (a list of lvmkit.Source) are not supported with several "
@@ -296,6 +298,7 @@ def fit(
             "num_points": train[0].num_points,
             **optim.describe(),
             **({"sources": [f.name for f in train]} if len(train) > 1 else {}),
+            **({"schedule": "interleaved"} if loaded.schedule is not None else {}),
             "threads": threads_used.threads if threads_used is not None else None,
         }
         val_total = 0
@@ -307,7 +310,7 @@ def fit(
             options = replace(options, callbacks=[])
         loop = Loop(
             trainer, model, guide, options, seed=order_seed, dev=dev, world=world,
-            run=files.run, val=val, val_total=val_total,
+            run=files.run, val=val, val_total=val_total, schedule=loaded.schedule,
         )  # fmt: skip
         files.open(loop, settings, metadata, keep_seed=seed is None)
         if world.distributed:

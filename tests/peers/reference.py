@@ -88,3 +88,29 @@ def _second(arrays, batch_size, seed, epoch):
     for start in range(0, n, batch_size):
         index = order[start : start + batch_size]
         yield tuple(a[index] for a in arrays)
+
+
+def pyro_loop_interleaved(
+    model, guide, optim, loss, unsup, sup, *, epochs, batch_size, seed=0
+) -> list[float]:
+    """examples/vae/ss_vae_M2.py's ``run_inference_for_epoch``: one ``SVI.step`` per minibatch,
+    a labelled one at every step ``i`` with ``i % periodic_interval_batches == 1`` while any are
+    left, an unlabelled one otherwise; the loss per point of each epoch."""
+    svi = SVI(model, guide, optim, loss=loss)
+    pyro.set_rng_seed(seed)
+    n_unsup, n_sup = unsup[0].shape[0], sup[0].shape[0]
+    unsup_batches, sup_batches = -(-n_unsup // batch_size), -(-n_sup // batch_size)
+    period = (unsup_batches + sup_batches) // sup_batches
+    out = []
+    for epoch in range(1, epochs + 1):
+        unsup_iter = minibatches(unsup, batch_size, seed, epoch)
+        sup_iter = _second(sup, batch_size, seed, epoch)
+        total, ctr_sup = 0.0, 0
+        for i in range(unsup_batches + sup_batches):
+            if i % period == 1 and ctr_sup < sup_batches:
+                total += svi.step(*next(sup_iter))
+                ctr_sup += 1
+            else:
+                total += svi.step(*next(unsup_iter))
+        out.append(total / (n_unsup + n_sup))
+    return out

@@ -30,7 +30,7 @@ from pairs import (  # isort: skip
     CVAE, DMM, GMM_DATA, SSVAE, VAE, dmm_data, dmm_minibatch, gmm_guide, gmm_model, norm_vae,
     quadrant_task,
 )  # fmt: skip
-from reference import pyro_loop, pyro_loop_two_sources  # isort: skip
+from reference import pyro_loop, pyro_loop_interleaved, pyro_loop_two_sources  # isort: skip
 
 az = import_arviz()
 
@@ -181,6 +181,33 @@ def test_ss_vae_labelled_and_unlabelled_in_one_fit(digits):
     assert np.isfinite(lvmkit.summarize(scores).log_likelihood)
     idata = lvmkit.to_inference_data(ss.model, ss.enumerated_guide(), test_x[:6], num_samples=8)
     assert dict(idata.posterior["y"].sizes) == {"chain": 1, "draw": 8, "point": 6, "y_dim_0": 10}
+
+
+@pytest.mark.filterwarnings("ignore:TraceEnum_ELBO found no sample sites configured")
+def test_ss_vae_stepped_as_pyros_loop_steps_it(digits):
+    """Pyro's ss_vae_M2 loop gives each source's minibatch its own step, the labelled ones
+    interleaved among the unlabelled: lvmkit.Interleaved reproduces it step for step."""
+    images, labels = digits
+    one_hot = torch.nn.functional.one_hot(labels, 10).float()
+    sup = (images[:96], one_hot[:96])
+    unsup = (images[96:736],)
+    pyro.set_rng_seed(3)
+    ss = SSVAE(data_dim=64, classes=10, z_dim=4, hidden=32, aux_loss_multiplier=46.0)
+    twin = _twin(ss)
+    data = lvmkit.Interleaved([lvmkit.Source(unsup), lvmkit.Source(sup)])
+    result = lvmkit.fit(
+        ss.model, ss.enumerated_guide(), data, epochs=2, batch_size=32, seed=0, device="cpu",
+        progress=False, objective=TraceEnum_ELBO(max_plate_nesting=1),
+        optimizer=pyro.optim.Adam({"lr": 1e-3}),
+    )  # fmt: skip
+    pyro.clear_param_store()
+    theirs = pyro_loop_interleaved(
+        twin.model, twin.enumerated_guide(), pyro.optim.Adam({"lr": 1e-3}),
+        TraceEnum_ELBO(max_plate_nesting=1), unsup, sup, epochs=2, batch_size=32,
+    )  # fmt: skip
+    _close_losses(result.history.train_loss, theirs, rtol=1e-3)
+    for ours, pyros in zip(ss.parameters(), twin.parameters(), strict=True):
+        assert_close(ours, pyros, atol=1e-3, rtol=1e-3)  # the same updates, step for step
 
 
 # -- the Gaussian-mixture tutorial -------------------------------------------------------------
