@@ -11,6 +11,7 @@ A ``.lock`` file, held with ``flock`` while ``fit`` runs, keeps a second process
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import random
@@ -98,6 +99,15 @@ def set_rng_state(state: dict[str, Any], dev: torch.device) -> None:
     random.setstate((3, tuple(state["python"]), None))
     if dev.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], dev)
+
+
+def recorded_threads(run_dir: str | Path) -> int | None:
+    """The CPU thread count a run was started with (its ``config.json``), or None."""
+    try:
+        value = json.loads((Path(run_dir) / CONFIG_FILE).read_text())["fit"]["threads"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class RunDir:

@@ -54,6 +54,7 @@ from lvmkit.inference._params import eval_mode, param_scope
 from lvmkit.inference._rundir import rng_state, set_rng_state
 from lvmkit.inference.callbacks import check_callbacks, notify
 from lvmkit.inference.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from lvmkit.inference.threads import resumed as resumed_threads
 from lvmkit.inference.threads import using as using_threads
 from lvmkit.inference.weights import (
     PARTICLE_PLATE,
@@ -230,7 +231,9 @@ def evaluate(
     rows: list[np.ndarray] = []
     partial = _Partial(checkpoint, values, num_samples, seed, max_pairs) if checkpoint else None
     start, rng = partial.resume(rows) if partial is not None else (0, None)
-    with torch.random.fork_rng(devices=cuda_devices()), using_threads(threads):
+    if partial is not None and start:  # the thread count it started with: the same bits
+        threads = resumed_threads(threads, partial.threads, f"the evaluation in {checkpoint}")
+    with torch.random.fork_rng(devices=cuda_devices()), using_threads(threads) as used:
         if rng is not None:  # where the interrupted evaluation stood
             set_rng_state(rng, pair_placement(model, guide, device).device)
         elif seed is not None:
@@ -251,7 +254,8 @@ def evaluate(
                     rows.append(_score_chunk(torch.cat(pending, dim=1)))
                     pending.clear()
                     if partial is not None and stop < stream.total:
-                        partial.save(start + stop, rows, rng_state(stream.dev))
+                        count = used.threads if used is not None else torch.get_num_threads()
+                        partial.save(start + stop, rows, rng_state(stream.dev), count)
                 bar.update(start + stop - bar.n)
     if partial is not None:
         partial.done()
@@ -275,6 +279,7 @@ class _Partial:
         for tensor in data.tensors():
             digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        self.threads: int | None = None  # the thread count the evaluation started with
         self.key = {
             "num_samples": num_samples,
             "seed": seed,
@@ -297,11 +302,13 @@ class _Partial:
             _log.warning("lvmkit: %s holds another evaluation's scores; starting over", self.path)
             return 0, None
         rows.append(state["rows"].numpy())
+        self.threads = state.get("threads")
         return int(state["stop"]), state["rng"]
 
-    def save(self, stop: int, rows: list[np.ndarray], rng: dict[str, Any]) -> None:
+    def save(self, stop: int, rows: list[np.ndarray], rng: dict[str, Any], threads: int) -> None:
         scored = torch.from_numpy(np.concatenate(rows))
-        state = {"kind": "evaluation", "key": self.key, "stop": stop, "rows": scored, "rng": rng}
+        state = {"kind": "evaluation", "key": self.key, "stop": stop, "rows": scored, "rng": rng,
+                 "threads": threads}  # fmt: skip
         save_checkpoint(self.path, state, keep_previous=False)
 
     def done(self) -> None:

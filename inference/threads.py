@@ -40,6 +40,7 @@ _AT_IMPORT = torch.get_num_threads()  # torch's own default, unless changed befo
 _log = logging.getLogger("lvmkit")
 _said: set[tuple[int, str]] = set()
 _enclosing: list[ThreadChoice] = []  # choices of the using() blocks we are inside
+_said_resumed: set[tuple[str, int]] = set()  # resumes told once that their bits may differ
 
 
 @dataclass(frozen=True)
@@ -144,14 +145,56 @@ def choose(threads: int | str = AUTO) -> ThreadChoice:
         return ThreadChoice(threads, usable, 0, "asked")
     if threads != AUTO:
         raise ValueError(f"threads must be 'auto' or an int >= 1; got {threads!r}")
-    for name in _ENVIRONMENT:
-        if os.environ.get(name):
-            return ThreadChoice(torch.get_num_threads(), usable, 0, f"{name}={os.environ[name]}")
+    user = _set_by_user()
+    if user is not None:
+        return ThreadChoice(user[0], usable, 0, user[1])
     current = torch.get_num_threads()
-    if current != _AT_IMPORT:
-        return ThreadChoice(current, usable, 0, "set with torch.set_num_threads")
     busy = busy_cpus()
     return ThreadChoice(max(1, min(current, usable - busy)), usable, busy, AUTO)
+
+
+def _set_by_user() -> tuple[int, str] | None:
+    """A thread count the user set (the environment, or torch.set_num_threads after lvmkit was
+    imported), and how; None where they set none."""
+    for name in _ENVIRONMENT:
+        if os.environ.get(name):
+            return torch.get_num_threads(), f"{name}={os.environ[name]}"
+    current = torch.get_num_threads()
+    if current != _AT_IMPORT:
+        return current, "set with torch.set_num_threads"
+    return None
+
+
+def resumed(threads: int | str | None, recorded: int | None, what: str) -> int | str | None:
+    """The threads of a resumed run or a continued evaluation: the count it started with
+    (``recorded``) where ``threads`` is ``"auto"`` and nothing else was asked — torch's CPU
+    kernels split their sums by thread, so the same seed *and* thread count give the same bits.
+    Where something else was asked (an int, ``OMP_NUM_THREADS``, ``torch.set_num_threads``, a
+    choice the CLI already made), that is kept and one log line says the bits may differ."""
+    if recorded is None or threads is None:
+        return threads
+    if threads == AUTO:
+        if _enclosing:
+            asked: tuple[int, str] | None = (_enclosing[-1].threads, _enclosing[-1].reason)
+        else:
+            asked = _set_by_user()
+        if asked is None:
+            _log.warning(
+                "lvmkit: %s continues with the %d CPU thread(s) it started with (the same seed "
+                "and thread count give the same bits)", what, recorded,
+            )  # fmt: skip
+            return recorded
+        count, reason = asked
+    else:
+        count, reason = int(threads), "asked"
+    if count != recorded and (what, count) not in _said_resumed:
+        _said_resumed.add((what, count))
+        _log.warning(
+            "lvmkit: %s started with %d CPU thread(s) and continues with %d (%s): its numbers "
+            "may differ in the last bits from a run never interrupted (pass threads=%d for the "
+            "same bits)", what, recorded, count, reason, recorded,
+        )  # fmt: skip
+    return threads
 
 
 @contextmanager

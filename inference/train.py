@@ -27,7 +27,7 @@ from torch import nn
 from lvmkit.inference import _distributed, _memory
 from lvmkit.inference._data import load
 from lvmkit.inference._params import param_scope
-from lvmkit.inference._rundir import RunDir, history_columns
+from lvmkit.inference._rundir import RunDir, history_columns, recorded_threads
 from lvmkit.inference.annealing import KLSchedule, LatentScale
 from lvmkit.inference.callbacks import FitInfo, check_callbacks, notify
 from lvmkit.inference.loop import (
@@ -41,6 +41,7 @@ from lvmkit.inference.loop import (
 )
 from lvmkit.inference.optim import OptimSpec
 from lvmkit.inference.step import prepare
+from lvmkit.inference.threads import resumed as resumed_threads
 from lvmkit.inference.threads import using as using_threads
 from lvmkit.models._checks import check_choice, check_int
 
@@ -271,6 +272,8 @@ def fit(
     if options.scaler is not None and kl_schedule is not None:  # a constant weight: set once
         options.scaler.weight = kl_schedule.weight(0.0)  # (a warm-up: every step)
     data_bytes = _memory.tensor_bytes([t for f in loaded.all() for t in f.data.tensors()])
+    if resume and run_dir is not None:  # the thread count it started with: the same bits
+        threads = resumed_threads(threads, recorded_threads(run_dir), f"the run in {run_dir}")
 
     with (
         using_threads(threads) as threads_used,

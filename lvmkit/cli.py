@@ -266,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lvmkit.inference.threads import using
 
     try:
-        with using(args.threads):
+        with using(_threads_of(args)):
             return _run(args)
     except KeyboardInterrupt:
         from lvmkit import runs
@@ -276,6 +276,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, OSError, ImportError, RunDirInUseError) as err:
         parser.exit(2, f"lvmkit: error: {_with_flags(str(err))}\n")
     return 0  # unreachable: parser.exit raises SystemExit
+
+
+def _threads_of(args: argparse.Namespace) -> int | str:
+    """``--threads``; for a run that goes on (``train --resume``, ``evaluate`` of a run), 'auto'
+    means the count the run started with, so that it ends with the same bits."""
+    from lvmkit.inference._rundir import recorded_threads
+    from lvmkit.inference.threads import resumed
+
+    run_dir = getattr(args, "resume", None) if args.command == "train" else None
+    if args.command == "evaluate":
+        run_dir = args.run_dir
+    if run_dir is None:
+        return args.threads
+    chosen = resumed(args.threads, recorded_threads(run_dir), f"the run in {run_dir}")
+    return args.threads if chosen is None else chosen
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -247,3 +247,121 @@ def test_a_bare_assert_that_nothing_rescues_gets_lvmkits_error():
 
     with pytest.raises(ValueError, match=r"AssertionError in model\(\) at .*test_byom_round2.py"):
         lvmkit.evaluate(model, guide, torch.zeros(4, 3), num_samples=2)
+
+
+# -- exact resume whatever the load ---------------------------------------------------------------
+
+_LIFE = """
+import os, signal, sys
+import pyro, pyro.distributions as dist, torch
+import lvmkit
+
+run_dir, threads, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+threads = threads if threads == "auto" else int(threads)
+torch.manual_seed(0)
+x = torch.randn(48, 20_000)
+loc = torch.nn.Parameter(torch.zeros(20_000))
+
+def model(x):
+    pyro.module("loc", torch.nn.ParameterList([loc]))
+    with pyro.plate("data", x.shape[0], dim=-2):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))  # batch (N, 1)
+        with pyro.plate("pixels", x.shape[1], dim=-1):
+            pyro.sample("x", dist.Normal(loc + z, 1.0), obs=x)  # batch (N, D)
+
+def guide(x):
+    m = pyro.param("m", torch.zeros(()))
+    with pyro.plate("data", x.shape[0], dim=-2):
+        pyro.sample("z", dist.Normal(m, 1.0))
+
+class Kill(lvmkit.Callback):
+    seen = 0
+    def on_checkpoint(self, path, epoch, step):
+        print(f"threads={torch.get_num_threads()}", flush=True)
+        Kill.seen += 1
+        if Kill.seen == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+resume = os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
+lvmkit.fit(model, guide, x, epochs=3, batch_size=24, lr=0.01, seed=0, run_dir=run_dir,
+           resume=resume, checkpoint_every=1, threads=threads, progress=False,
+           callbacks=[Kill()])
+"""
+
+
+def _life(tmp_path, run_dir, threads, kill_at=0, cpus=None):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "life.py"
+    script.write_text(_LIFE)
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus is not None else None
+    return subprocess.run(
+        [sys.executable, str(script), str(run_dir), str(threads), str(kill_at)],
+        env=env, preexec_fn=pin, capture_output=True, text=True,
+    )  # fmt: skip
+
+
+def _two_cpus():
+    import os
+
+    return len(os.sched_getaffinity(0)) >= 2
+
+
+@pytest.mark.skipif(not _two_cpus(), reason="needs two CPUs to start on")
+def test_a_resume_on_a_busier_machine_keeps_its_threads_and_its_bits(tmp_path):
+    """Started with 2 threads, SIGKILLed mid-epoch, resumed where one CPU is free: threads='auto'
+    used to decide afresh (1 thread), and torch's CPU kernels may split their sums by thread (a
+    default-size MNIST run ended with 24 of its 34 checkpoint tensors different). The resume now
+    keeps the count it started with, and ends bit for bit where an uninterrupted run ends."""
+    import os
+    import signal
+
+    from lvmkit.inference.checkpoint import load_checkpoint
+
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    killed = _life(tmp_path, run, 2, kill_at=3)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    at = load_checkpoint(run / "checkpoint.pt")
+    assert (at["epoch"], at["step"]) == (1, 1)  # mid-epoch 2
+    one_cpu = {min(os.sched_getaffinity(0))}
+    resumed = _life(tmp_path, run, "auto", cpus=one_cpu)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "continues with the 2 CPU thread(s) it started with" in resumed.stderr
+    assert set(resumed.stdout.split()) == {"threads=2"}  # (auto alone picks 1 on one free CPU)
+    assert _life(tmp_path, straight, 2).returncode == 0
+    ours, theirs = (load_checkpoint(d / "checkpoint.pt")["params"] for d in (run, straight))
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_continued_evaluation_keeps_the_threads_it_started_with(tmp_path, monkeypatch, caplog):
+    import importlib
+
+    from conftest import interrupted_scoring
+    from linear_gaussian import LinearGaussianGuide, make_problem
+
+    threads_module = importlib.import_module("lvmkit.inference.threads")
+    model, x = make_problem(n=90)
+    guide = LinearGaussianGuide(5, 2)
+    path = tmp_path / "partial.pt"
+    with interrupted_scoring(monkeypatch, block=1200, at=3), pytest.raises(KeyboardInterrupt):
+        lvmkit.evaluate(model, guide, x, 40, max_pairs=400, checkpoint=path, threads=2)
+    assert lvmkit.inference.checkpoint.load_checkpoint(path)["threads"] == 2
+    monkeypatch.setattr(threads_module, "usable_cpus", lambda: 1)  # one CPU free now
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # (nothing set by the user either)
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(threads_module, "_AT_IMPORT", torch.get_num_threads())
+    seen = []
+    real = threads_module.choose
+    monkeypatch.setattr(threads_module, "choose", lambda t: seen.append(t) or real(t))
+    with caplog.at_level("WARNING", logger="lvmkit"):
+        resumed = lvmkit.evaluate(model, guide, x, 40, max_pairs=400, checkpoint=path)
+    assert seen == [2]  # not "auto", which would give 1 here
+    assert any("continues with the 2 CPU thread(s)" in r.getMessage() for r in caplog.records)
+    straight = lvmkit.evaluate(model, guide, x, 40, max_pairs=400, threads=2)
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(resumed, straight)
