@@ -319,7 +319,8 @@ def describe_likelihood(layout: Layout) -> str:
     """What the per-point log-likelihood of a pair with this layout estimates."""
     if not layout.global_sites:
         return "log p(x)"
-    names = ", ".join(layout.global_sites)
+    # the model's own global latents (an autoguide's internal sites are not what the user named)
+    names = ", ".join(layout.model_global_sites or layout.global_sites)
     if layout.point_masses:
         return f"log p(x | θ̂), θ̂ = point estimates of {names}"
     return f"log E_q(θ)[p(x | θ)], θ = {names} drawn from the guide"
