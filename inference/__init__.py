@@ -8,6 +8,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 from lvmkit.inference._data import Interleaved, Source
+from lvmkit.inference.ais import bdmc
 from lvmkit.inference.annealing import KLSchedule
 from lvmkit.inference.callbacks import (
     Callback,
@@ -55,6 +56,7 @@ __all__ = [
     "TraceELBO",
     "TraceMeanFieldELBO",
     "active_units",
+    "bdmc",
     "evaluate",
     "fit",
     "log_weights",

@@ -19,6 +19,8 @@ DOCTEST_MODULES = [
     "lvmkit.guides.gaussian",
     "lvmkit.inference.train",
     "lvmkit.inference.evaluate",
+    "lvmkit.inference.ais",
+    "lvmkit.inference._data",
     "lvmkit.inference.callbacks",
     "lvmkit.inference.objectives",
     "lvmkit.runs",
