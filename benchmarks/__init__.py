@@ -16,12 +16,13 @@ from typing import Any
 
 import pandas as pd
 
-from lvmkit.benchmarks import gmm, nonlinear, sequence, speed, vae
+from lvmkit.benchmarks import ais, gmm, nonlinear, sequence, speed, vae
 from lvmkit.benchmarks.contenders import Contender, Task
 from lvmkit.inference.checkpoint import atomic_write_text
 from lvmkit.models._checks import check_choice
 
 BENCHMARKS: dict[str, Callable[..., pd.DataFrame]] = {
+    "ais": ais.run,
     "gmm": gmm.run,
     "nonlinear": nonlinear.run,
     "sequence": sequence.run,

@@ -8,7 +8,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 from lvmkit.inference._data import Interleaved, Source
-from lvmkit.inference.ais import bdmc
+from lvmkit.inference.ais import bdmc, gap_split
 from lvmkit.inference.annealing import KLSchedule
 from lvmkit.inference.callbacks import (
     Callback,
@@ -59,6 +59,7 @@ __all__ = [
     "bdmc",
     "evaluate",
     "fit",
+    "gap_split",
     "log_weights",
     "posterior_means",
     "reconstruction_error",

@@ -77,7 +77,7 @@ DEFAULT_MAX_PAIRS = {  # (sample, point) pairs per forward pass, by device type
     # `lvmkit bench speed --device cuda` sweeps 16,384…1,048,576
     "cuda": 65536,
 }
-METHODS = ("is", "ais")  # evaluate's estimators of log p(x)
+METHODS = ("is", "ais", "ais-prior")  # evaluate's estimators of log p(x)
 PARETO_K_THRESHOLD = 0.7  # Vehtari et al. (2024): above it, importance sampling is unreliable
 MIN_SAMPLES_FOR_PSIS = 20  # PSIS fits a Pareto tail to the largest ~20 % of weights
 _SCORE_BATCH = 1 << 20  # log-weights reduced at once (8 MB in float64)
@@ -211,7 +211,8 @@ def evaluate(
             seed) is started over. Removed once every point is scored.
         method: ``"is"`` (importance sampling from the guide, ``num_samples`` draws) or
             ``"ais"``: annealed importance sampling (:mod:`lvmkit.inference.ais`) with
-            ``num_samples`` chains started from the guide and ``num_steps`` intermediate
+            ``num_samples`` chains started from the guide (``"ais-prior"``: from the model's
+            prior, for models without discrete latents) and ``num_steps`` intermediate
             distributions, HMC on the model's continuous local latents — a stochastic lower
             bound of log p(x) that, unlike IS, approaches it when the guide is poor. The same
             columns: ``log_likelihood`` from the AIS weights, ``elbo`` from the chains' starts,
@@ -240,14 +241,14 @@ def evaluate(
         raise TypeError(f"label must be a non-empty str naming the data set; got {label!r}")
     check_choice("method", method, METHODS)
     values = as_data(data, model)
-    if method == "ais":
+    if method != "is":
         if checkpoint is not None:
             raise ValueError("checkpoint= is for method='is'; an AIS evaluation runs through")
         return _evaluate_ais(
             model, guide, values, num_samples, check_int("num_steps", num_steps),
             seed=seed, device=device, max_pairs=max_pairs, memory_budget=memory_budget,
             plate=data_plate, transform=transform, threads=threads, callbacks=callbacks,
-            label=label, progress=progress,
+            label=label, progress=progress, from_prior=method == "ais-prior",
         )  # fmt: skip
     rows: list[np.ndarray] = []
     partial = _Partial(checkpoint, values, num_samples, seed, max_pairs) if checkpoint else None
@@ -292,7 +293,7 @@ def evaluate(
 
 def _evaluate_ais(
     model, guide, values: Data, chains: int, steps: int, *, seed, device, max_pairs,
-    memory_budget, plate, transform, threads, callbacks, label, progress,
+    memory_budget, plate, transform, threads, callbacks, label, progress, from_prior=False,
 ) -> pd.DataFrame:  # fmt: skip
     """``evaluate(method="ais")``: AIS per chunk of points, on the weight stream's layout."""
     from lvmkit.inference import ais
@@ -327,7 +328,8 @@ def _evaluate_ais(
             for start in range(0, stream.total, points):
                 stop = min(stream.total, start + points)
                 chunk = stream._prepare(values.take(slice(start, stop)).to(stream.dev))
-                log_w, elbo = ais.anneal(model, guide, chunk, layout, chains, steps)
+                chains_from = ais.prior_guide(model) if from_prior else guide
+                log_w, elbo = ais.anneal(model, chains_from, chunk, layout, chains, steps)
                 scored = ais.score(log_w, elbo).cpu().numpy()
                 k_hat = np.full(len(scored), math.nan)
                 if chains >= MIN_SAMPLES_FOR_PSIS:
@@ -338,7 +340,7 @@ def _evaluate_ais(
         np.concatenate(rows), columns=["elbo", "log_likelihood", "pareto_k", "ess"]
     )
     scores.attrs.update(
-        num_samples=chains, num_steps=steps, method="ais",
+        num_samples=chains, num_steps=steps, method="ais-prior" if from_prior else "ais",
         likelihood=describe_likelihood(layout),
     )  # fmt: skip
     notify(callbacks, "on_evaluation", summarize(scores), label)

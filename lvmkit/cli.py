@@ -206,7 +206,7 @@ def _parser() -> argparse.ArgumentParser:
     _common(ev)
 
     bench = command("bench", "run a benchmark suite; write its CSV, Markdown and figures")
-    bench.add_argument("suite", help="gmm | nonlinear | sequence | speed | vae (with a part)")
+    bench.add_argument("suite", help="ais | gmm | nonlinear | sequence | speed | vae (with a part)")
     bench.add_argument(
         "part", nargs="?", help="for bench vae: latent | iwae | m2 | cvae | variants"
     )
