@@ -25,7 +25,7 @@ install: $(STAMP)
 demo: install
 	MPLBACKEND=Agg $(BIN)/lvmkit train --eval-points 1000
 
-## The test suite: about 6 minutes on 2 idle CPU cores (the tests marked slow are left out).
+## The test suite: about 9 minutes on 2 idle CPU cores (the tests marked slow are left out).
 test: install
 	MPLBACKEND=Agg $(BIN)/python -m pytest
 

@@ -202,6 +202,14 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="the first N test images, at most 10,000 (default: the run's)",
     )
+    ev.add_argument(
+        "--method",
+        choices=("is", "ais", "ais-prior"),
+        default="is",
+        help="is: importance sampling (K = --num-samples); ais: annealed importance sampling "
+        "with --num-samples chains (writes evaluation-ais.csv, results-ais.csv)",
+    )
+    ev.add_argument("--num-steps", type=int, default=1000, help="AIS's intermediate distributions")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     _common(ev)
 
@@ -307,6 +315,8 @@ def _run(args: argparse.Namespace) -> int:
             points=args.points,
             device=args.device,
             progress=not args.quiet,
+            method=args.method,
+            num_steps=args.num_steps,
         )
         print(runs.results_markdown(results))
         return 0
