@@ -83,3 +83,38 @@ def test_the_gap_splits_into_approximation_and_amortization():
     assert (split.approximation_gap > -0.05).all() and (split.approximation_gap < 2).all()
     total = split.log_likelihood - split.elbo
     assert (total - split.approximation_gap - split.amortization_gap).abs().max() < 1e-9
+
+
+def test_ais_with_a_discrete_label_summed_out():
+    """A mixture of factor analysers' kind: y ~ Cat(π) enumerated in the model, z | y ~ N(μ_y, I),
+    x | z ~ N(W z + b, ψ I); exact p(x) = Σ_y π_y N(x; W μ_y + b, W Wᵀ + ψ I). AIS anneals z
+    with y summed out of every density it evaluates."""
+    import pyro
+    import pyro.distributions as dist
+
+    gen = torch.Generator().manual_seed(1)
+    d, dz, noise = 10, 2, 0.02
+    weight, bias = torch.randn(d, dz, generator=gen), torch.randn(d, generator=gen)
+    mus, weights = torch.tensor([[2.0, 0.0], [-2.0, 1.0]]), torch.tensor([0.3, 0.7])
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            y = pyro.sample("y", dist.Categorical(weights), infer={"enumerate": "parallel"})
+            z = pyro.sample("z", dist.Normal(mus[y], 1.0).to_event(1))  # batch (N,) event (Dz,)
+            loc = z @ weight.T + bias
+            pyro.sample("x", dist.Normal(loc, noise**0.5).to_event(1), obs=x)  # event (D,)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(torch.zeros(dz), 1.5).to_event(1))  # a poor guide
+
+    y = torch.multinomial(weights, 4, replacement=True, generator=gen)
+    z = mus[y] + torch.randn(4, dz, generator=gen)
+    x = z @ weight.T + bias + noise**0.5 * torch.randn(4, d, generator=gen)
+    cov = weight @ weight.T + noise * torch.eye(d)
+    comps = torch.stack([
+        dist.MultivariateNormal(mus[k] @ weight.T + bias, cov).log_prob(x) for k in range(2)
+    ])  # fmt: skip
+    exact = float(torch.logsumexp(comps + weights.log()[:, None], dim=0).mean())
+    ais = lvmkit.evaluate(model, guide, x, 16, method="ais", num_steps=150)
+    assert ais.log_likelihood.mean() == pytest.approx(exact, abs=0.5)
