@@ -210,6 +210,12 @@ def _parser() -> argparse.ArgumentParser:
         "with --num-samples chains (writes evaluation-ais.csv, results-ais.csv)",
     )
     ev.add_argument("--num-steps", type=int, default=1000, help="AIS's intermediate distributions")
+    ev.add_argument(
+        "--gap-split",
+        action="store_true",
+        help="also split each image's ELBO gap into approximation and amortization parts "
+        "(a Gaussian fitted per image; columns of the evaluation file)",
+    )
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     _common(ev)
 
@@ -317,6 +323,7 @@ def _run(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             method=args.method,
             num_steps=args.num_steps,
+            gap=args.gap_split,
         )
         print(runs.results_markdown(results))
         return 0

@@ -21,7 +21,7 @@ import pyro
 from lvmkit import plots
 from lvmkit.data import MNIST_IMAGE_SHAPE, Dataset, binarize, load_mnist
 from lvmkit.guides import GaussianEncoder, GaussianEncoderConfig
-from lvmkit.inference import active_units, evaluate, fit, summarize
+from lvmkit.inference import active_units, evaluate, fit, gap_split, summarize
 from lvmkit.inference._device import resolve_device
 from lvmkit.inference._distributed import env_rank
 from lvmkit.inference._rundir import CHECKPOINT_FILE, CONFIG_FILE, HISTORY_FILE, RunLock
@@ -230,6 +230,7 @@ def evaluate_run(
     progress: bool = True,
     method: str = "is",
     num_steps: int = 1000,
+    gap: bool = False,
 ) -> pd.DataFrame:
     """Evaluate a run's last checkpoint on the test set; write and return ``results.csv``.
 
@@ -237,7 +238,9 @@ def evaluate_run(
     ``num_samples`` and ``points``: the same numbers as an uninterrupted one). ``method="ais"``
     (``num_samples`` chains, ``num_steps`` distributions; :func:`lvmkit.evaluate`) writes
     ``evaluation-ais.csv`` and ``results-ais.csv`` beside the importance-sampled ones, which it
-    leaves as they are."""
+    leaves as they are. ``gap``: also split each image's ELBO gap into its approximation and
+    amortization parts (:func:`lvmkit.gap_split`, on this evaluation's log-likelihoods), as
+    columns of the evaluation file and means in the results table."""
     _current["run"] = Path(run_dir)
     if points is not None and check_int("points", points) > MNIST_SPLIT_SIZES["test"]:
         raise ValueError(
@@ -256,7 +259,7 @@ def evaluate_run(
     with RunLock(run_dir):
         return _evaluate_and_write(
             spec, Path(run_dir), model.to(dev), guide.to(dev), history, progress,
-            method=method, num_steps=num_steps,
+            method=method, num_steps=num_steps, gap=gap,
         )  # fmt: skip
 
 
@@ -423,7 +426,7 @@ def _draw_khat(run_dir: Path) -> Path | None:
 
 def _evaluate_and_write(
     spec: TrainSpec, run_dir: Path, model, guide, history, progress, callbacks=None, *,
-    method: str = "is", num_steps: int = 1000,
+    method: str = "is", num_steps: int = 1000, gap: bool = False,
 ):  # fmt: skip
     test = load_mnist(
         "test", binarization=spec.eval_binarization, seed=spec.seed, limit=spec.eval_points
@@ -443,6 +446,12 @@ def _evaluate_and_write(
         method=method,
         num_steps=num_steps,
     )
+    if gap:  # q*, fitted per image, on this evaluation's log p(x)
+        split = gap_split(
+            model, guide, test.x, log_likelihood=scores.log_likelihood, seed=spec.seed
+        )
+        for column in ("elbo_qstar", "approximation_gap", "amortization_gap"):
+            scores[column] = split[column].to_numpy()
     suffix = f"-{method}" if annealed else ""
     evaluation_file = EVALUATION_FILE.replace(".csv", f"{suffix}.csv")
     atomic_write_text(run_dir / evaluation_file, scores.to_csv(index=False))
@@ -461,6 +470,11 @@ def _evaluate_and_write(
         "frac_pareto_k_above_0_7": summary.frac_pareto_k_above_0_7,
         "active_units": active_units(guide, test.x).count,
         **({"method": f"{method}, {num_steps} steps"} if annealed else {}),
+        **(
+            {c: float(scores[c].mean()) for c in ("approximation_gap", "amortization_gap")}
+            if gap
+            else {}
+        ),
     }
     rows = [ours]
     if spec.likelihood == "bernoulli":  # published NLLs are for binary MNIST only

@@ -33,12 +33,12 @@ def test_ais_reaches_the_exact_log_likelihood_where_importance_sampling_does_not
 
 def test_bdmc_brackets_the_exact_log_likelihood():
     model, guide, _ = _hard_problem()
-    sandwich = lvmkit.bdmc(model, guide, num_points=4, num_samples=4, num_steps=200)
+    sandwich = lvmkit.bdmc(model, guide, num_points=4, num_samples=4, num_steps=100)
     exact = model.exact_log_prob(sandwich.attrs["data"])
     assert isinstance(sandwich, pd.DataFrame) and len(sandwich) == 4
     lower, upper = sandwich.lower.mean(), sandwich.upper.mean()
     assert lower <= float(exact.mean()) <= upper  # the sandwich (in expectation; 4 points here)
-    assert upper - lower < 6  # at 200 steps (1,000: under 1 nat, 70 s on one thread for 50 points)
+    assert upper - lower < 10  # at 100 steps (1,000: under 1 nat, 70 s on one thread, 50 points)
 
 
 def test_ais_refuses_what_it_cannot_anneal():

@@ -425,10 +425,14 @@ def test_check_gpu_says_there_is_no_cuda_and_exits_0(monkeypatch, capsys):
 def test_evaluate_with_ais_writes_beside_the_importance_sampled_results(finished_run, capsys):
     before = {n: (finished_run / n).read_bytes() for n in ("evaluation.csv", "results.csv")}
     argv = ["evaluate", str(finished_run), "--method", "ais", "--num-samples", "3"]
-    assert main([*argv, "--num-steps", "4", "--points", "5", "--quiet"]) == 0
+    assert main([*argv, "--num-steps", "4", "--points", "5", "--gap-split", "--quiet"]) == 0
     assert "ais, 4 steps" in capsys.readouterr().out
     scores = pd.read_csv(finished_run / "evaluation-ais.csv")
-    assert list(scores.columns) == ["elbo", "log_likelihood", "pareto_k", "ess"]
+    assert list(scores.columns) == [
+        "elbo", "log_likelihood", "pareto_k", "ess", "elbo_qstar", "approximation_gap",
+        "amortization_gap",
+    ]  # fmt: skip
     assert len(scores) == 5 and scores.log_likelihood.notna().all()
-    assert (finished_run / "results-ais.csv").is_file()
+    results = pd.read_csv(finished_run / "results-ais.csv")
+    assert {"approximation_gap", "amortization_gap"} <= set(results.columns)
     assert {n: (finished_run / n).read_bytes() for n in before} == before  # left as they were
