@@ -66,6 +66,22 @@ def test_train_resume_evaluate_sample(tmp_path, capsys):
     assert main(["evaluate", str(run), "--num-samples", "25", "--points", "10", "--quiet"]) == 0
     assert pd.read_csv(run / "results.csv").iloc[0]["eval_samples"] == 25
 
+    # AIS (and the gap split) beside the importance-sampled files, which stay as they are
+    before = {n: (run / n).read_bytes() for n in ("evaluation.csv", "results.csv")}
+    argv = ["evaluate", str(run), "--method", "ais", "--num-samples", "3", "--num-steps", "4"]
+    capsys.readouterr()
+    assert main([*argv, "--points", "5", "--gap-split", "--quiet"]) == 0
+    assert "ais, 4 steps" in capsys.readouterr().out
+    scores = pd.read_csv(run / "evaluation-ais.csv")
+    assert list(scores.columns) == [
+        "elbo", "log_likelihood", "pareto_k", "ess", "elbo_qstar", "approximation_gap",
+        "amortization_gap",
+    ]  # fmt: skip
+    assert len(scores) == 5 and scores.log_likelihood.notna().all()
+    results = pd.read_csv(run / "results-ais.csv")
+    assert {"approximation_gap", "amortization_gap"} <= set(results.columns)
+    assert {n: (run / n).read_bytes() for n in before} == before
+
     png = tmp_path / "grid.png"
     assert main(["sample", str(run), "-n", "9", "--out", str(png)]) == 0
     capsys.readouterr()
@@ -420,19 +436,3 @@ def test_check_gpu_says_there_is_no_cuda_and_exits_0(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert check_gpu.main([]) == 0
     assert "check-gpu: no CUDA device here" in capsys.readouterr().out
-
-
-def test_evaluate_with_ais_writes_beside_the_importance_sampled_results(finished_run, capsys):
-    before = {n: (finished_run / n).read_bytes() for n in ("evaluation.csv", "results.csv")}
-    argv = ["evaluate", str(finished_run), "--method", "ais", "--num-samples", "3"]
-    assert main([*argv, "--num-steps", "4", "--points", "5", "--gap-split", "--quiet"]) == 0
-    assert "ais, 4 steps" in capsys.readouterr().out
-    scores = pd.read_csv(finished_run / "evaluation-ais.csv")
-    assert list(scores.columns) == [
-        "elbo", "log_likelihood", "pareto_k", "ess", "elbo_qstar", "approximation_gap",
-        "amortization_gap",
-    ]  # fmt: skip
-    assert len(scores) == 5 and scores.log_likelihood.notna().all()
-    results = pd.read_csv(finished_run / "results-ais.csv")
-    assert {"approximation_gap", "amortization_gap"} <= set(results.columns)
-    assert {n: (finished_run / n).read_bytes() for n in before} == before  # left as they were
