@@ -192,7 +192,7 @@ def _user_code(model: Any, guide: Any) -> bool:
 
 
 def _parameters(model: Any, guide: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """The pair's parameters it holds now: its modules' (one per module), else the param
+    """The pair's parameters it holds now: its modules' (parameters and buffers), else the param
     store's (plain-function pairs keep theirs there)."""
     for role, obj in (("model", model), ("guide", guide)):
         if isinstance(obj, nn.Module):

@@ -238,15 +238,6 @@ def is_sampled_latent(site: Any) -> bool:
     return is_sample(site) and not site["is_observed"]
 
 
-def score(log_w: torch.Tensor, elbo: torch.Tensor) -> torch.Tensor:
-    """Rows ``(elbo, log_likelihood, ess)`` per point from AIS log weights ``(C, n)``."""
-    lw = log_w.double()
-    lse = torch.logsumexp(lw, dim=0)
-    normalized = torch.exp(lw - lse)
-    ess = 1.0 / (normalized**2).sum(dim=0)
-    return torch.stack([elbo.double().mean(dim=0), lse - math.log(lw.shape[0]), ess], dim=1)
-
-
 def bdmc(
     model,
     guide,

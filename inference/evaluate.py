@@ -330,11 +330,9 @@ def _evaluate_ais(
                 chunk = stream._prepare(values.take(slice(start, stop)).to(stream.dev))
                 chains_from = ais.prior_guide(model) if from_prior else guide
                 log_w, elbo = ais.anneal(model, chains_from, chunk, layout, chains, steps)
-                scored = ais.score(log_w, elbo).cpu().numpy()
-                k_hat = np.full(len(scored), math.nan)
-                if chains >= MIN_SAMPLES_FOR_PSIS:
-                    k_hat = pareto_k(log_w.double().T.cpu().numpy())
-                rows.append(np.stack([scored[:, 0], scored[:, 1], k_hat, scored[:, 2]], axis=1))
+                scored = _score_chunk(log_w)  # the IS reductions, of the AIS weights
+                scored[:, 0] = elbo.double().mean(dim=0).cpu().numpy()  # ELBO: the starts'
+                rows.append(scored)
                 bar.update(stop - start)
     scores = pd.DataFrame(
         np.concatenate(rows), columns=["elbo", "log_likelihood", "pareto_k", "ess"]
