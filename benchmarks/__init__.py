@@ -16,10 +16,10 @@ from typing import Any
 
 import pandas as pd
 
+from lvmkit.base import check_choice
 from lvmkit.benchmarks import ais, gmm, nonlinear, sequence, speed, vae
 from lvmkit.benchmarks.contenders import Contender, Task
 from lvmkit.inference.checkpoint import atomic_write_text
-from lvmkit.models._checks import check_choice
 
 BENCHMARKS: dict[str, Callable[..., pd.DataFrame]] = {
     "ais": ais.run,

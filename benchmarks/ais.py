@@ -26,11 +26,11 @@ import numpy as np
 import pandas as pd
 import pyro
 
+from lvmkit.base import check_choice
 from lvmkit.data import binarize, load_mnist
 from lvmkit.inference import bdmc, evaluate, fit, gap_split
 from lvmkit.models import VAEConfig
-from lvmkit.models._checks import check_choice
-from lvmkit.runs import build_vae
+from lvmkit.pairs import build_vae
 
 
 @dataclass(frozen=True)

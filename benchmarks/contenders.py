@@ -56,8 +56,8 @@ import torch
 
 from lvmkit import plots
 from lvmkit.inference import Callback, evaluate, fit, summarize
-from lvmkit.inference._data import cuda_devices
-from lvmkit.inference._params import eval_mode, param_scope
+from lvmkit.inference.calls import cuda_devices
+from lvmkit.inference.params import eval_mode, param_scope
 
 Factory = Callable[["Task"], Any]
 log = logging.getLogger("lvmkit.benchmarks")  # progress: one line per contender and setting

@@ -4,7 +4,7 @@ For each data set (synthetic mixtures with known components; iris; digits on 10 
 components), on the same train/held-out split:
 
 - **EM** — ``sklearn.mixture.GaussianMixture`` with ``n_init`` starts (the reference);
-- **SVI, y enumerated** — :class:`lvmkit.models.GaussianMixture`: the assignment summed out by
+- **SVI, y enumerated** — :class:`lvmkit.GaussianMixture`: the assignment summed out by
   ``TraceEnum_ELBO``, so the objective is the exact log-likelihood; k-means++ starts, best of
   ``n_init``;
 - **SVI, amortized q(y | x)** — the same model, trained with ``Trace_ELBO`` and a categorical
@@ -24,6 +24,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -31,11 +32,12 @@ import pyro
 import torch
 
 from lvmkit import datasets
+from lvmkit.base import check_choice
 from lvmkit.benchmarks import contenders as cs
+from lvmkit.estimators import GaussianMixture
 from lvmkit.guides import CategoricalEncoder, CategoricalEncoderConfig
 from lvmkit.inference import evaluate, fit, summarize
-from lvmkit.models import GaussianMixture, empty_guide
-from lvmkit.models._checks import check_choice
+from lvmkit.models import empty_guide
 
 EM = "EM (scikit-learn)"
 ENUMERATED = "SVI, y enumerated (lvmkit)"
@@ -114,9 +116,6 @@ def run(
     adjusted Rand index needs a label site ``"y"`` in the guide or ``Contender.classify``.
     ``only`` runs one method (EM, the reference, always runs).
     """
-    from sklearn.metrics import adjusted_rand_score
-    from sklearn.mixture import GaussianMixture as SklearnGMM
-
     cfg = config or PROFILES[check_choice("profile", profile, PROFILES)]
     users = cs.select("gmm", {}, contenders, None, reserved=(EM, ENUMERATED, AMORTIZED))
     if only is not None and only not in (EM, ENUMERATED, AMORTIZED, *users):
@@ -146,75 +145,25 @@ def run(
             "n_test": len(test.x),
         }
 
-        tic = time.perf_counter()
-        em = SklearnGMM(k, covariance_type=cov_type, n_init=cfg.n_init, random_state=cfg.seed)
-        em.fit(train.x.astype(np.float64))
-        em_seconds = time.perf_counter() - tic
-        em_ll = float(em.score(test.x.astype(np.float64)))
-        rows.append(
-            {
-                **base,
-                "method": EM,
-                "heldout_log_lik": em_ll,
-                "heldout_elbo": em_ll,
-                "ari": adjusted_rand_score(test.y, em.predict(test.x.astype(np.float64))),
-                "bic": float(em.bic(train.x.astype(np.float64))),
-                "seconds": em_seconds,
-            }
-        )
-
+        em_row, em = _em(cfg, train, test, k, cov_type)
+        rows.append({**base, **em_row})
         if ENUMERATED not in runs:
-            for user in users:
-                if user in runs:
-                    row, curve = _user(cfg, name, user, users[user], train, test, k, cov_type)
-                    rows.append({**base, **row})
-                    curves.append(curve)
-            if AMORTIZED in runs:
-                rows.append(
-                    {
-                        **base,
-                        "method": AMORTIZED,
-                        **_amortized(cfg, train, test, k, cov_type, curves, name),
-                    }
-                )
-            continue
-        tic = time.perf_counter()
-        gm = GaussianMixture(
-            k,
-            covariance_type=cov_type,
-            n_init=cfg.n_init,
-            max_iter=cfg.max_iter,
-            seed=cfg.seed,
-            device=device,
-        ).fit(train.x)
-        seconds = time.perf_counter() - tic
-        ll = gm.score(test.x)
-        rows.append(
-            {
-                **base,
-                "method": ENUMERATED,
-                "heldout_log_lik": ll,
-                "heldout_elbo": ll,
-                "ari": adjusted_rand_score(test.y, gm.predict(test.x)),
-                "bic": gm.bic(train.x),
-                "seconds": seconds,
-            }
-        )
-
-        if AMORTIZED in runs:
-            rows.append(
-                {
-                    **base,
-                    "method": AMORTIZED,
-                    **_amortized(cfg, train, test, k, cov_type, curves, name),
-                }
-            )
-        for user in users:
-            if user in runs:
-                row, curve = _user(cfg, name, user, users[user], train, test, k, cov_type)
+            order = [*users, AMORTIZED]
+        else:
+            gm_row, gm = _enumerated(cfg, train, test, k, cov_type, device)
+            rows.append({**base, **gm_row})
+            fitted[name] = (test, gm, em)
+            order = [AMORTIZED, *users]
+        for method in order:
+            if method not in runs:
+                continue
+            if method == AMORTIZED:
+                amortized = _amortized(cfg, train, test, k, cov_type, curves, name)
+                rows.append({**base, "method": AMORTIZED, **amortized})
+            else:
+                row, curve = _user(cfg, name, method, users[method], train, test, k, cov_type)
                 rows.append({**base, **row})
                 curves.append(curve)
-        fitted[name] = (test, gm, em)
     frame = pd.DataFrame(rows)
     em_ll = frame[frame.method == EM].set_index("data_set").heldout_log_lik
     frame["minus_em"] = frame.heldout_log_lik - frame.data_set.map(em_ll)
@@ -249,6 +198,51 @@ def run(
                 path=Path(figures_dir) / "gmm-curves.png",
             )
     return frame
+
+
+def _em(cfg: GMMBenchConfig, train, test, k: int, cov_type: str) -> tuple[dict[str, Any], Any]:
+    """scikit-learn's EM, the reference: its row and the fitted mixture."""
+    from sklearn.metrics import adjusted_rand_score
+    from sklearn.mixture import GaussianMixture as SklearnGMM
+
+    tic = time.perf_counter()
+    em = SklearnGMM(k, covariance_type=cov_type, n_init=cfg.n_init, random_state=cfg.seed)
+    em.fit(train.x.astype(np.float64))
+    seconds = time.perf_counter() - tic
+    ll = float(em.score(test.x.astype(np.float64)))
+    row = {
+        "method": EM,
+        "heldout_log_lik": ll,
+        "heldout_elbo": ll,
+        "ari": adjusted_rand_score(test.y, em.predict(test.x.astype(np.float64))),
+        "bic": float(em.bic(train.x.astype(np.float64))),
+        "seconds": seconds,
+    }
+    return row, em
+
+
+def _enumerated(
+    cfg: GMMBenchConfig, train, test, k: int, cov_type: str, device: str
+) -> tuple[dict[str, Any], GaussianMixture]:
+    """lvmkit's GaussianMixture (y enumerated): its row and the fitted mixture."""
+    from sklearn.metrics import adjusted_rand_score
+
+    tic = time.perf_counter()
+    gm = GaussianMixture(
+        k, covariance_type=cov_type, n_init=cfg.n_init, max_iter=cfg.max_iter, seed=cfg.seed,
+        device=device,
+    ).fit(train.x)  # fmt: skip
+    seconds = time.perf_counter() - tic
+    ll = gm.score(test.x)
+    row = {
+        "method": ENUMERATED,
+        "heldout_log_lik": ll,
+        "heldout_elbo": ll,
+        "ari": adjusted_rand_score(test.y, gm.predict(test.x)),
+        "bic": gm.bic(train.x),
+        "seconds": seconds,
+    }
+    return row, gm
 
 
 def _user(cfg: GMMBenchConfig, data_set: str, name: str, factory, train, test, k, cov_type):

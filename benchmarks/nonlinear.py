@@ -22,9 +22,10 @@ import pyro
 import torch
 
 from lvmkit import datasets
+from lvmkit.base import check_choice
 from lvmkit.inference import evaluate, fit, summarize
-from lvmkit.models import NonlinearConfig, build_nonlinear, exact_log_likelihood
-from lvmkit.models._checks import check_choice
+from lvmkit.models import NonlinearConfig, exact_log_likelihood
+from lvmkit.pairs import build_nonlinear
 
 
 @dataclass(frozen=True)

@@ -38,16 +38,18 @@ import pyro
 import torch
 from pyro import poutine
 
+from lvmkit.base import check_choice
 from lvmkit.benchmarks import contenders as cs
 from lvmkit.benchmarks.contenders import Contender, Curve, Task
 from lvmkit.inference import KLSchedule, active_units, evaluate, summarize
-from lvmkit.inference._data import as_data
-from lvmkit.inference._device import pair_placement
-from lvmkit.inference._params import eval_mode, param_scope
-from lvmkit.inference.evaluate import scoring
-from lvmkit.inference.weights import find_layout, is_sample, paired_traces, site_log_prob
-from lvmkit.models import DMMConfig, RecurrentVAEConfig, build_dmm, build_recurrent_vae
-from lvmkit.models._checks import check_choice
+from lvmkit.inference.calls import as_data
+from lvmkit.inference.devices import pair_placement
+from lvmkit.inference.kernel import is_sample, paired_traces, site_log_prob
+from lvmkit.inference.layout import find_layout
+from lvmkit.inference.params import eval_mode, param_scope
+from lvmkit.inference.weights import scoring
+from lvmkit.models import DMMConfig, RecurrentVAEConfig
+from lvmkit.pairs import build_dmm, build_recurrent_vae
 
 BASELINE = "recurrent, no z"
 PLAIN = "recurrent VAE"

@@ -36,7 +36,7 @@ validation step, tracing) is not counted.
 
 ``evaluate`` (importance-sampled log-likelihood, K = 5000) is timed on ``eval_points`` test images
 (on CUDA: all 10,000), and once per ``max_pairs`` setting on ``sweep_points`` images (task
-``evaluate max_pairs``), which is how :data:`lvmkit.inference.evaluate.DEFAULT_MAX_PAIRS` is
+``evaluate max_pairs``), which is how :data:`lvmkit.inference.weights.DEFAULT_MAX_PAIRS` is
 chosen per device.
 """
 
@@ -59,18 +59,19 @@ import torch
 from torch.nn import functional as F
 
 from lvmkit import plots
+from lvmkit.base import check_choice
 from lvmkit.data import load_mnist
 from lvmkit.guides import GaussianEncoder, GaussianEncoderConfig
 from lvmkit.inference import evaluate, fit
-from lvmkit.inference._data import as_data, load
-from lvmkit.inference._device import resolve_device
 from lvmkit.inference.callbacks import Callback
-from lvmkit.inference.evaluate import DEFAULT_MAX_PAIRS
+from lvmkit.inference.calls import as_data
+from lvmkit.inference.devices import resolve_device
+from lvmkit.inference.feeds import load
 from lvmkit.inference.loop import epoch_order
 from lvmkit.inference.optim import OptimSpec
 from lvmkit.inference.step import prepare
+from lvmkit.inference.weights import DEFAULT_MAX_PAIRS
 from lvmkit.models import VAE, VAEConfig
-from lvmkit.models._checks import check_choice
 
 MNIST_TRAIN_SIZE = 50_000  # images per epoch of the classic split
 

@@ -21,11 +21,12 @@ import dataclasses
 from torch import nn
 
 from lvmkit import benchmarks as bench
-from lvmkit.benchmarks import vae
+from lvmkit.benchmarks import m2
 from lvmkit.benchmarks.contenders import Contender, Task
+from lvmkit.benchmarks.protocol import PROFILES
 
 
-def alpha_times(factor: float, absolute: float | None = None, factory=vae._builtin_m2):
+def alpha_times(factor: float, absolute: float | None = None, factory=m2.builtin_m2):
     """``factory``'s contender with ``factor`` times the task's α, or α = ``absolute``."""
 
     def made(task: Task) -> Contender:
@@ -35,7 +36,7 @@ def alpha_times(factor: float, absolute: float | None = None, factory=vae._built
     return made
 
 
-def latent(dim: int, factory=vae._builtin_m2):
+def latent(dim: int, factory=m2.builtin_m2):
     """``factory``'s contender with a ``dim``-dimensional z."""
 
     def made(task: Task) -> Contender:
@@ -44,7 +45,7 @@ def latent(dim: int, factory=vae._builtin_m2):
     return made
 
 
-def initialised(std: float, factory=vae._builtin_m2):
+def initialised(std: float, factory=m2.builtin_m2):
     """``factory``'s contender with every linear layer's weights drawn N(0, std²), biases 0."""
 
     def made(task: Task) -> Contender:
@@ -61,7 +62,7 @@ def initialised(std: float, factory=vae._builtin_m2):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--labels", type=int, default=100, choices=vae.M2_LABELS["full"])
+    parser.add_argument("--labels", type=int, default=100, choices=m2.M2_LABELS["full"])
     parser.add_argument("--stacked", action="store_true", help="M1+M2 instead of M2 on pixels")
     parser.add_argument("--alpha-times", type=float, default=1.0)
     parser.add_argument("--alpha", type=float, default=None)
@@ -71,9 +72,9 @@ if __name__ == "__main__":
     parser.add_argument("--beta1", type=float, default=None)
     parser.add_argument("--epochs", type=int, default=12)
     args = parser.parse_args()
-    factory, parts, tags = vae._builtin_m2, [], []
+    factory, parts, tags = m2.builtin_m2, [], []
     if args.stacked:
-        factory = vae._builtin_m1_m2
+        factory = m2.builtin_m1_m2
         tags.append("m1m2")
     if args.labels != 100:
         tags.append(f"{args.labels}labels")
@@ -93,7 +94,7 @@ if __name__ == "__main__":
         factory = initialised(args.init_std, factory)
         parts.append(f"init N(0, {args.init_std:g}^2)")
         tags.append(f"init{args.init_std:g}")
-    protocol = dataclasses.replace(vae.M2_PROFILES["full"], epochs=args.epochs)
+    protocol = dataclasses.replace(PROFILES["m2"]["full"], epochs=args.epochs)
     if args.lr is not None or args.beta1 is not None:
         lr = args.lr if args.lr is not None else protocol.lr
         beta1 = args.beta1 if args.beta1 is not None else protocol.optimizer_args["betas"][0]
@@ -102,7 +103,7 @@ if __name__ == "__main__":
         parts.append(f"Adam lr {lr:g}, beta1 {beta1:g}")
         tags.append(f"lr{lr:g}-beta{beta1:g}")
     name = ("M1+M2, " if args.stacked else "M2, ") + (", ".join(parts) or "as built in")
-    frame = vae.run_m2(
+    frame = m2.run(
         "full",
         scale=protocol,
         contenders={name: factory},

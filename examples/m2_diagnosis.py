@@ -23,10 +23,11 @@ import torch
 
 import lvmkit
 from lvmkit import datasets
-from lvmkit.benchmarks import vae
+from lvmkit.benchmarks import m2
+from lvmkit.benchmarks.protocol import PROFILES
 from lvmkit.data import load_mnist
 from lvmkit.inference import Callback
-from lvmkit.inference._params import eval_mode
+from lvmkit.inference.params import eval_mode
 
 
 def diagnose(model, guide, x: torch.Tensor, y: torch.Tensor, classes: int = 10) -> dict:
@@ -65,13 +66,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=20)
     args = parser.parse_args()
-    protocol = dataclasses.replace(vae.M2_PROFILES["full"], epochs=args.epochs)
+    protocol = dataclasses.replace(PROFILES["m2"]["full"], epochs=args.epochs)
     train = load_mnist("train", binarization="static", seed=protocol.seed)
     test = load_mnist("test", binarization="static", seed=protocol.seed)
-    task = vae._m2_task(100, len(train.x))
+    task = m2.m2_task(100, len(train.x))
     sources = datasets.semi_supervised(train.x, train.y, 100, seed=protocol.seed)
     pyro.set_rng_seed(protocol.seed)
-    contender = vae._builtin_m2(task)
+    contender = m2.builtin_m2(task)
     diagnosis = Diagnosis(contender, test.x[:1000], test.y[:1000].long())
     lvmkit.fit(
         contender.model,

@@ -11,8 +11,8 @@ import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 
-from lvmkit.models._checks import check_choice, check_int, check_sizes
-from lvmkit.models._mlp import ACTIVATIONS, mlp
+from lvmkit.base import check_choice, check_int, check_sizes
+from lvmkit.models.mlp import ACTIVATIONS, mlp
 
 
 @dataclass(frozen=True)

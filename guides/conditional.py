@@ -7,8 +7,8 @@ import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 
-from lvmkit.models._mlp import mlp
 from lvmkit.models.cvae import CVAEConfig
+from lvmkit.models.mlp import mlp
 
 
 class ConditionalEncoder(PyroModule):

@@ -9,8 +9,8 @@ from pyro.nn import PyroModule
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from lvmkit.models._mlp import mlp
 from lvmkit.models.autoencoder import AutoencoderConfig
+from lvmkit.models.mlp import mlp
 
 
 class DeterministicEncoder(PyroModule):

@@ -9,8 +9,8 @@ import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 
-from lvmkit.models._checks import check_choice, check_int, check_sizes
-from lvmkit.models._mlp import ACTIVATIONS, mlp
+from lvmkit.base import check_choice, check_int, check_sizes
+from lvmkit.models.mlp import ACTIVATIONS, mlp
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class GaussianEncoderConfig:
     data_dim: int  # features per data point
     latent_dim: int = 20  # must equal the model's latent_dim
     hidden_dims: tuple[int, ...] = (400,)  # mirrors the default decoder
-    activation: str = "relu"  # one of lvmkit.models._mlp.ACTIVATIONS
+    activation: str = "relu"  # one of lvmkit.models.mlp.ACTIVATIONS
 
     def __post_init__(self) -> None:
         check_int("data_dim", self.data_dim)

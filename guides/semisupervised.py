@@ -9,8 +9,8 @@ from pyro import poutine
 from pyro.nn import PyroModule
 from torch.nn import functional as F
 
-from lvmkit.models._mlp import mlp
 from lvmkit.models.m2 import M2Config, joint_input
+from lvmkit.models.mlp import mlp
 
 
 class SemiSupervisedEncoder(PyroModule):

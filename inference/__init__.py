@@ -1,14 +1,5 @@
 """Objectives, the one training loop, the importance-weight kernel, evaluation and checkpoints."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("lvmkit")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0+unknown"
-
-from lvmkit.inference._data import Interleaved, Source
-from lvmkit.inference.ais import bdmc, gap_split
 from lvmkit.inference.annealing import KLSchedule
 from lvmkit.inference.callbacks import (
     Callback,
@@ -17,15 +8,14 @@ from lvmkit.inference.callbacks import (
     MLflowLogger,
     TensorBoardLogger,
 )
-from lvmkit.inference.evaluate import (
+from lvmkit.inference.evaluate import evaluate
+from lvmkit.inference.feeds import Interleaved, Source
+from lvmkit.inference.gaps import bdmc, gap_split
+from lvmkit.inference.latents import (
     ActiveUnits,
-    EvaluationSummary,
     active_units,
-    evaluate,
-    log_weights,
     posterior_means,
     reconstruction_error,
-    summarize,
 )
 from lvmkit.inference.objectives import (
     IWAE,
@@ -35,7 +25,9 @@ from lvmkit.inference.objectives import (
     TraceMeanFieldELBO,
 )
 from lvmkit.inference.posterior import to_inference_data
+from lvmkit.inference.summary import EvaluationSummary, summarize
 from lvmkit.inference.train import FitResult, NonFiniteLossError, fit
+from lvmkit.inference.weights import log_weights
 
 __all__ = [
     "IWAE",

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from lvmkit.models._checks import check_int
+from lvmkit.base import check_int
 
 T = TypeVar("T")
 _UNITS = {

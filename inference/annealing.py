@@ -22,7 +22,7 @@ from typing import Any
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
-from lvmkit.models._checks import check_float
+from lvmkit.base import check_float
 
 
 @dataclass(frozen=True)

@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lvmkit.models._checks import check_choice, check_float, check_int
+from lvmkit.base import check_choice, check_float, check_int
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-    from lvmkit.inference.evaluate import EvaluationSummary
+    from lvmkit.inference.summary import EvaluationSummary
 
 CALLBACK_METHODS = ("on_fit_start", "on_epoch_end", "on_checkpoint", "on_evaluation", "on_fit_end")
 

@@ -24,7 +24,7 @@ from typing import IO, Any
 
 import torch
 
-from lvmkit.inference import __version__
+from lvmkit.base import __version__
 
 CHECKPOINT_FORMAT = 2  # bump when the layout of the checkpoint dict changes
 MAGIC = b"LVMKIT-CHECKPOINT\n"

@@ -41,7 +41,7 @@ import pyro
 import pyro.infer
 import torch
 
-from lvmkit.inference._data import Data
+from lvmkit.inference.calls import Data
 
 
 class _JitTraceELBO(pyro.infer.JitTrace_ELBO):
@@ -59,7 +59,7 @@ class _JitTraceELBO(pyro.infer.JitTrace_ELBO):
 class CompiledLoss:
     """The Trace_ELBO loss of ``model``/``guide`` on a call, traced once per argument shape.
 
-    ``fallback`` computes the same loss uncompiled (on a :class:`~lvmkit.inference._data.Data`);
+    ``fallback`` computes the same loss uncompiled (on a :class:`~lvmkit.inference.calls.Data`);
     it is used from the first failure on — a model that cannot be traced, a call with arguments
     that are not tensors, or a traced graph that fails when replayed on a later minibatch (a
     structure that depends on the data's values: a loop over ``int(lengths.max())`` steps,

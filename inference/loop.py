@@ -29,12 +29,13 @@ import torch
 from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
-from lvmkit.inference import _distributed
-from lvmkit.inference._data import Data, Feed
-from lvmkit.inference._rundir import RunDir, rng_state, set_rng_state
+from lvmkit.inference import distributed
 from lvmkit.inference.annealing import KLSchedule, LatentScale
 from lvmkit.inference.callbacks import notify
+from lvmkit.inference.calls import Data
 from lvmkit.inference.evaluate import mean_elbo
+from lvmkit.inference.feeds import Feed
+from lvmkit.inference.rundir import RunDir, rng_state, set_rng_state
 from lvmkit.inference.step import Trainer
 
 NONFINITE_POLICIES = ("raise", "reduce_lr")
@@ -103,7 +104,7 @@ class Loop:
         *,
         seed: int,
         dev: torch.device,
-        world: _distributed.World,
+        world: distributed.World,
         run: RunDir | None,
         val: Feed | None,
         val_total: int,
@@ -133,7 +134,7 @@ class Loop:
         """Steps to pass one source once (its shard of the points, under several processes)."""
         if feed.batch_size is None or feed.shares is not None:
             return feed.steps
-        shard = _distributed.shard_size(self.world, feed.num_points or 1)
+        shard = distributed.shard_size(self.world, feed.num_points or 1)
         return -(-shard // int(feed.batch_size))
 
     def _represented(self) -> float:
@@ -153,7 +154,7 @@ class Loop:
     def _batch_points(self, feed: Feed, step: int) -> int:
         if feed.batch_size is None:
             return feed.num_points or 1
-        n = _distributed.shard_size(self.world, feed.num_points or 1)
+        n = distributed.shard_size(self.world, feed.num_points or 1)
         start, stop = feed.bounds(step % self._steps(feed), n)
         return stop - start
 
@@ -177,7 +178,7 @@ class Loop:
         }
         if self.world.distributed:  # each process's random state and share of the running loss
             own = {"rng": rng_state(self.dev), "running": float(p.running)}  # type: ignore[arg-type]
-            state["ranks"] = _distributed.gather(self.world, own)
+            state["ranks"] = distributed.gather(self.world, own)
         return state
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -245,7 +246,7 @@ class Loop:
                         row = dict(p.history[-1])
                         replies = notify(self.options.callbacks, "on_epoch_end", p.epoch, row)
                         stop = any(reply is True for reply in replies)  # (rank 0's callbacks)
-                        self.stopped = _distributed.any_rank(self.world, stop)
+                        self.stopped = distributed.any_rank(self.world, stop)
                         break
                     tic = time.perf_counter()
             if rolled_back:
@@ -278,7 +279,7 @@ class Loop:
         if key not in self.orders:
             epoch, n = self.progress.epoch + 1, feed.num_points or 1
             if self.world.distributed:
-                order = _distributed.epoch_order(self.world, self.seed, epoch, n)
+                order = distributed.epoch_order(self.world, self.seed, epoch, n)
             else:
                 order = epoch_order(self.seed, epoch, n, source=index, cycle=cycle)
             self.orders[key] = order.to(self.dev)
@@ -292,7 +293,7 @@ class Loop:
         running = p.running
         assert running is not None
         bad = (~finite).to(running.dtype)
-        summed = _distributed.all_sum(self.world, torch.stack([running, bad]))
+        summed = distributed.all_sum(self.world, torch.stack([running, bad]))
         value, bad_ranks = summed.tolist()  # the one host sync
         p.running_value = value  # summed over the processes
         return not bad_ranks and math.isfinite(value)
@@ -328,7 +329,7 @@ class Loop:
         )  # fmt: skip
         if not self.world.distributed:
             return float(local)
-        total = _distributed.all_sum(self.world, local * (val.data.num_points or 1))
+        total = distributed.all_sum(self.world, local * (val.data.num_points or 1))
         return float(total) / self.val_total
 
     def _check_point(self) -> None:

@@ -8,7 +8,7 @@ own. ``Objective()(model, guide)`` is a ``torch.nn.Module`` whose forward is the
 Non-finite losses are caught by ``fit`` once per epoch instead of once per step.
 
 :class:`IWAE` and :class:`ReweightedWakeSleep` are written on the per-point log-density pass that
-evaluation uses (:func:`lvmkit.inference.weights.log_density_pass`): K draws per data point,
+evaluation uses (:func:`lvmkit.inference.kernel.log_density_pass`): K draws per data point,
 vectorised with a particle plate, a logsumexp over K per point.
 """
 
@@ -26,10 +26,11 @@ from pyro.infer.util import check_fully_reparametrized, is_validation_enabled
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import kl_divergence
 
-from lvmkit.inference._data import Data, call_of, cuda_devices, signature
-from lvmkit.inference._params import eval_mode
-from lvmkit.inference.weights import Layout, find_layout, log_density_pass
-from lvmkit.models._checks import check_choice, check_float, check_int
+from lvmkit.base import check_choice, check_float, check_int
+from lvmkit.inference.calls import Data, call_of, cuda_devices, signature
+from lvmkit.inference.kernel import Layout, log_density_pass
+from lvmkit.inference.layout import find_layout
+from lvmkit.inference.params import eval_mode
 
 
 class _OnDeviceLoss:

@@ -42,7 +42,7 @@ from pyro.params.param_store import (
 from torch import nn
 from torch.nn.utils import clip_grad_norm_, clip_grad_value_
 
-from lvmkit.models._checks import check_choice, check_float
+from lvmkit.base import check_choice, check_float
 
 INTERVALS = ("epoch", "step")
 

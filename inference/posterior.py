@@ -42,29 +42,20 @@ import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import scale_and_mask
 
-from lvmkit.inference import __version__
-from lvmkit.inference._data import (
+from lvmkit.base import __version__, check_int
+from lvmkit.inference.calls import (
     Data,
     as_data,
     check_with_model,
     from_transform,
     model_failures_as_data_errors,
 )
-from lvmkit.inference._device import pair_placement
-from lvmkit.inference.evaluate import (
-    MIN_SAMPLES_FOR_PSIS,
-    default_max_pairs,
-    import_arviz,
-    pareto_k,
-    scoring,
-)
-from lvmkit.inference.threads import using as using_threads
-from lvmkit.inference.weights import (
+from lvmkit.inference.devices import pair_placement
+from lvmkit.inference.kernel import (
     PARTICLE_PLATE,
     Layout,
     Traces,
     contracted_log_joint,
-    find_layout,
     in_plate,
     is_deterministic,
     is_enumerated,
@@ -75,7 +66,15 @@ from lvmkit.inference.weights import (
     scored_sites,
     site_log_prob,
 )
-from lvmkit.models._checks import check_int
+from lvmkit.inference.layout import find_layout
+from lvmkit.inference.threads import using as using_threads
+from lvmkit.inference.weights import (
+    MIN_SAMPLES_FOR_PSIS,
+    default_max_pairs,
+    import_arviz,
+    pareto_k,
+    scoring,
+)
 
 POINT_DIM = "point"  # the name of the data-point dimension in every group
 

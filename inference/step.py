@@ -24,26 +24,21 @@ import pyro.infer
 import pyro.poutine as poutine
 import torch
 
-from lvmkit.inference import _distributed, _memory
-from lvmkit.inference._data import (
+from lvmkit.inference import _memory, distributed
+from lvmkit.inference.annealing import LatentScale
+from lvmkit.inference.calls import (
     Data,
-    Feed,
     check_signature,
     cuda_devices,
     model_failures_as_data_errors,
 )
-from lvmkit.inference._params import collect_params, eval_mode
-from lvmkit.inference.annealing import LatentScale
 from lvmkit.inference.compiled import CompiledLoss
+from lvmkit.inference.feeds import Feed
+from lvmkit.inference.kernel import Layout, paired_traces
+from lvmkit.inference.layout import broadcasts, layout_of, note_sequential
 from lvmkit.inference.objectives import PerPointBound, make_objective
 from lvmkit.inference.optim import Optim, OptimSpec, build
-from lvmkit.inference.weights import (
-    Layout,
-    broadcasts,
-    layout_of,
-    note_sequential,
-    paired_traces,
-)
+from lvmkit.inference.params import collect_params, eval_mode
 
 
 @dataclass
@@ -68,17 +63,17 @@ class Trainer:
         self.optim.step()
         return loss.detach()
 
-    def distribute(self, world: _distributed.World, dev: torch.device) -> None:
+    def distribute(self, world: distributed.World, dev: torch.device) -> None:
         """Wrap the loss for several processes: DDP (or gradient averaging for plain pairs),
         each process's loss multiplied by their number so that the averaged gradient is the
         gradient of the loss summed over every process's minibatch."""
-        self.active["loss"], average = _distributed.wrap_loss(
+        self.active["loss"], average = distributed.wrap_loss(
             world, self.active["loss"], self.params, dev
         )
         self.active["factor"] = world.size
         if average:
             params = list(self.params.values())
-            self.optim.before_step = lambda: _distributed.average_grads(world, params)
+            self.optim.before_step = lambda: distributed.average_grads(world, params)
 
 
 def prepare(
@@ -99,7 +94,7 @@ def prepare(
     """Build the :class:`Trainer` of a pair on its data sources (see the module docstring).
 
     Runs inside the caller's ``param_scope``, on the feeds' placement (:func:`lvmkit.inference.
-    _data.load`): with an explicit device, the networks and ``pyro.param`` tensors the set-up step
+    feeds.load`): with an explicit device, the networks and ``pyro.param`` tensors the set-up step
     meets are moved there as they are first used, and every call of the model and guide runs
     with it as torch's default device. The set-up step runs from the caller's random state and
     leaves it as it was: lazily initialised guides (autoguides, ``init_loc_fn``) are initialised

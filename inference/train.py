@@ -1,11 +1,11 @@
 """``fit``: SVI on any Pyro model/guide pair.
 
-``fit`` checks its options, loads the data in one trip (:func:`lvmkit.inference._data.load`:
+``fit`` checks its options, loads the data in one trip (:func:`lvmkit.inference.feeds.load`:
 checked, placed by the device policy, on the device), builds the pair's
 :class:`~lvmkit.inference.step.Trainer` (the loss, its parameters, the optimizer:
 :mod:`lvmkit.inference.step`), and runs the :class:`~lvmkit.inference.loop.Loop`: epochs of
 :meth:`Trainer.step`, with check points, non-finite recovery, callbacks and several processes
-around them. The run directory is :mod:`~lvmkit.inference._rundir`'s; ``resume=True`` continues
+around them. The run directory is :mod:`~lvmkit.inference.rundir`'s; ``resume=True`` continues
 from the last checkpoint and ends with the same parameters as an uninterrupted run.
 """
 
@@ -24,12 +24,11 @@ import pyro.infer
 import torch
 from torch import nn
 
-from lvmkit.inference import _distributed, _memory
-from lvmkit.inference._data import load
-from lvmkit.inference._params import param_scope
-from lvmkit.inference._rundir import RunDir, history_columns, recorded_threads
+from lvmkit.base import check_choice, check_int
+from lvmkit.inference import _memory, distributed
 from lvmkit.inference.annealing import KLSchedule, LatentScale
 from lvmkit.inference.callbacks import FitInfo, check_callbacks, notify
+from lvmkit.inference.feeds import Feeds, load
 from lvmkit.inference.loop import (
     LR_REDUCTION,
     MAX_LR_REDUCTIONS,
@@ -40,10 +39,10 @@ from lvmkit.inference.loop import (
     epoch_order,
 )
 from lvmkit.inference.optim import OptimSpec
+from lvmkit.inference.params import param_scope
+from lvmkit.inference.rundir import RunDir, history_columns, recorded_threads
 from lvmkit.inference.step import prepare
-from lvmkit.inference.threads import resumed as resumed_threads
-from lvmkit.inference.threads import using as using_threads
-from lvmkit.models._checks import check_choice, check_int
+from lvmkit.inference.threads import resumed as resumed_threads, using as using_threads
 
 __all__ = [
     "LR_REDUCTION",
@@ -227,45 +226,26 @@ def fit(
         vectorize_particles=vectorize_particles, on_nonfinite=on_nonfinite,
         kl_schedule=kl_schedule, memory_budget=memory_budget, compile=compile,
     )  # fmt: skip
+    every = None if checkpoint_every is None else check_int("checkpoint_every", checkpoint_every)
     options = LoopOptions(
-        validate=validate,
-        checkpoint_every=check_int("checkpoint_every", checkpoint_every)
-        if checkpoint_every is not None
-        else None,
-        on_nonfinite=on_nonfinite,
-        data_plate=data_plate,
-        kl_schedule=kl_schedule,
-        scaler=LatentScale() if kl_schedule is not None else None,
+        validate=validate, checkpoint_every=every, on_nonfinite=on_nonfinite, data_plate=data_plate,
+        kl_schedule=kl_schedule, scaler=LatentScale() if kl_schedule is not None else None,
         callbacks=check_callbacks(callbacks),
-    )
+    )  # fmt: skip
     optim = OptimSpec(
         optimizer, dict(optimizer_args or {}), lr, scheduler, dict(scheduler_args or {}),
         scheduler_interval, clip_norm,
     )  # fmt: skip
-    distributed = _distributed.wanted()
+    several = distributed.wanted()
     annealed = kl_schedule is not None and not kl_schedule.constant
-    compile = _check_compile(compile, distributed, objective, num_particles, annealed, model, guide)
+    compile = _check_compile(compile, several, objective, num_particles, annealed, model, guide)
     if resume and run_dir is None:
         raise ValueError("resume=True needs run_dir: the folder holding checkpoint.pt")
-    world = _distributed.SINGLE
-
-    def join(dev: torch.device) -> torch.device:  # several processes: this one's device
-        nonlocal world
-        world, dev = _distributed.join(dev)
-        return dev
-
-    loaded = load(
-        data, model, guide, batch_size=batch_size, transform=transform,
+    loaded, world = _load_data(
+        data, model, guide, several, batch_size=batch_size, transform=transform,
         validation_data=validation_data, device=device, memory_budget=memory_budget,
-        join=join if distributed else None,
     )  # fmt: skip
     train, val, dev = loaded.train, loaded.val, loaded.placement.device
-    if distributed and (len(train) > 1 or train[0].shares is not None):  # (Interleaved too)
-        _distributed.leave(world)
-        raise ValueError(
-            "several data sources (a list of lvmkit.Source) are not supported with several "
-            "processes (torchrun) yet; train in one process, or on one source"
-        )
     for obj in (model, guide):
         if isinstance(obj, nn.Module):
             obj.train()
@@ -289,21 +269,10 @@ def fit(
         if seed is not None:
             pyro.set_rng_seed(seed + world.rank)  # each process its own draws
         order_seed = seed if seed is not None else int(torch.randint(2**31 - 1, ()).item())
-        settings = {
-            "objective": objective if isinstance(objective, str) else type(objective).__name__,
-            "num_particles": num_particles,
-            "batch_size": batch_size,
-            "lr": trainer.optim.lr,
-            "seed": order_seed,
-            "compile": bool(compile),
-            "kl_schedule": kl_schedule.to_dict() if kl_schedule is not None else None,
-            "world_size": world.size,
-            "num_points": train[0].num_points,
-            **optim.describe(),
-            **({"sources": [f.name for f in train]} if len(train) > 1 else {}),
-            **({"schedule": "interleaved"} if loaded.schedule is not None else {}),
-            "threads": threads_used.threads if threads_used is not None else None,
-        }
+        settings = _settings(
+            objective, num_particles, batch_size, trainer, order_seed, compile, kl_schedule,
+            world, loaded, optim, threads_used,
+        )  # fmt: skip
         val_total = 0
         if val is not None and world.distributed:  # each process scores its share
             val_total = val.data.check_sliceable("validation_data")
@@ -333,15 +302,51 @@ def fit(
     notify(options.callbacks, "on_fit_end", history, None)
     compiled = trainer.compiled is not None and trainer.compiled.failure is None
     return FitResult(
-        model,
-        guide,
-        history,
-        dict(trainer.params),
-        dev,
-        files.path,
-        compiled,
+        model, guide, history, dict(trainer.params), dev, files.path, compiled,
         stopped_early=loop.stopped,
-    )
+    )  # fmt: skip
+
+
+def _load_data(data, model, guide, several: bool, **options: Any) -> tuple[Feeds, Any]:
+    """``feeds.load`` for ``fit``, and the process group it joined (several processes)."""
+    world = distributed.SINGLE
+
+    def join(dev: torch.device) -> torch.device:  # several processes: this one's device
+        nonlocal world
+        world, dev = distributed.join(dev)
+        return dev
+
+    loaded = load(data, model, guide, join=join if several else None, **options)
+    if several and (len(loaded.train) > 1 or loaded.train[0].shares is not None):  # Interleaved
+        distributed.leave(world)
+        raise ValueError(
+            "several data sources (a list of lvmkit.Source) are not supported with several "
+            "processes (torchrun) yet; train in one process, or on one source"
+        )
+    return loaded, world
+
+
+def _settings(
+    objective, num_particles, batch_size, trainer, order_seed, compile, kl_schedule, world,
+    loaded: Feeds, optim: OptimSpec, threads_used,
+) -> dict[str, Any]:  # fmt: skip
+    """What a run records in ``config.json`` and a resume must share."""
+    train = loaded.train
+    return {
+        "objective": objective if isinstance(objective, str) else type(objective).__name__,
+        "num_particles": num_particles,
+        "batch_size": batch_size,
+        "lr": trainer.optim.lr,
+        "seed": order_seed,
+        "compile": bool(compile),
+        "kl_schedule": kl_schedule.to_dict() if kl_schedule is not None else None,
+        "world_size": world.size,
+        "num_points": train[0].num_points,
+        **optim.describe(),
+        **({"sources": [f.name for f in train]} if len(train) > 1 else {}),
+        **({"schedule": "interleaved"} if loaded.schedule is not None else {}),
+        "threads": threads_used.threads if threads_used is not None else None,
+    }
 
 
 def _check_options(model, guide, **options: Any) -> None:
@@ -382,7 +387,7 @@ class _RunFiles:
     other processes only read its checkpoint to resume), closed on exit, and — on any failure
     while setting up — every process told, so that none waits for the others."""
 
-    def __init__(self, run_dir: Any, resume: bool, world: _distributed.World) -> None:
+    def __init__(self, run_dir: Any, resume: bool, world: distributed.World) -> None:
         self.run_dir, self.resume, self.world = run_dir, resume, world
         self.run: RunDir | None = None
         self.reader: RunDir | None = None
@@ -398,8 +403,8 @@ class _RunFiles:
             elif self.run_dir is not None and self.resume:
                 self.reader = RunDir(self.run_dir, resume=True, read_only=True)
         except BaseException:
-            _distributed.agree(self.world, False, "set-up")
-            _distributed.leave(self.world)
+            distributed.agree(self.world, False, "set-up")
+            distributed.leave(self.world)
             raise
         return self
 
@@ -417,26 +422,26 @@ class _RunFiles:
             elif self.run is not None:
                 self.run.start(settings, metadata)
         except BaseException:
-            _distributed.agree(self.world, False, "set-up")
+            distributed.agree(self.world, False, "set-up")
             raise
-        _distributed.agree(self.world, True, "set-up")
+        distributed.agree(self.world, True, "set-up")
 
     def __exit__(self, *exc: object) -> None:
         if self.run is not None:
             self.run.close()
-        _distributed.leave(self.world)
+        distributed.leave(self.world)
 
 
-def _check_compile(compile, distributed, objective, num_particles, annealed, model, guide) -> bool:
+def _check_compile(compile, several, objective, num_particles, annealed, model, guide) -> bool:
     """compile=True/False/None (auto) against the other options."""
-    if compile and distributed:
+    if compile and several:
         raise ValueError(
             "compile=True is not supported with several processes (torchrun): "
             "DistributedDataParallel wraps the eager loss; use compile=False"
         )
     if compile is None:
         return (
-            not distributed
+            not several
             and objective == "elbo"
             and not annealed
             and num_particles == 1

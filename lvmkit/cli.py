@@ -63,8 +63,6 @@ def _common(command: argparse.ArgumentParser, *, device: bool = True) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    # the defaults as declared (making a TrainSpec would run its checks, which load torch)
-    d = argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(TrainSpec)})
     parser = argparse.ArgumentParser(
         prog="lvmkit", description=DESCRIPTION, epilog=EPILOG, formatter_class=_Formatter
     )
@@ -73,7 +71,26 @@ def _parser() -> argparse.ArgumentParser:
     def command(name: str, text: str) -> argparse.ArgumentParser:
         return commands.add_parser(name, help=text, description=text, formatter_class=_Formatter)
 
-    train = command("train", "train a model on MNIST, evaluate it on the test set, print results")
+    _train_options(command("train", TRAIN_HELP))
+    _evaluate_options(command("evaluate", "score a run's checkpoint on the MNIST test set (again)"))
+    _bench_options(command("bench", "run a benchmark suite; write its CSV, Markdown and figures"))
+    _sample_options(command("sample", "draw images from a run's model into a PNG grid"))
+    plot = command(
+        "plot",
+        "draw a run's figures (ELBO curve, samples, reconstructions, latent "
+        "scatter, traversal, interpolation, k) into RUN_DIR/figures",
+    )
+    plot.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory")
+    _common(plot, device=False)
+    return parser
+
+
+TRAIN_HELP = "train a model on MNIST, evaluate it on the test set, print results"
+
+
+def _train_options(train: argparse.ArgumentParser) -> None:
+    # the defaults as declared (making a TrainSpec would run its checks, which load torch)
+    d = argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(TrainSpec)})
     option = train.add_argument
     option("--family", default=d.family, help=f"model family: {' | '.join(FAMILIES)}")
     option("--likelihood", default=d.likelihood, help="bernoulli | gaussian | gaussian_fixed")
@@ -188,7 +205,8 @@ def _parser() -> argparse.ArgumentParser:
     option("--quiet", action="store_true", help="no progress bars")
     _common(train)
 
-    ev = command("evaluate", "score a run's checkpoint on the MNIST test set (again)")
+
+def _evaluate_options(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory")
     ev.add_argument(
         "--num-samples",
@@ -219,7 +237,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     _common(ev)
 
-    bench = command("bench", "run a benchmark suite; write its CSV, Markdown and figures")
+
+def _bench_options(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("suite", help="ais | gmm | nonlinear | sequence | speed | vae (with a part)")
     bench.add_argument(
         "part", nargs="?", help="for bench vae: latent | iwae | m2 | cvae | variants"
@@ -254,7 +273,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     _common(bench)
 
-    sample = command("sample", "draw images from a run's model into a PNG grid")
+
+def _sample_options(sample: argparse.ArgumentParser) -> None:
     sample.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory")
     sample.add_argument("-n", type=int, default=64, help="number of images")
     sample.add_argument("--seed", type=int, default=0, help="seeds the draws")
@@ -263,20 +283,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     _common(sample, device=False)
 
-    plot = command(
-        "plot",
-        "draw a run's figures (ELBO curve, samples, reconstructions, latent "
-        "scatter, traversal, interpolation, k) into RUN_DIR/figures",
-    )
-    plot.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory")
-    _common(plot, device=False)
-    return parser
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    from lvmkit.inference._rundir import RunDirInUseError
+    from lvmkit.inference.rundir import RunDirInUseError
     from lvmkit.inference.threads import using
 
     try:
@@ -295,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _threads_of(args: argparse.Namespace) -> int | str:
     """``--threads``; for a run that goes on (``train --resume``, ``evaluate`` of a run), 'auto'
     means the count the run started with, so that it ends with the same bits."""
-    from lvmkit.inference._rundir import recorded_threads
+    from lvmkit.inference.rundir import recorded_threads
     from lvmkit.inference.threads import resumed
 
     run_dir = getattr(args, "resume", None) if args.command == "train" else None
@@ -372,8 +383,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def _loggers(args: argparse.Namespace) -> list:
     """The experiment loggers asked for on the command line (rank 0 only under torchrun)."""
-    from lvmkit.inference._distributed import env_rank
     from lvmkit.inference.callbacks import MLflowLogger, TensorBoardLogger
+    from lvmkit.inference.distributed import env_rank
 
     if env_rank() != 0:
         return []
@@ -388,10 +399,10 @@ def _loggers(args: argparse.Namespace) -> list:
 def _bench(args: argparse.Namespace) -> int:
     import pandas as pd
 
+    from lvmkit.base import check_choice
     from lvmkit.benchmarks import BENCHMARKS, run, write_results
     from lvmkit.benchmarks.contenders import load
-    from lvmkit.inference._device import resolve_device
-    from lvmkit.models._checks import check_choice
+    from lvmkit.inference.devices import resolve_device
 
     key = args.suite
     if args.suite == "vae":

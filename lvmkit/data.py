@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lvmkit.models._checks import check_choice, check_int
+from lvmkit.base import check_choice, check_int
 
 MNIST_SPLITS = ("train", "valid", "test")
 MNIST_IMAGE_SHAPE = (28, 28)

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from lvmkit.models._checks import check_float, check_int
+from lvmkit.base import check_float, check_int
 
 if TYPE_CHECKING:
-    from lvmkit.inference._data import Source
+    from lvmkit.inference.feeds import Source
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,7 @@ def semi_supervised(
         >>> len(unlabelled.data["x"]), sorted(labelled.data["y"].tolist())
         (54, [0, 0, 1, 1, 2, 2])
     """
-    from lvmkit.inference._data import Source
+    from lvmkit.inference.feeds import Source
 
     num_labelled = check_int("num_labelled", num_labelled)
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or len(x) != len(y):

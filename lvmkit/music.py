@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lvmkit.models._checks import check_choice
+from lvmkit.base import check_choice
 
 NUM_KEYS = 88
 LOWEST_KEY = 21  # MIDI A0: key 0 of the piano roll

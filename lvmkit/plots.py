@@ -30,9 +30,9 @@ import pyro
 import pyro.poutine as poutine
 import torch
 
+from lvmkit.base import check_int
 from lvmkit.inference import posterior_means
-from lvmkit.inference.evaluate import scoring
-from lvmkit.models._checks import check_int
+from lvmkit.inference.weights import scoring
 
 MNIST_SHAPE = (28, 28)
 
@@ -369,7 +369,7 @@ def khat_plot(pareto_k: Any, *, title: str | None = None, path: str | Path | Non
     ``plot_khat``); ``pareto_k`` from ``evaluate`` (a column) or ``to_inference_data``."""
     import xarray as xr
 
-    from lvmkit.inference.evaluate import import_arviz
+    from lvmkit.inference.weights import import_arviz
 
     az = import_arviz()
     plt = pyplot()

@@ -19,20 +19,21 @@ import pandas as pd
 import pyro
 
 from lvmkit import plots
+from lvmkit.base import check_int
 from lvmkit.data import MNIST_IMAGE_SHAPE, Dataset, binarize, load_mnist
-from lvmkit.guides import GaussianEncoder, GaussianEncoderConfig
+from lvmkit.guides import GaussianEncoder
 from lvmkit.inference import active_units, evaluate, fit, gap_split, summarize
-from lvmkit.inference._device import resolve_device
-from lvmkit.inference._distributed import env_rank
-from lvmkit.inference._rundir import CHECKPOINT_FILE, CONFIG_FILE, HISTORY_FILE, RunLock
 from lvmkit.inference.checkpoint import (
     CheckpointError,
     atomic_write_text,
     load_checkpoint,
     read_json,
 )
+from lvmkit.inference.devices import resolve_device
+from lvmkit.inference.distributed import env_rank
+from lvmkit.inference.rundir import CHECKPOINT_FILE, CONFIG_FILE, HISTORY_FILE, RunLock
 from lvmkit.models import VAE, VAEConfig
-from lvmkit.models._checks import check_int
+from lvmkit.pairs import build_vae
 from lvmkit.spec import MNIST_SPLIT_SIZES, TrainSpec
 
 RESULTS_FILE = "results.csv"
@@ -75,26 +76,16 @@ class RunResult:
     results: pd.DataFrame
 
 
-def build_vae(config: VAEConfig) -> tuple[VAE, GaussianEncoder]:
-    """A :class:`VAE` and the :class:`GaussianEncoder` that mirrors its decoder.
+def model_config(spec: TrainSpec, data_dim: int) -> VAEConfig:
+    """The :class:`lvmkit.VAEConfig` a run of ``spec`` builds (``lvmkit train``'s model).
 
     Example::
 
-        >>> import lvmkit
-        >>> model, guide = lvmkit.build_vae(lvmkit.VAEConfig(data_dim=784, latent_dim=20))
-        >>> guide.config.hidden_dims, model.config.hidden_dims
-        ((400,), (400,))
+        >>> from lvmkit.spec import TrainSpec
+        >>> cfg = model_config(TrainSpec(), data_dim=784)
+        >>> cfg.data_dim, cfg.latent_dim, cfg.hidden_dims
+        (784, 20, (400,))
     """
-    guide_config = GaussianEncoderConfig(
-        data_dim=config.data_dim,
-        latent_dim=config.latent_dim,
-        hidden_dims=tuple(reversed(config.hidden_dims)),
-        activation=config.activation,
-    )
-    return VAE(config), GaussianEncoder(guide_config)
-
-
-def model_config(spec: TrainSpec, data_dim: int) -> VAEConfig:
     return VAEConfig(
         data_dim=data_dim,
         latent_dim=spec.latent_dim,

@@ -51,11 +51,11 @@ class TrainSpec:
         return KLSchedule(beta=self.beta, warmup_epochs=self.warmup_epochs)
 
     def __post_init__(self) -> None:
+        from lvmkit.base import check_choice, check_float, check_int, check_sizes
         from lvmkit.inference.objectives import OBJECTIVES
         from lvmkit.inference.train import NONFINITE_POLICIES
         from lvmkit.models import LIKELIHOODS
-        from lvmkit.models._checks import check_choice, check_float, check_int, check_sizes
-        from lvmkit.models._mlp import ACTIVATIONS
+        from lvmkit.models.mlp import ACTIVATIONS
 
         check_choice("family", self.family, FAMILIES)
         check_choice("likelihood", self.likelihood, LIKELIHOODS)

@@ -33,7 +33,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from lvmkit.models._checks import check_choice, check_float, check_sizes
+from lvmkit.base import check_choice, check_float, check_sizes
 from lvmkit.models.vae import VAE, VAEConfig, num_points_of
 
 KINDS = ("ae", "dae", "cae", "aae")
@@ -75,6 +75,13 @@ class Autoencoder(VAE):
 
     Generation (``x=None``) still draws z from N(0, I), which is meaningful for the AAE (trained
     to match that prior) and only a sanity picture for the others.
+
+    Example::
+
+        >>> import lvmkit
+        >>> vae = lvmkit.VAEConfig(data_dim=4, latent_dim=2, hidden_dims=(8,))
+        >>> lvmkit.Autoencoder(vae)(batch_size=3).shape
+        torch.Size([3, 4])
     """
 
     static_structure = False  # the guide's training-only branches must not be frozen by tracing
@@ -87,30 +94,8 @@ class Autoencoder(VAE):
             return pyro.sample("x", self.likelihood(z), obs=x)  # batch (N,) event (Dx,)
 
 
-def build_autoencoder(config: AutoencoderConfig):
-    """The model and guide of ``config.kind``.
-
-    Example::
-
-        >>> import torch, lvmkit
-        >>> cfg = lvmkit.AutoencoderConfig(lvmkit.VAEConfig(data_dim=4, latent_dim=2,
-        ...                                hidden_dims=(8,)), kind="cae")
-        >>> model, guide = lvmkit.build_autoencoder(cfg)
-        >>> x = torch.bernoulli(torch.full((32, 4), 0.5))
-        >>> result = lvmkit.fit(model, guide, x, epochs=1, device="cpu", progress=False)
-        >>> list(result.history.epoch)
-        [1]
-    """
-    from lvmkit.guides.deterministic import DeterministicEncoder
-
-    if not isinstance(config, AutoencoderConfig):
-        raise TypeError(f"config must be an AutoencoderConfig; got {type(config).__name__}")
-    return Autoencoder(config.vae), DeterministicEncoder(config)
-
-
 __all__ = [
     "KINDS",
     "Autoencoder",
     "AutoencoderConfig",
-    "build_autoencoder",
 ]

@@ -26,14 +26,14 @@ import torch
 from pyro.nn import PyroModule
 from torch.nn import functional as F
 
-from lvmkit.models._checks import (
+from lvmkit.base import (
     check_bernoulli_data,
     check_choice,
     check_data_matrix,
     check_int,
     check_sizes,
 )
-from lvmkit.models._mlp import ACTIVATIONS, mlp
+from lvmkit.models.mlp import ACTIVATIONS, mlp
 
 
 @dataclass(frozen=True)
@@ -130,19 +130,3 @@ class ConditionalBaseline(_Conditional):
             return pyro.sample(
                 "x", self._likelihood(self.net(c), mask), obs=x
             )  # batch (N,) event (Dx,)
-
-
-def build_cvae(config: CVAEConfig):
-    """A :class:`CVAE` and its recognition network q(z | x, c).
-
-    Example::
-
-        >>> import torch, lvmkit
-        >>> cfg = lvmkit.CVAEConfig(data_dim=4, cond_dim=4, latent_dim=2, hidden_dims=(8,))
-        >>> model, guide = lvmkit.build_cvae(cfg)
-        >>> guide(torch.ones(3, 4), c=torch.zeros(3, 4)).shape
-        torch.Size([3, 2])
-    """
-    from lvmkit.guides.conditional import ConditionalEncoder
-
-    return CVAE(config), ConditionalEncoder(config)

@@ -39,7 +39,7 @@ from pyro.nn import PyroModule
 from torch import nn
 from torch.nn import functional as F
 
-from lvmkit.models._checks import (
+from lvmkit.base import (
     check_bernoulli_data,
     check_choice,
     check_data_matrix,
@@ -47,7 +47,7 @@ from lvmkit.models._checks import (
     check_int,
     check_sizes,
 )
-from lvmkit.models._mlp import ACTIVATIONS, mlp
+from lvmkit.models.mlp import ACTIVATIONS, mlp
 
 
 @dataclass(frozen=True)
@@ -239,52 +239,3 @@ def kingma_aux_weight(num_points: int, num_labelled: int) -> float:
     check_int("num_points", num_points)
     check_int("num_labelled", num_labelled)
     return 0.1 * num_points / num_labelled
-
-
-def build_m2(config: M2Config):
-    """An :class:`M2` model and its :class:`lvmkit.guides.SemiSupervisedEncoder`, the model
-    holding the guide's classifier for the auxiliary term.
-
-    Example::
-
-        >>> import lvmkit
-        >>> model, guide = lvmkit.build_m2(lvmkit.M2Config(data_dim=4, num_classes=3,
-        ...                                latent_dim=2, hidden_dims=(8,)))
-        >>> model.classifier is guide.classifier
-        True
-    """
-    from lvmkit.guides.semisupervised import SemiSupervisedEncoder
-
-    guide = SemiSupervisedEncoder(config)
-    return M2(config, classifier=guide.classifier), guide
-
-
-def build_m1_m2(config: M2Config, m1_model: Any, m1_guide: Any):
-    """The stacked M1+M2 pair on a trained M1 (``m1_model`` with ``likelihood(z)``, ``m1_guide``
-    with ``encode(x) → (loc, scale)``, e.g. an :class:`lvmkit.VAE` and its
-    :class:`lvmkit.GaussianEncoder` after ``fit``): a :class:`StackedM2` and its
-    :class:`lvmkit.guides.StackedSemiSupervisedEncoder`, sharing the classifier q(y | z₁). M1's
-    networks are held, not copied, and are not trained further; ``config.data_dim`` must be M1's
-    latent size.
-
-    Example::
-
-        >>> import torch, lvmkit
-        >>> m1 = lvmkit.VAE(lvmkit.VAEConfig(data_dim=4, latent_dim=3, hidden_dims=(8,)))
-        >>> enc = lvmkit.GaussianEncoder(lvmkit.GaussianEncoderConfig(4, 3, (8,)))
-        >>> # ... lvmkit.fit(m1, enc, images) first: M1 learns from every image, labels unused
-        >>> cfg = lvmkit.M2Config(data_dim=3, num_classes=2, latent_dim=2, hidden_dims=(8,))
-        >>> model, guide = lvmkit.build_m1_m2(cfg, m1, enc)
-        >>> guide.classify(torch.zeros(5, 4)).shape  # q(y | z₁) at M1's posterior mean
-        torch.Size([5])
-    """
-    from lvmkit.guides.semisupervised import StackedSemiSupervisedEncoder
-
-    m1_latent = getattr(getattr(m1_model, "config", None), "latent_dim", config.data_dim)
-    if m1_latent != config.data_dim:
-        raise ValueError(
-            f"config.data_dim must be M1's latent size {m1_latent} (M2 models M1's code z₁); "
-            f"got {config.data_dim}"
-        )
-    guide = StackedSemiSupervisedEncoder(config, m1_guide)
-    return StackedM2(config, m1_model, classifier=guide.classifier), guide

@@ -20,14 +20,14 @@ import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 
-from lvmkit.models._checks import (
+from lvmkit.base import (
     check_choice,
     check_data_matrix,
     check_float,
     check_int,
     check_sizes,
 )
-from lvmkit.models._mlp import ACTIVATIONS, mlp
+from lvmkit.models.mlp import ACTIVATIONS, mlp
 
 
 @dataclass(frozen=True)
@@ -93,27 +93,6 @@ class NonlinearLVM(PyroModule):
 
     def validate_data(self, x: torch.Tensor | None = None, **_: object) -> None:
         check_data_matrix(x, self.config.data_dim, "NonlinearLVM", "NonlinearConfig")
-
-
-def build_nonlinear(config: NonlinearConfig, *, encoder_hidden: tuple[int, ...] | None = None):
-    """A :class:`NonlinearLVM` and the Gaussian encoder q(z | x) that goes with it.
-
-    Example::
-
-        >>> import torch, lvmkit
-        >>> model, guide = lvmkit.build_nonlinear(lvmkit.NonlinearConfig(data_dim=2))
-        >>> model(batch_size=5).shape, guide(torch.zeros(5, 2)).shape
-        (torch.Size([5, 2]), torch.Size([5, 2]))
-    """
-    from lvmkit.guides import GaussianEncoder, GaussianEncoderConfig
-
-    guide_config = GaussianEncoderConfig(
-        data_dim=config.data_dim,
-        latent_dim=config.latent_dim,
-        hidden_dims=encoder_hidden or config.hidden_dims,
-        activation=config.activation,
-    )
-    return NonlinearLVM(config), GaussianEncoder(guide_config)
 
 
 @torch.no_grad()

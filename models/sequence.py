@@ -46,7 +46,7 @@ from pyro.nn import PyroModule
 from torch import nn
 from torch.nn import functional as F
 
-from lvmkit.models._checks import check_choice, check_float, check_int
+from lvmkit.base import check_choice, check_float, check_int
 
 SEQUENCE_LIKELIHOODS = ("bernoulli", "categorical")
 
@@ -417,40 +417,3 @@ class DeepMarkovModel(PyroModule):
     def validate_data(self, x=None, lengths=None, **_: object) -> None:
         """Raise ``ValueError`` when ``(x, lengths)`` cannot be scored (called by ``fit``)."""
         check_sequences(x, lengths, self.config.data_dim, "bernoulli", "DeepMarkovModel")
-
-
-def build_recurrent_vae(config: RecurrentVAEConfig):
-    """``(RecurrentVAE, RecurrentEncoder)`` for ``config`` (``latent_dim=0``: the non-latent
-    decoder with :func:`lvmkit.models.empty_guide`).
-
-    Example::
-
-        >>> import torch, lvmkit
-        >>> model, guide = lvmkit.build_recurrent_vae(lvmkit.RecurrentVAEConfig(data_dim=6))
-        >>> x = torch.bernoulli(torch.full((4, 5, 6), 0.3))
-        >>> result = lvmkit.fit(model, guide, {"x": x, "lengths": torch.tensor([5, 3, 2, 5])},
-        ...                     epochs=1, batch_size=2, progress=False)
-        >>> len(result.history)
-        1
-    """
-    from lvmkit.guides.sequence import RecurrentEncoder
-    from lvmkit.models.gmm import empty_guide
-
-    model = RecurrentVAE(config)
-    return model, (RecurrentEncoder(config) if config.latent_dim else empty_guide)
-
-
-def build_dmm(config: DMMConfig):
-    """``(DeepMarkovModel, MarkovGuide)`` for ``config``.
-
-    Example::
-
-        >>> import torch, lvmkit
-        >>> model, guide = lvmkit.build_dmm(lvmkit.DMMConfig(data_dim=6, latent_dim=2))
-        >>> data = {"x": torch.ones(3, 4, 6), "lengths": torch.tensor([4, 2, 1])}
-        >>> lvmkit.evaluate(model, guide, data, num_samples=2).shape[0]
-        3
-    """
-    from lvmkit.guides.sequence import MarkovGuide
-
-    return DeepMarkovModel(config), MarkovGuide(config)

@@ -19,7 +19,7 @@ import torch
 from pyro.nn import PyroModule
 from torch.nn import functional as F
 
-from lvmkit.models._checks import (
+from lvmkit.base import (
     check_bernoulli_data,
     check_choice,
     check_data_matrix,
@@ -27,7 +27,7 @@ from lvmkit.models._checks import (
     check_int,
     check_sizes,
 )
-from lvmkit.models._mlp import ACTIVATIONS, mlp
+from lvmkit.models.mlp import ACTIVATIONS, mlp
 
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_fixed")
 
@@ -42,7 +42,7 @@ class VAEConfig:
     data_dim: int  # features per data point, taken from the data
     latent_dim: int = 20  # the PyTorch VAE example's 784-400-20 network, our speed reference
     hidden_dims: tuple[int, ...] = (400,)  # one hidden layer, as in AEVB's MNIST runs
-    activation: str = "relu"  # one of lvmkit.models._mlp.ACTIVATIONS
+    activation: str = "relu"  # one of lvmkit.models.mlp.ACTIVATIONS
     likelihood: str = "bernoulli"  # one of LIKELIHOODS
     sigma: float = 1.0  # decoder σ for "gaussian_fixed" (σ = 1: identity covariance)
     min_scale: float = 1e-3  # floor on the learned σ of "gaussian": pixels that are exactly 0

@@ -40,7 +40,7 @@ def interrupted_scoring(monkeypatch, *, block: int, at: int):
 
     evaluate_module = importlib.import_module("lvmkit.inference.evaluate")
     monkeypatch.setattr(evaluate_module, "_SCORE_BATCH", block)
-    real = evaluate_module._score_chunk
+    real = evaluate_module.score_chunk
     calls = {"n": 0}
 
     def dying(log_weights):
@@ -49,11 +49,11 @@ def interrupted_scoring(monkeypatch, *, block: int, at: int):
             raise KeyboardInterrupt
         return real(log_weights)
 
-    monkeypatch.setattr(evaluate_module, "_score_chunk", dying)
+    monkeypatch.setattr(evaluate_module, "score_chunk", dying)
     try:
         yield
     finally:
-        monkeypatch.setattr(evaluate_module, "_score_chunk", real)
+        monkeypatch.setattr(evaluate_module, "score_chunk", real)
 
 
 @pytest.fixture(scope="session")

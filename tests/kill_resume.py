@@ -95,7 +95,7 @@ def _life(run_dir: str, setting: Setting, pause_in_writes: float) -> None:
 
     import lvmkit
     from lvmkit.inference import checkpoint as ckpt
-    from lvmkit.inference._rundir import RunDir
+    from lvmkit.inference.rundir import RunDir
 
     torch.set_num_threads(1)
     run = Path(run_dir)

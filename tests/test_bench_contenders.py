@@ -12,7 +12,7 @@ from pyro.infer import TraceEnum_ELBO
 
 import lvmkit
 import user_models
-from lvmkit.benchmarks import Contender, contenders, references, run, vae
+from lvmkit.benchmarks import Contender, contenders, cvae, iwae, m2, protocol, references, run
 from lvmkit.cli import main
 
 SUITES = ["vae-latent", "vae-iwae", "vae-m2", "vae-cvae", "vae-variants", "gmm", "sequence"]
@@ -36,35 +36,35 @@ def test_a_users_plain_function_pair_runs_on_every_suite(suite):
     assert mine[metric].notna().all() and (mine[metric].abs() < 1e4).all()
     curves = frame.attrs["curves"]
     assert "mine" in set(curves.contender) and (curves.epoch >= 1).all()
-    assert set(curves.contender) <= {"mine", vae.BASELINE}  # (the CVAE protocol's baseline)
+    assert set(curves.contender) <= {"mine", cvae.BASELINE}  # (the CVAE protocol's baseline)
     if suite in ("vae-iwae", "vae-m2", "vae-cvae", "sequence"):  # published rows come with --only
         assert len(set(who)) > 1
 
 
 def test_m2_table_sets_m2_beside_the_classifier_on_labels_alone_and_the_reference():
-    frame = vae.run_m2("quick")
+    frame = m2.run("quick")
     assert list(frame.contender) == [
-        vae.BUILTIN,
-        vae.STACKED,
-        vae.SUPERVISED,
-        vae.SUPERVISED_M1,
-        vae.REFERENCE,
-        vae.M2_SOURCE,
-        vae.M1_M2_SOURCE,
-        vae.PYRO_M2_SOURCE,
+        protocol.BUILTIN,
+        m2.STACKED,
+        m2.SUPERVISED,
+        m2.SUPERVISED_M1,
+        protocol.REFERENCE,
+        m2.M2_SOURCE,
+        m2.M1_M2_SOURCE,
+        m2.PYRO_M2_SOURCE,
     ]
     rows = frame.set_index("contender")
-    assert rows.loc[vae.M2_SOURCE, "accuracy"] == pytest.approx(88.03)
-    assert rows.loc[vae.M1_M2_SOURCE, "accuracy"] == pytest.approx(96.67)
-    assert rows.loc[vae.BUILTIN, "minus_supervised_only"] == pytest.approx(
-        rows.loc[vae.BUILTIN, "accuracy"] - rows.loc[vae.SUPERVISED, "accuracy"]
+    assert rows.loc[m2.M2_SOURCE, "accuracy"] == pytest.approx(88.03)
+    assert rows.loc[m2.M1_M2_SOURCE, "accuracy"] == pytest.approx(96.67)
+    assert rows.loc[protocol.BUILTIN, "minus_supervised_only"] == pytest.approx(
+        rows.loc[protocol.BUILTIN, "accuracy"] - rows.loc[m2.SUPERVISED, "accuracy"]
     )
-    assert rows.loc[vae.STACKED, "minus_m1_code_only"] == pytest.approx(
-        rows.loc[vae.STACKED, "accuracy"] - rows.loc[vae.SUPERVISED_M1, "accuracy"]
+    assert rows.loc[m2.STACKED, "minus_m1_code_only"] == pytest.approx(
+        rows.loc[m2.STACKED, "accuracy"] - rows.loc[m2.SUPERVISED_M1, "accuracy"]
     )
     assert rows.minus_m1_code_only.notna().sum() == 1  # M1+M2's row only
     curves = frame.attrs["curves"]
-    for name in (vae.BUILTIN, vae.STACKED, vae.SUPERVISED, vae.SUPERVISED_M1, vae.REFERENCE):
+    for name in (protocol.BUILTIN, m2.STACKED, m2.SUPERVISED, m2.SUPERVISED_M1, protocol.REFERENCE):
         assert sorted(curves[curves.contender == name].epoch) == [1, 2]  # a point per epoch
     assert "Adam(lr=0.0003, betas=(0.9, 0.999)), batch 200" in frame.attrs["protocol"]
     assert (
@@ -74,22 +74,22 @@ def test_m2_table_sets_m2_beside_the_classifier_on_labels_alone_and_the_referenc
 
 
 def test_iwae_schedule_is_burda_et_al_stages_in_proportion():
-    schedule = vae.StagedDecay(3280)  # one step per epoch: the paper's epochs exactly
+    schedule = protocol.StagedDecay(3280)  # one step per epoch: the paper's epochs exactly
     ends = [1, 4, 13, 40, 121, 364, 1093, 3280]  # cumulative 3^i epochs
     for i, end in enumerate(ends):
         assert schedule(end - 1) == pytest.approx(10 ** (-i / 7))
     assert schedule(3280) == pytest.approx(10 ** (-1))
-    short = vae.StagedDecay(328)  # a tenth as long: the same stages, a tenth as long
+    short = protocol.StagedDecay(328)  # a tenth as long: the same stages, a tenth as long
     assert short(36) == pytest.approx(10 ** (-5 / 7))  # stage 5 ends at 36.4 of 328 steps
     assert short(37) == pytest.approx(10 ** (-6 / 7))
-    options = vae.IWAE_PROFILES["full"].fit_options(50_000, 0, "cpu")
+    options = protocol.PROFILES["iwae"]["full"].fit_options(50_000, 0, "cpu")
     assert options["batch_size"] == 20 and options["optimizer_args"]["eps"] == 1e-4
     assert options["scheduler_interval"] == "step"
     assert options["scheduler"].keywords["lr_lambda"].total_steps == 100 * 2500
 
 
 def test_aevb_protocol_is_adagrad_with_the_parameter_prior_as_weight_decay():
-    options = vae.LATENT_PROFILES["full"].fit_options(50_000, 0, "cpu")
+    options = protocol.PROFILES["latent"]["full"].fit_options(50_000, 0, "cpu")
     assert options["optimizer"] is torch.optim.Adagrad and options["lr"] == 0.02
     assert options["optimizer_args"] == {"weight_decay": 100 / 50_000}
 
@@ -185,7 +185,7 @@ def test_contender_names_and_options_are_checked():
     with pytest.raises(ValueError, match="contender name 'lvmkit' clashes with a row of vae-iwae"):
         run("vae-iwae", "quick", contenders={"lvmkit": user_models.make_pair})
     with pytest.raises(ValueError, match="clashes"):
-        run("vae-iwae", "quick", contenders={vae.IWAE_SOURCE: user_models.make_pair})
+        run("vae-iwae", "quick", contenders={iwae.IWAE_SOURCE: user_models.make_pair})
     with pytest.raises(ValueError, match="only='nobody' names no contender of vae-iwae"):
         run("vae-iwae", "quick", contenders={"mine": user_models.make_pair}, only="nobody")
     with pytest.raises(TypeError, match="contender 'mine' must be a factory"):
@@ -235,9 +235,9 @@ def test_cli_only_runs_one_contender_beside_the_paper_rows(tmp_path):
     assert main(args) == 0
     import pandas as pd
 
-    from lvmkit.inference._device import resolve_device
+    from lvmkit.inference.devices import resolve_device
 
     tag = resolve_device("auto").type  # the CLI runs its suites on CUDA where there is one
     table = pd.read_csv(tmp_path / f"vae-iwae-{tag}-quick.csv")
-    assert set(table.contender) == {"mine", vae.IWAE_SOURCE}
+    assert set(table.contender) == {"mine", iwae.IWAE_SOURCE}
     assert (tmp_path / f"vae-iwae-{tag}-quick-figures" / "vae-iwae-nll.png").is_file()

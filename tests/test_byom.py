@@ -20,8 +20,8 @@ from pyro.infer.autoguide import AutoDelta
 
 import lvmkit
 from conftest import assert_close
-from lvmkit.inference.evaluate import import_arviz
 from lvmkit.inference.loop import epoch_order
+from lvmkit.inference.weights import import_arviz
 
 # -- 1. pyro.markov -------------------------------------------------------------------------
 
@@ -597,8 +597,8 @@ def test_a_model_computing_a_plausible_but_wrong_shape_with_particles_is_caught(
     particles, indexed along the particle dim instead of the components) and gives values of a
     plausible shape that Pyro's checks let through; the probe's strict shape check refuses it, so
     that evaluation and fit's num_particles > 1 draw particles one by one instead."""
-    from lvmkit.inference._data import as_data
-    from lvmkit.inference.weights import broadcasts, find_layout
+    from lvmkit.inference.calls import as_data
+    from lvmkit.inference.layout import broadcasts, find_layout
 
     data = torch.tensor([0.0, 1.0, 10.0, 11.0, 12.0])
     pyro.set_rng_seed(4)

@@ -374,12 +374,12 @@ def test_ctrl_c_in_evaluation_keeps_the_scored_images(tmp_path, capsys, monkeypa
     scored, and `lvmkit evaluate` continues to the numbers of one never interrupted."""
     import importlib
 
-    from lvmkit.inference._device import resolve_device
+    from lvmkit.inference.devices import resolve_device
 
     # passes of 20 images × 200 samples on the device the CLI picks (CUDA's default is larger)
-    evaluate_module = importlib.import_module("lvmkit.inference.evaluate")
+    weights_module = importlib.import_module("lvmkit.inference.weights")
     used = resolve_device("auto").type
-    monkeypatch.setitem(evaluate_module.DEFAULT_MAX_PAIRS, used, 4000)
+    monkeypatch.setitem(weights_module.DEFAULT_MAX_PAIRS, used, 4000)
     argv = [*TINY, "--epochs", "1", "--eval-points", "60", "--eval-samples", "200"]
     assert main(["train", *argv, "--out", str(tmp_path / "straight")]) == 0
     run = tmp_path / "run"

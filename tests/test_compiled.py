@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lvmkit
-from lvmkit.inference._data import call_of
+from lvmkit.inference.calls import call_of
 from plain_pair import make_plain_pair
 
 

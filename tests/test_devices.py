@@ -14,9 +14,9 @@ import torch
 
 import lvmkit
 from conftest import needs_cuda
-from lvmkit.inference._data import call_of
+from lvmkit.inference.calls import call_of
+from lvmkit.inference.kernel import Layout, log_density_pass
 from lvmkit.inference.objectives import TraceELBO, TraceMeanFieldELBO
-from lvmkit.inference.weights import Layout, log_density_pass
 
 META = torch.device("meta")
 
@@ -67,7 +67,7 @@ def test_a_tensor_made_on_the_cpu_is_caught():
         TraceELBO()(model, guide)(x=torch.empty(5, 6, device=META))
 
 
-# -- the device policy (inference/_device.py) ------------------------------------------------------
+# -- the device policy (inference/devices.py) ------------------------------------------------------
 
 
 def _cpu_made_pair(data_dim: int = 6, latent_dim: int = 2):
@@ -142,7 +142,7 @@ def test_an_explicit_device_moves_networks_as_they_are_first_used_and_sets_the_d
     the user's code makes its tensors there (meta stands in for a GPU: a CPU tensor meeting a
     meta one raises, as it would on CUDA). Moving pyro.param tensors in place (a CPU tensor's
     storage cannot become a meta one) is checked on CUDA below."""
-    from lvmkit.inference._device import Placement
+    from lvmkit.inference.devices import Placement
 
     network = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
     placement = Placement(META, moves=True)
@@ -157,7 +157,7 @@ def test_an_explicit_device_moves_networks_as_they_are_first_used_and_sets_the_d
 
 
 def test_the_explicit_device_moves_the_pairs_modules():
-    from lvmkit.inference._device import Placement, move_pair
+    from lvmkit.inference.devices import Placement, move_pair
 
     config = lvmkit.VAEConfig(data_dim=6, latent_dim=2, hidden_dims=(8,))
     model, guide = lvmkit.build_vae(config)
@@ -168,7 +168,7 @@ def test_the_explicit_device_moves_the_pairs_modules():
 
 
 def test_the_one_line_says_what_moved(caplog):
-    from lvmkit.inference._device import Placement
+    from lvmkit.inference.devices import Placement
 
     placement = Placement(META, moves=True)
     placement.note("data", "data")
@@ -211,7 +211,7 @@ def test_a_cpu_written_pair_runs_unchanged_on_cuda_when_asked():
 
 @needs_cuda
 def test_the_explicit_device_moves_param_store_tensors_in_place():
-    from lvmkit.inference._device import Placement, move_pair
+    from lvmkit.inference.devices import Placement, move_pair
 
     scale = pyro.param("scale", torch.ones(3)).unconstrained()
     network = torch.nn.Linear(2, 3)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lvmkit import cli
-from lvmkit.inference import _distributed
+from lvmkit.inference import distributed
 from lvmkit.inference.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,12 +136,12 @@ def test_a_non_finite_loss_rolls_every_process_back_together(tmp_path):
 
 
 def test_each_process_gets_a_disjoint_shard_of_every_epoch():
-    worlds = [_distributed.World(rank=r, size=3) for r in range(3)]
+    worlds = [distributed.World(rank=r, size=3) for r in range(3)]
     for epoch in (1, 2):
-        shards = [_distributed.epoch_order(w, seed=5, epoch=epoch, n=10) for w in worlds]
+        shards = [distributed.epoch_order(w, seed=5, epoch=epoch, n=10) for w in worlds]
         assert {len(s) for s in shards} == {4}  # 10 points padded to 12
         together = torch.cat(shards)
         assert set(together.tolist()) == set(range(10))
-    again = _distributed.epoch_order(worlds[0], seed=5, epoch=1, n=10)
-    assert torch.equal(again, _distributed.epoch_order(worlds[0], seed=5, epoch=1, n=10))
-    assert not torch.equal(again, _distributed.epoch_order(worlds[0], seed=5, epoch=2, n=10))
+    again = distributed.epoch_order(worlds[0], seed=5, epoch=1, n=10)
+    assert torch.equal(again, distributed.epoch_order(worlds[0], seed=5, epoch=1, n=10))
+    assert not torch.equal(again, distributed.epoch_order(worlds[0], seed=5, epoch=2, n=10))

@@ -13,7 +13,7 @@ import torch
 import lvmkit
 from conftest import assert_close, interrupted_scoring
 from linear_gaussian import LinearGaussianGuide, make_problem
-from lvmkit.inference.evaluate import PARETO_K_THRESHOLD
+from lvmkit.inference.summary import PARETO_K_THRESHOLD
 
 
 def test_exact_posterior_guide_gives_exact_log_likelihood():
@@ -69,7 +69,7 @@ def test_chunking_is_exact_and_bounds_each_pass():
 
 
 def test_default_chunk_size_follows_the_device():
-    from lvmkit.inference.evaluate import DEFAULT_MAX_PAIRS
+    from lvmkit.inference.weights import DEFAULT_MAX_PAIRS
 
     model, x = make_problem(n=3)
     guide = LinearGaussianGuide(5, 2)

@@ -40,17 +40,17 @@ def test_custom_model_example_trains_evaluates_and_plots_with_arviz(tmp_path, ca
 
 
 def test_m2_ablation_example_scales_kingmas_alpha_and_initialises_like_kingma():
-    from lvmkit.benchmarks import vae
+    from lvmkit.benchmarks import m2
 
     example = _load("m2_ablation")
-    task = vae._m2_task(100, 50_000)
+    task = m2.m2_task(100, 50_000)
     contender = example.alpha_times(10.0)(task)
     assert task.extra["aux_weight"] == 50.0
     assert contender.model.config.aux_weight == 500.0
     assert example.alpha_times(1.0, absolute=46.0)(task).model.config.aux_weight == 46.0
-    m1 = (lvmkit.VAE(vae.M1_CONFIG), lvmkit.GaussianEncoder(lvmkit.GaussianEncoderConfig(784, 50)))
+    m1 = (lvmkit.VAE(m2.M1_CONFIG), lvmkit.GaussianEncoder(lvmkit.GaussianEncoderConfig(784, 50)))
     stacked = dataclasses.replace(task, extra={**task.extra, "pretrained_m1": lambda: m1})
-    made = example.alpha_times(1.0, 46.0, vae._builtin_m1_m2)(stacked)  # M1+M2 on the suite's M1
+    made = example.alpha_times(1.0, 46.0, m2.builtin_m1_m2)(stacked)  # M1+M2 on the suite's M1
     assert isinstance(made.model, lvmkit.StackedM2) and made.model.config.aux_weight == 46.0
     assert made.model.m1_decoder is m1[0] and made.guide.m1_encoder is m1[1]
     assert example.latent(5)(task).model.config.latent_dim == 5

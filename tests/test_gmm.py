@@ -12,8 +12,9 @@ from sklearn.mixture import GaussianMixture as SklearnGMM
 
 import lvmkit
 from lvmkit import datasets
+from lvmkit.estimators import GaussianMixture
 from lvmkit.guides import CategoricalEncoder, CategoricalEncoderConfig
-from lvmkit.models import GaussianMixture, GaussianMixtureModel, GMMConfig, empty_guide
+from lvmkit.models import GaussianMixtureModel, GMMConfig, empty_guide
 
 
 def _random_model(cov_type: str, k=3, d=2, seed=0, num_data=None) -> GaussianMixtureModel:

@@ -14,7 +14,7 @@ from sklearn.datasets import load_iris
 
 import lvmkit
 from conftest import assert_close
-from lvmkit.inference.evaluate import import_arviz
+from lvmkit.inference.weights import import_arviz
 from lvmkit.models.gmm import empty_guide
 
 az = import_arviz()

@@ -9,7 +9,8 @@ import torch
 
 import lvmkit
 from lvmkit import datasets
-from lvmkit.models import NonlinearConfig, NonlinearLVM, build_nonlinear, exact_log_likelihood
+from lvmkit.models import NonlinearConfig, NonlinearLVM, exact_log_likelihood
+from lvmkit.pairs import build_nonlinear
 
 
 def _linear(latent_dim: int, sigma=0.3) -> NonlinearLVM:

@@ -12,8 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
 import lvmkit
@@ -212,7 +211,7 @@ def test_binarize_names_the_range(bad):
     covariance_type=mostly(st.sampled_from(["full", "diag"]), st.sampled_from(["spherical", 0])),
 )
 def test_gaussian_mixture_on_any_data_and_options(data, n_components, covariance_type):
-    from lvmkit.models import GaussianMixture
+    from lvmkit.estimators import GaussianMixture
 
     def fit_and_score():
         gm = GaussianMixture(n_components, covariance_type=covariance_type, max_iter=3)

@@ -9,9 +9,9 @@ import torch
 from nan_models import ExpLoc, Flagged, FlaggedGuide, no_guide
 
 import lvmkit
-from lvmkit.inference._rundir import CHECKPOINT_FILE
 from lvmkit.inference.checkpoint import load_checkpoint
 from lvmkit.inference.loop import epoch_order
+from lvmkit.inference.rundir import CHECKPOINT_FILE
 
 N, BATCH = 40, 8
 

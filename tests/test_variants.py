@@ -13,11 +13,12 @@ from pyro.infer import TraceEnum_ELBO
 import lvmkit
 from conftest import assert_close
 from lvmkit import datasets
-from lvmkit.inference import _data
-from lvmkit.inference._data import call_of
 from lvmkit.inference.annealing import LatentScale
+from lvmkit.inference.calls import call_of
+from lvmkit.inference.feeds import load as load_feeds
+from lvmkit.inference.kernel import log_density_pass
+from lvmkit.inference.layout import find_layout
 from lvmkit.inference.objectives import IWAE, ReweightedWakeSleep, TraceELBO
-from lvmkit.inference.weights import find_layout, log_density_pass
 from lvmkit.models import empty_guide
 
 SMALL = lvmkit.VAEConfig(data_dim=6, latent_dim=2, hidden_dims=(8,))
@@ -433,7 +434,7 @@ def test_semi_supervised_split_is_balanced_and_passes_each_image_once_an_epoch()
     every = torch.cat([unlabelled.data["x"], labelled.data["x"]])
     assert sorted(map(tuple, every.tolist())) == sorted(map(tuple, x.tolist()))
     model, _ = lvmkit.build_m2(lvmkit.M2Config(data_dim=12, num_classes=3, hidden_dims=(8,)))
-    feeds = _data.load([unlabelled, labelled], model, None, batch_size=50).train
+    feeds = load_feeds([unlabelled, labelled], model, None, batch_size=50).train
     assert [sum(f.shares) for f in feeds] == [570, 30]  # each image once per epoch
     assert len(feeds[0].shares) == len(feeds[1].shares) == 12  # in the same 12 steps
     with pytest.raises(ValueError, match="multiple of the 3 classes"):

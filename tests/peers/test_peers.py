@@ -24,7 +24,7 @@ from sklearn.datasets import load_digits
 
 import lvmkit
 from conftest import assert_close
-from lvmkit.inference.evaluate import import_arviz
+from lvmkit.inference.weights import import_arviz
 
 from pairs import (  # isort: skip
     CVAE, DMM, GMM_DATA, SSVAE, VAE, dmm_data, dmm_minibatch, gmm_guide, gmm_model, norm_vae,

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from lvmkit.models._checks import check_choice
+from lvmkit.base import check_choice
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,

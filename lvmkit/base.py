@@ -1,8 +1,9 @@
-"""Argument checks shared by every layer of lvmkit.
+"""The base layer: what every other layer of lvmkit may import, and which imports none of them —
+the package version and the argument checks.
 
-They live in the lowest layer (``lvmkit.models``) so that guides, inference and the CLI can use the
-same messages without importing upwards. Each check raises ``ValueError``/``TypeError`` whose text
-names the argument, what was expected and what was given.
+Each check raises ``ValueError``/``TypeError`` whose text names the argument, what was expected
+and what was given, so that models, guides, inference, the CLI and the benchmarks say it alike.
+It loads no torch at import (``import lvmkit`` reads the version from here).
 """
 
 from __future__ import annotations
@@ -11,9 +12,16 @@ import difflib
 import math
 import numbers
 from collections.abc import Iterable
-from typing import Any
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+try:
+    __version__ = version("lvmkit")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
 
 
 def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
@@ -75,6 +83,8 @@ def check_data_matrix(x: Any, data_dim: int, owner: str, config: str, key: str =
     """Refuse data a model with ``data_dim`` features cannot score: missing, not floating point,
     or not of shape (N, data_dim). ``owner`` and ``config`` name the model in the message, ``key``
     the data entry."""
+    import torch  # here: the version above is read without loading torch
+
     if x is None:
         raise ValueError(f"data must provide {key!r} for a {owner}; got no {key!r}")
     if not isinstance(x, torch.Tensor):

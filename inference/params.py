@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_pre_hook
 
 if TYPE_CHECKING:  # pragma: no cover
-    from lvmkit.inference._data import Data
+    from lvmkit.inference.calls import Data
 
 
 def is_module_pair(model: Any, guide: Any) -> bool:

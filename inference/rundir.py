@@ -24,7 +24,7 @@ import pandas as pd
 import pyro
 import torch
 
-from lvmkit.inference import __version__
+from lvmkit.base import __version__
 from lvmkit.inference.checkpoint import (
     CheckpointError,
     atomic_write_text,
