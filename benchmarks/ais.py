@@ -49,6 +49,7 @@ class AISBenchConfig:
     lr: float = 1e-3
     seed: int = 0
     models: tuple[str, ...] = ("VAE", "IWAE k=5")  # of MODELS
+    bdmc_steps: tuple[int, ...] | None = None  # BDMC's numbers of distributions (None: steps)
 
 
 PROFILES = {
@@ -77,6 +78,21 @@ PROFILES = {
         steps=(1000,),
         bdmc_points=20,
         bdmc_chains=4,
+    ),
+    # the 10,000-step AIS row on the CPU: a few images, about 10 minutes on one thread
+    "long": AISBenchConfig(
+        (400,),
+        20,
+        epochs=10,
+        train_points=None,
+        eval_points=5,
+        is_samples=5000,
+        chains=8,
+        steps=(1000, 10_000),
+        bdmc_points=5,
+        bdmc_chains=4,
+        models=("VAE",),
+        bdmc_steps=(1000,),
     ),
     # Wu et al. (2017)'s scale: the GPU's job (not run here)
     "paper": AISBenchConfig(
@@ -143,7 +159,7 @@ def _one_model(cfg: AISBenchConfig, train, test, device, objective: str, particl
         best = ais.log_likelihood.to_numpy()
         points[f"ais_{steps}"] = best
         rows.append(_row("AIS", cfg.chains, steps, len(test), best, tic))
-    for steps in cfg.steps:
+    for steps in cfg.bdmc_steps or cfg.steps:
         tic = time.perf_counter()
         sandwich = bdmc(model, guide, num_points=cfg.bdmc_points, num_samples=cfg.bdmc_chains,
                         num_steps=steps, seed=cfg.seed)  # fmt: skip

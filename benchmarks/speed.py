@@ -34,6 +34,20 @@ lvmkit epoch is the wall time between two of fit's epoch ends — steps, the end
 and host sync, history row and in-memory rollback snapshot included; fit's first epoch (Pyro's
 validation step, tracing) is not counted.
 
+Task ``epoch`` also runs the same networks as a user's own pair (``lvmkit_user_pair``: plain
+functions registering them with ``pyro.module``, as Pyro's VAE tutorial writes them, nothing
+declared to lvmkit), and reports what a short run costs: ``setup_s`` (the call to the first step:
+data, checks, the first-call probe), ``first_epoch_s`` (Pyro's validation step, tracing and its
+check) and ``ratio_with_setup`` (fit's whole wall time over the hand-written loop's, first epochs
+included).
+
+Task ``overhead`` (:class:`OverheadConfig`) is the CPU stand-in for the GPU, whose step the host
+bounds: a 16-8-2 VAE at batch 8, whose arithmetic is negligible, so that the host microseconds
+per step are what is measured — the hand-written steps (foreach and fused Adam), lvmkit's default
+(traced) and eager steps, a user's plain-function pair traced as ``fit`` does on a long run and
+eager, and Pyro's ``SVI`` (``overhead step``), then whole ``fit`` epochs of 2,000 steps against
+the hand-written loop (``overhead fit``).
+
 ``evaluate`` (importance-sampled log-likelihood, K = 5000) is timed on ``eval_points`` test images
 (on CUDA: all 10,000), and once per ``max_pairs`` setting on ``sweep_points`` images (task
 ``evaluate max_pairs``), which is how :data:`lvmkit.inference.weights.DEFAULT_MAX_PAIRS` is
@@ -47,12 +61,13 @@ import resource
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyro
+import pyro.distributions as dist
 import pyro.infer
 import pyro.optim
 import torch
@@ -99,6 +114,24 @@ class SpeedConfig:
     max_pairs_grid: tuple[int, ...] = (1024, 4096, 16384, 65536)
     max_pairs_grid_cuda: tuple[int, ...] = (16384, 65536, 262_144, 1_048_576)
     seed: int = 0
+    overhead: OverheadConfig = field(default_factory=lambda: OverheadConfig())
+
+
+@dataclass(frozen=True)
+class OverheadConfig:
+    """The ``overhead`` task: a network so small that its arithmetic is negligible, on the CPU,
+    so that what is measured is what each step costs the host — the CPU stand-in for a GPU step,
+    which the host bounds (shared/measurements/h200-2026-12-04)."""
+
+    data_dim: int = 16
+    hidden_dim: int = 8
+    latent_dim: int = 2
+    batch_size: int = 8
+    warmup_steps: int = 50
+    timed_steps: int = 200  # per contender per round
+    rounds: int = 5
+    epoch_steps: int = 2000  # steps per epoch of the whole-fit rows
+    epoch_rounds: int = 3  # timed epochs per contender, after one untimed
 
 
 PROFILES = {
@@ -120,6 +153,9 @@ PROFILES = {
         sweep_points_cuda=10,
         max_pairs_grid=(64, 256),
         max_pairs_grid_cuda=(64, 256),
+        overhead=OverheadConfig(
+            warmup_steps=5, timed_steps=10, rounds=2, epoch_steps=110, epoch_rounds=1
+        ),
     ),
 }
 
@@ -150,6 +186,7 @@ def run(
     del epoch_data
     rows.append(_time_evaluate(cfg, dev))
     rows += _sweep_max_pairs(cfg, dev)
+    rows += _time_overhead(cfg)
     frame = pd.DataFrame(rows)
     for column in ("batch_size", "max_pairs"):  # each empty on some rows
         frame[column] = frame[column].astype("Int64")
@@ -238,12 +275,42 @@ def _iwae_loss(model: VAE, guide: GaussianEncoder, x: torch.Tensor, k: int) -> t
     return -bound.sum()
 
 
+def _plain_pair(cfg: SpeedConfig, data_dim: int, dev) -> tuple[Any, Any]:
+    """The same networks as a user's own pair, written as Pyro's VAE tutorial writes it:
+    functions registering their networks with ``pyro.module``, nothing declared to lvmkit."""
+    vae, encoder = _networks(cfg, data_dim, dev)
+    decoder, net, latent = vae.decoder, encoder.net, cfg.latent_dim
+
+    def model(x):
+        pyro.module("decoder", decoder)
+        with pyro.plate("data", x.shape[0]):
+            loc = x.new_zeros(x.shape[0], latent)  # (B, Dz)
+            z = pyro.sample("z", dist.Normal(loc, torch.ones_like(loc)).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=decoder(z)).to_event(1), obs=x)
+
+    def guide(x):
+        pyro.module("encoder", net)
+        with pyro.plate("data", x.shape[0]):
+            loc, log_var = net(x).split(latent, dim=-1)  # (B, Dz) each
+            pyro.sample("z", dist.Normal(loc, torch.exp(0.5 * log_var)).to_event(1))
+
+    return model, guide
+
+
 def _lvmkit_step(
-    cfg: SpeedConfig, dev, batch: torch.Tensor, *, objective: str, compile: bool, particles: int = 1
+    cfg: SpeedConfig,
+    dev,
+    batch: torch.Tensor,
+    *,
+    objective: str,
+    compile: bool | None,
+    particles: int = 1,
+    pair: Callable[[SpeedConfig, int, Any], tuple[Any, Any]] | None = None,
 ) -> Step:
     """lvmkit's training step itself: the :class:`~lvmkit.inference.step.Trainer` that ``fit``
-    builds for these options (``prepare``), stepped as ``fit`` steps it."""
-    model, guide = _networks(cfg, batch.shape[1], dev)
+    builds for these options (``prepare``), stepped as ``fit`` steps it. ``compile=None`` is
+    fit's default for a long run (a pair that declares nothing is tried: traced if it passes)."""
+    model, guide = (pair or _networks)(cfg, batch.shape[1], dev)
     trainer = prepare(
         model, guide, load(batch, model, guide, batch_size=len(batch), device=dev).train,
         objective=objective, num_particles=particles, compile=compile,
@@ -295,7 +362,12 @@ def _contenders(cfg: SpeedConfig, dev, batch: torch.Tensor) -> dict[str, Callabl
 
 
 def _time_steps(
-    cfg: SpeedConfig, dev, train: torch.Tensor, batch_size: int
+    cfg: SpeedConfig,
+    dev,
+    train: torch.Tensor,
+    batch_size: int,
+    contenders: dict[str, Callable[[], Step]] | None = None,
+    task: str = "svi_step",
 ) -> list[dict[str, object]]:
     generator = torch.Generator().manual_seed(cfg.seed)
     total = cfg.warmup_steps + cfg.rounds * cfg.timed_steps
@@ -305,13 +377,13 @@ def _time_steps(
     ]
     # Each contender keeps its own Pyro param store, as each fit does: their parameter names agree.
     store = pyro.get_param_store()
-    makers = _contenders(cfg, dev, batches[0])
+    makers = contenders or _contenders(cfg, dev, batches[0])
     states: dict[str, Any] = {name: {"params": {}, "constraints": {}} for name in makers}
     steps: dict[str, Step] = {}
     for name, make in makers.items():
         with store.scope(state=states[name]):
             steps[name] = make()
-    numpyro_note = _add_numpyro(steps, cfg, dev, batches)
+    numpyro_note = _add_numpyro(steps, cfg, dev, batches) if contenders is None else ""
     for name in steps:  # (NumPyro keeps no Pyro parameters, but is timed alike)
         states.setdefault(name, {"params": {}, "constraints": {}})
     times: dict[str, list[float]] = {name: [] for name in steps}
@@ -335,22 +407,22 @@ def _time_steps(
     floor = statistics.median(times["pytorch"])
     fused_floor = statistics.median(times["pytorch_fused"])  # lvmkit's optimizer is fused Adam
     numpyro = statistics.median(times["numpyro_jit"]) if "numpyro_jit" in times else math.nan
-    # lvmkit's IWAE against the same bound written by hand
-    iwae = statistics.median(times["lvmkit_iwae"]) / statistics.median(times["pytorch_iwae"])
-    notes = {
-        "pytorch_iwae": f"K={cfg.iwae_particles}",
-        "lvmkit_iwae": f"K={cfg.iwae_particles}; {iwae:.2f}× pytorch_iwae",
-    }
+    notes: dict[str, str] = {}
+    if "lvmkit_iwae" in times:  # lvmkit's IWAE against the same bound written by hand
+        iwae = statistics.median(times["lvmkit_iwae"]) / statistics.median(times["pytorch_iwae"])
+        notes["pytorch_iwae"] = f"K={cfg.iwae_particles}"
+        notes["lvmkit_iwae"] = f"K={cfg.iwae_particles}; {iwae:.2f}× pytorch_iwae"
     rows: list[dict[str, object]] = []
     for name, values in times.items():
         median = statistics.median(values)
         q1, _, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (median,) * 3
         rows.append(
             {
-                "task": "svi_step",
+                "task": task,
                 "batch_size": batch_size,
                 "contender": name,
                 "median_ms": 1e3 * median,
+                "median_us": 1e6 * median,
                 "iqr_ms": 1e3 * (q3 - q1),
                 "examples_per_s": batch_size / median,
                 "epoch_s": math.ceil(MNIST_TRAIN_SIZE / batch_size) * median,
@@ -401,19 +473,31 @@ def _timed(dev: torch.device, fn: Callable[..., object], *args: Any, **kwargs: A
 
 
 class _Alternate(Callback):
-    """Times fit's epochs end to end and runs one hand-written epoch after each of them."""
+    """Times fit's epochs end to end and runs one hand-written epoch after each of them; also
+    fit's set-up (from the call to the first step: data, checks, the first-call probe) and its
+    first epoch (Pyro's validation step, tracing and its check)."""
 
     def __init__(self, dev: torch.device, other_epoch: Callable[[int], float]) -> None:
         self.dev, self.other_epoch = dev, other_epoch
         self.ours: list[float] = []
-        self.other: list[float] = []
+        self.other: list[float] = []  # after the first (its warm-up)
+        self.other_all: list[float] = []
         self.mark: float | None = None
+        self.called = self.started = self.first_epoch = math.nan
+
+    def on_fit_start(self, info: Any) -> None:
+        _synchronize(self.dev)
+        self.started = time.perf_counter()
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         _synchronize(self.dev)
+        now = time.perf_counter()
         if self.mark is not None:  # fit's first epoch (validation, tracing) is not counted
-            self.ours.append(time.perf_counter() - self.mark)
+            self.ours.append(now - self.mark)
+        else:
+            self.first_epoch = now - self.started
         seconds = self.other_epoch(epoch)
+        self.other_all.append(seconds)
         if epoch > 1:  # the hand-written loop's first epoch is its warm-up
             self.other.append(seconds)
         _synchronize(self.dev)
@@ -440,29 +524,100 @@ def _pytorch_epoch(
 
 
 def _time_epochs(
-    cfg: SpeedConfig, dev: torch.device, data: torch.Tensor, batch_size: int
+    cfg: SpeedConfig,
+    dev: torch.device,
+    data: torch.Tensor,
+    batch_size: int,
+    pairs: dict[str, Callable[[], tuple[Any, Any]]] | None = None,
+    rounds: int | None = None,
+    task: str = "epoch",
 ) -> list[dict[str, object]]:
-    other = _pytorch_epoch(cfg, dev, data, batch_size)  # built first: its set-up seeds the RNG
-    clock = _Alternate(dev, other)
-    model, guide = _networks(cfg, data.shape[1], dev)
-    fit(
-        model, guide, data, epochs=1 + cfg.epoch_rounds, batch_size=batch_size, lr=cfg.lr,
-        device=dev, seed=cfg.seed, progress=False, callbacks=[clock],
-    )  # fmt: skip
-    floor = statistics.median(clock.other)
-    rows = []
-    for name, values in (("pytorch_fused", clock.other), ("lvmkit", clock.ours)):
-        median = statistics.median(values)
-        rows.append(
-            {
-                "task": "epoch",
+    """Whole ``fit`` epochs of each pair in ``pairs`` (default: lvmkit's VAE and the same
+    networks as a user's plain-function pair), each alternating with a hand-written loop (fused
+    Adam) of its own. Besides the median epoch, ``setup_s`` (call to first step) and
+    ``ratio_with_setup``: fit's whole wall time over the hand-written loop's for the same
+    epochs, its first included — what a short run costs."""
+    rounds = cfg.epoch_rounds if rounds is None else rounds
+    data_dim = data.shape[1]
+    pairs = pairs or {
+        "lvmkit": lambda: _networks(cfg, data_dim, dev),
+        "lvmkit_user_pair": lambda: _plain_pair(cfg, data_dim, dev),
+    }
+    rows: list[dict[str, object]] = []
+    for name, make in pairs.items():
+        pyro.clear_param_store()
+        other = _pytorch_epoch(cfg, dev, data, batch_size)  # built first: it seeds the RNG
+        clock = _Alternate(dev, other)
+        model, guide = make()
+        _synchronize(dev)
+        called = time.perf_counter()
+        result = fit(
+            model, guide, data, epochs=1 + rounds, batch_size=batch_size, lr=cfg.lr,
+            device=dev, seed=cfg.seed, progress=False, callbacks=[clock],
+        )  # fmt: skip
+        _synchronize(dev)
+        whole = time.perf_counter() - called - sum(clock.other_all)
+        floor = statistics.median(clock.other)
+        note = f"median of {rounds} epochs of {len(data)} points, alternating"
+        for contender, values in ((f"pytorch_fused ({name})", clock.other), (name, clock.ours)):
+            median = statistics.median(values)
+            row: dict[str, object] = {
+                "task": task,
                 "batch_size": batch_size,
-                "contender": name,
+                "contender": contender,
                 "examples_per_s": len(data) / median,
                 "epoch_s": median,
                 "ratio_to_pytorch_fused": median / floor,
-                "note": f"median of {len(values)} epochs of {len(data)} images, alternating",
+                "note": note,
             }
+            if contender == name:
+                row.update(
+                    setup_s=clock.started - called,
+                    first_epoch_s=clock.first_epoch,
+                    ratio_with_setup=whole / sum(clock.other_all),
+                    note=f"{note}; {'traced' if result.compiled else 'eager'}",
+                )
+            rows.append(row)
+    return rows
+
+
+def _time_overhead(cfg: SpeedConfig) -> list[dict[str, object]]:
+    """The ``overhead`` task (see :class:`OverheadConfig`): host microseconds per step of the
+    tiny network on the CPU, and the same through whole ``fit`` epochs."""
+    o = cfg.overhead
+    tiny = replace(
+        cfg, hidden_dim=o.hidden_dim, latent_dim=o.latent_dim, warmup_steps=o.warmup_steps,
+        timed_steps=o.timed_steps, rounds=o.rounds,
+    )  # fmt: skip
+    cpu = torch.device("cpu")
+    generator = torch.Generator().manual_seed(cfg.seed)
+    points = o.epoch_steps * o.batch_size
+    data = torch.bernoulli(torch.full((points, o.data_dim), 0.3), generator=generator)
+    batch = data[: o.batch_size]
+
+    def step(**options: Any) -> Callable[[], Step]:
+        return lambda: _lvmkit_step(tiny, cpu, batch, objective="elbo", **options)
+
+    contenders: dict[str, Callable[[], Step]] = {
+        "pytorch": lambda: _pytorch_step(tiny, cpu, o.data_dim, fused=False),
+        "pytorch_fused": lambda: _pytorch_step(tiny, cpu, o.data_dim, fused=True),
+        "lvmkit": step(compile=True),  # fit's default for the built-in VAE: traced
+        "lvmkit_eager": step(compile=False),
+        "lvmkit_user_pair": step(compile=None, pair=_plain_pair),  # fit's default, a long run
+        "lvmkit_user_pair_eager": step(compile=False, pair=_plain_pair),
+        "pyro_svi": lambda: _pyro_svi_step(tiny, cpu, o.data_dim),
+    }
+    rows = _time_steps(tiny, cpu, data, o.batch_size, contenders, task="overhead step")
+    pairs = {
+        "lvmkit": lambda: _networks(tiny, o.data_dim, cpu),
+        "lvmkit_user_pair": lambda: _plain_pair(tiny, o.data_dim, cpu),
+    }
+    rows += _time_epochs(
+        tiny, cpu, data, o.batch_size, pairs, rounds=o.epoch_rounds, task="overhead fit"
+    )
+    for row in rows:
+        row["note"] = f"{o.data_dim}-{o.hidden_dim}-{o.latent_dim} VAE on the CPU; " + str(
+            row.get("note", "")
         )
     return rows
 

@@ -84,7 +84,7 @@ def prepare(
     objective: str | pyro.infer.ELBO = "elbo",
     num_particles: int = 1,
     optim: OptimSpec | None = None,
-    compile: bool = False,
+    compile: bool | None = False,
     scaler: LatentScale | None = None,
     data_plate: str | None = None,
     vectorize_particles: bool | None = None,
@@ -120,7 +120,7 @@ def prepare(
         with placement.scope():
             return active["loss"](*call.args, **call.kwargs)
 
-    traced = CompiledLoss(*scored, eager) if compile else None
+    traced = CompiledLoss(*scored, eager, auto=compile is None) if compile is not False else None
 
     def source_loss(call: Data) -> torch.Tensor:
         if traced is None:

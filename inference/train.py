@@ -44,7 +44,12 @@ from lvmkit.inference.rundir import RunDir, history_columns, recorded_threads
 from lvmkit.inference.step import prepare
 from lvmkit.inference.threads import resumed as resumed_threads, using as using_threads
 
+# compile=None traces a pair that does not declare its structure only when the run is this long:
+# tracing and its check cost about as much as 50-100 eager steps of a small network.
+AUTO_TRACE_STEPS = 200
+
 __all__ = [
+    "AUTO_TRACE_STEPS",
     "LR_REDUCTION",
     "MAX_LR_REDUCTIONS",
     "NONFINITE_POLICIES",
@@ -174,10 +179,16 @@ def fit(
         compile: trace the ``"elbo"`` loss with the PyTorch JIT, once per argument shape
             (:mod:`lvmkit.inference.compiled`); for models whose structure is the same every
             step. A model that cannot be traced trains uncompiled, with a warning saying why.
-            ``None`` (default): compile when the objective is ``"elbo"`` with one particle and
-            no KL warm-up, and model and guide declare ``static_structure = True`` (the
-            built-in VAE and encoder do); user models stay uncompiled unless asked, since
-            tracing would freeze data-dependent control flow without a word.
+            ``None`` (default): where the objective is ``"elbo"`` with one particle and no KL
+            warm-up, compile a pair whose model and guide declare ``static_structure = True``
+            (the built-in VAE and encoder do), and try any other pair — unless one of them
+            declares ``static_structure = False`` — when the run has at least
+            :data:`AUTO_TRACE_STEPS` steps: each graph is checked on its first minibatch
+            (the traced loss and gradients must equal the eager ones; no value computed from a
+            tensor may steer Python, e.g. ``if x.sum() > 0``), and a pair that fails trains
+            eagerly with one log line saying why. A model whose structure follows Python state
+            that changes during training (a counter, an attribute a callback sets) cannot be
+            checked so: declare ``static_structure = False`` on it, or pass ``compile=False``.
         checkpoint_every: also check and checkpoint every this many steps inside an epoch
             (``None``: at epoch ends only). Each check point costs one host sync.
         on_nonfinite: what to do when the loss, a gradient or a parameter turns NaN/inf — found
@@ -284,6 +295,8 @@ def fit(
             trainer, model, guide, options, seed=order_seed, dev=dev, world=world,
             run=files.run, val=val, val_total=val_total, schedule=loaded.schedule,
         )  # fmt: skip
+        if trainer.compiled is not None and trainer.compiled.auto:  # worth tracing?
+            trainer.compiled.enabled = epochs * loop.steps_per_epoch >= AUTO_TRACE_STEPS
         files.open(loop, settings, metadata, keep_seed=seed is None)
         if world.distributed:
             trainer.distribute(world, dev)
@@ -300,7 +313,7 @@ def fit(
             raise
     history = pd.DataFrame(loop.progress.history, columns=columns)
     notify(options.callbacks, "on_fit_end", history, None)
-    compiled = trainer.compiled is not None and trainer.compiled.failure is None
+    compiled = trainer.compiled is not None and trainer.compiled.active
     return FitResult(
         model, guide, history, dict(trainer.params), dev, files.path, compiled,
         stopped_early=loop.stopped,
@@ -338,7 +351,7 @@ def _settings(
         "batch_size": batch_size,
         "lr": trainer.optim.lr,
         "seed": order_seed,
-        "compile": bool(compile),
+        "compile": "auto" if compile is None else bool(compile),
         "kl_schedule": kl_schedule.to_dict() if kl_schedule is not None else None,
         "world_size": world.size,
         "num_points": train[0].num_points,
@@ -432,21 +445,23 @@ class _RunFiles:
         distributed.leave(self.world)
 
 
-def _check_compile(compile, several, objective, num_particles, annealed, model, guide) -> bool:
-    """compile=True/False/None (auto) against the other options."""
+def _check_compile(
+    compile, several, objective, num_particles, annealed, model, guide
+) -> bool | None:
+    """compile=True/False/None (auto) against the other options: True traces, False does not,
+    None tries (a pair that does not declare ``static_structure``: see :func:`fit`)."""
     if compile and several:
         raise ValueError(
             "compile=True is not supported with several processes (torchrun): "
             "DistributedDataParallel wraps the eager loss; use compile=False"
         )
-    if compile is None:
-        return (
-            not several
-            and objective == "elbo"
-            and not annealed
-            and num_particles == 1
-            and all(getattr(obj, "static_structure", False) is True for obj in (model, guide))
-        )
+    if compile is None:  # trace where the options allow: declared pairs always, others tried
+        if several or objective != "elbo" or annealed or num_particles != 1:
+            return False
+        declared = [getattr(obj, "static_structure", None) for obj in (model, guide)]
+        if any(d is False for d in declared):
+            return False
+        return True if all(d is True for d in declared) else None
     if compile and objective != "elbo":
         raise ValueError(
             f"compile=True traces the 'elbo' objective only; got objective={objective!r} "

@@ -73,10 +73,21 @@ def test_speed_table():
     evaluation = frame[frame.task.str.startswith("evaluate K=")]
     assert len(evaluation) == 1 and evaluation.seconds_per_1000_points.iloc[0] > 0
     epochs = frame[frame.task == "epoch"].set_index("contender")
-    assert set(epochs.index) == {"pytorch_fused", "lvmkit"}
-    assert epochs.loc["pytorch_fused", "ratio_to_pytorch_fused"] == 1.0
+    pairs = ["lvmkit", "lvmkit_user_pair"]  # the built-in VAE, the same networks as functions
+    assert set(epochs.index) == {*pairs, *(f"pytorch_fused ({p})" for p in pairs)}
+    assert epochs.loc["pytorch_fused (lvmkit)", "ratio_to_pytorch_fused"] == 1.0
     assert (epochs.epoch_s > 0).all() and epochs.note.str.startswith("median of 2 epochs").all()
     assert (epochs.examples_per_s == speed.PROFILES["quick"].epoch_points / epochs.epoch_s).all()
+    assert (epochs.loc[pairs, ["setup_s", "first_epoch_s", "ratio_with_setup"]] > 0).all().all()
+    overhead = frame[frame.task == "overhead step"].set_index("contender")
+    assert set(overhead.index) == {
+        "pytorch", "pytorch_fused", "lvmkit", "lvmkit_eager", "lvmkit_user_pair",
+        "lvmkit_user_pair_eager", "pyro_svi",
+    }  # fmt: skip
+    assert (overhead.median_us > 0).all() and overhead.note.str.startswith("16-8-2 VAE").all()
+    fits = frame[frame.task == "overhead fit"].set_index("contender")
+    assert fits.loc["lvmkit_user_pair", "note"].endswith("traced")  # a long run of a user pair
+    assert fits.loc[pairs, "ratio_with_setup"].notna().all()
     sweep = frame[frame.task == "evaluate max_pairs"]
     assert list(sweep.max_pairs) == list(speed.PROFILES["quick"].max_pairs_grid)
     assert (sweep.seconds_per_1000_points > 0).all()

@@ -1,9 +1,12 @@
-"""fit(compile=True): the traced loss trains like the eager one, or falls back and says why."""
+"""fit(compile=True), and compile=None on a user's pair: the traced loss trains like the eager one,
+or falls back and says why."""
 
 from __future__ import annotations
 
+import re
 import warnings
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -11,6 +14,7 @@ import torch
 
 import lvmkit
 from lvmkit.inference.calls import call_of
+from lvmkit.inference.train import AUTO_TRACE_STEPS
 from plain_pair import make_plain_pair
 
 
@@ -150,7 +154,12 @@ def test_the_specialized_graph_is_smaller_and_computes_the_traced_loss_and_gradi
     pyro.set_rng_seed(0)
     model, guide = lvmkit.build_vae(lvmkit.VAEConfig(data_dim=12, latent_dim=2, hidden_dims=(16,)))
     x = _data(32)
-    loss = compiled.CompiledLoss(model, guide, fallback=None)
+    eager = pyro.infer.Trace_ELBO()
+
+    def fallback(call):  # the eager loss the graph is checked against when it is made
+        return eager.differentiable_loss(model, guide, *call.args, **call.kwargs)
+
+    loss = compiled.CompiledLoss(model, guide, fallback=fallback)
     with pyro.validation_enabled(False):
         loss(call_of((), {"x": x}))  # traces and specialises
     ((key, specialized),) = loss._by_shape.items()
@@ -196,3 +205,98 @@ def test_without_the_specialisation_the_plain_traced_replay_still_trains(monkeyp
     assert traced.history.train_loss.tolist() == pytest.approx(
         eager.history.train_loss.tolist(), rel=1e-5
     )
+
+
+# -- a user's own pair: traced on a long run where it checks out, else eager with one line -------
+
+
+def _user_pair(branch: bool = False, draw_numpy: bool = False, declared: bool | None = None):
+    """A plain-function VAE as Pyro's tutorial writes it (nothing declared to lvmkit)."""
+    pyro.set_rng_seed(0)
+    decoder = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.ReLU(), torch.nn.Linear(8, 12))
+    encoder = torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    rng = np.random.default_rng(0)
+
+    def model(x):
+        pyro.module("decoder", decoder)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], 2), 1.0).to_event(1))
+            logits = decoder(z)  # (N, 12)
+            if branch and x.sum() > 60:  # a tensor steering Python: tracing would freeze it
+                logits = 2 * logits
+            if draw_numpy:  # numpy's draws: a trace would freeze this one
+                logits = logits + float(rng.normal())
+            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+
+    def guide(x):
+        pyro.module("encoder", encoder)
+        with pyro.plate("data", x.shape[0]):
+            loc, log_var = encoder(x).split(2, dim=-1)  # (N, 2) each
+            pyro.sample("z", dist.Normal(loc, (0.5 * log_var).exp()).to_event(1))
+
+    if declared is not None:
+        model.static_structure = declared  # type: ignore[attr-defined]
+    return model, guide
+
+
+def _user_fit(compile, steps: int = AUTO_TRACE_STEPS, **pair_options):
+    pyro.clear_param_store()
+    model, guide = _user_pair(**pair_options)
+    return lvmkit.fit(model, guide, _data(2 * steps), epochs=1, batch_size=2, seed=5,
+                      device="cpu", compile=compile, progress=False)  # fmt: skip
+
+
+def test_a_users_pair_is_traced_on_a_long_run_and_trains_as_the_eager_step():
+    traced, eager = _user_fit(None), _user_fit(False)
+    assert traced.compiled and not eager.compiled
+    assert traced.history.train_loss.tolist() == pytest.approx(
+        eager.history.train_loss.tolist(), rel=1e-6
+    )
+    for name, value in eager.params.items():
+        torch.testing.assert_close(traced.params[name], value, atol=1e-6, rtol=1e-6)
+    assert not _user_fit(None, steps=20).compiled  # a short run: tracing would not pay
+
+
+@pytest.mark.parametrize(
+    "options, why",
+    [
+        ({"branch": True}, r"Converting a tensor to a Python boolean .*test_compiled\.py:\d+"),
+        ({"draw_numpy": True}, r"the traced loss differs from the eager one: loss"),
+        ({"declared": False}, None),
+    ],
+    ids=["a tensor steers Python", "numpy draws", "declared dynamic"],
+)
+def test_a_users_pair_that_cannot_be_traced_trains_eagerly_saying_why_in_one_line(
+    options, why, caplog
+):
+    with caplog.at_level("WARNING", logger="lvmkit"):
+        result = _user_fit(None, **options)
+    assert not result.compiled
+    lines = [r.getMessage() for r in caplog.records if "untraced" in r.getMessage()]
+    if why is None:  # static_structure = False: not tried, nothing to say
+        assert lines == []
+    else:
+        assert len(lines) == 1 and "\n" not in lines[0]
+        assert re.search(why, lines[0]), lines[0]
+
+
+def test_a_traced_users_pair_resumes_to_the_bits_of_an_uninterrupted_run(tmp_path):
+    class Stop(lvmkit.Callback):
+        def on_epoch_end(self, epoch, metrics):
+            if epoch == 1:
+                raise KeyboardInterrupt  # the run dies after its first epoch's checkpoint
+
+    def run(path, **options):
+        pyro.clear_param_store()
+        model, guide = _user_pair()
+        data = _data(AUTO_TRACE_STEPS)  # 2 epochs of 100 steps
+        return lvmkit.fit(model, guide, data, epochs=2, batch_size=2, seed=5, device="cpu",
+                          run_dir=path, progress=False, **options)  # fmt: skip
+
+    whole = run(tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", callbacks=[Stop()])
+    resumed = run(tmp_path / "cut", resume=True)
+    assert whole.compiled and resumed.compiled
+    for name, value in whole.params.items():
+        assert torch.equal(resumed.params[name], value), name
