@@ -91,7 +91,9 @@ class CompiledLoss:
     here). ``auto=True`` is ``fit``'s default for a user's pair (``compile=None``): it gives up
     also where tracing warned of a Python value computed from a tensor (``bool(x.sum() > 0)``,
     ``int(lengths.max())``: control flow the graph would freeze), and says so in one log line
-    instead of a warning. ``enabled=False`` runs the fallback throughout.
+    instead of a warning; it leaves a minibatch smaller than the first (an epoch's last) to the
+    fallback, as one step an epoch does not repay a trace. ``enabled=False`` runs the fallback
+    throughout.
     """
 
     def __init__(
@@ -106,6 +108,7 @@ class CompiledLoss:
         self.failure: str | None = None
         self.auto, self.enabled = auto, True
         self._by_shape: dict[tuple[Any, ...], Callable[[list[torch.Tensor]], torch.Tensor]] = {}
+        self._points: dict[tuple[Any, ...], int] = {}  # each call structure's first minibatch
         self._model, self._guide = model, guide
 
     @property
@@ -125,6 +128,10 @@ class CompiledLoss:
         shape = (keys, *((tuple(t.shape), t.dtype, t.device) for t in values))
         loss = self._by_shape.get(shape)
         if loss is None:
+            points = call.num_points or 0
+            first = self._points.setdefault(keys, points)
+            if self.auto and points < first:  # an epoch's last, smaller minibatch: one step an
+                return self.fallback(call)  # epoch does not repay a trace and its check
             loss = self._compile(shape, keys, values, call)
             if loss is None:
                 return self.fallback(call)
