@@ -193,6 +193,32 @@ def test_the_specialized_graph_is_smaller_and_computes_the_traced_loss_and_gradi
     assert all(torch.equal(a, b) for a, b in zip(g1, g2, strict=True))
 
 
+@pytest.mark.parametrize("auto", [True, False], ids=["fit's auto tracing", "compile=True"])
+def test_an_epochs_last_smaller_minibatch_is_traced_only_when_asked(auto):
+    """Under auto tracing, a minibatch smaller than the first (an epoch's last) runs eagerly: one
+    step an epoch does not repay a trace and its check. compile=True traces every shape."""
+    from lvmkit.inference import compiled
+
+    pyro.clear_param_store()
+    model, guide = lvmkit.build_vae(lvmkit.VAEConfig(data_dim=12, latent_dim=2, hidden_dims=(16,)))
+    eager = pyro.infer.Trace_ELBO()
+    eager_rows: list[int] = []
+
+    def fallback(call):
+        eager_rows.append(len(call.kwargs["x"]))
+        return eager.differentiable_loss(model, guide, *call.args, **call.kwargs)
+
+    loss = compiled.CompiledLoss(model, guide, fallback=fallback, auto=auto)
+    x = _data(10)
+    with pyro.validation_enabled(False):
+        for rows in (slice(0, 4), slice(4, 8), slice(8, 10), slice(0, 4), slice(8, 10)):
+            loss(call_of((), {"x": x[rows]}))
+    shapes = sorted(key[1][0][0] for key in loss._by_shape)
+    assert loss.active and shapes == ([4] if auto else [2, 4])
+    checks = [4] if auto else [4, 2]  # each graph's first call checks it against the eager loss
+    assert eager_rows == (checks + [2, 2] if auto else checks)
+
+
 def test_without_the_specialisation_the_plain_traced_replay_still_trains(monkeypatch):
     from lvmkit.inference import compiled
 
