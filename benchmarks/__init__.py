@@ -74,16 +74,18 @@ def run(
 
 
 def write_results(frame: pd.DataFrame, out_dir: str | Path, name: str) -> tuple[Path, Path]:
-    """Write ``frame`` to ``out_dir/name.csv`` and ``out_dir/name.md`` (and its learning curves
-    to ``out_dir/name-curves.csv``); return the first two paths."""
+    """Write ``frame`` to ``out_dir/name.csv`` and ``out_dir/name.md`` (and the tables it carries
+    in its attrs: learning curves to ``out_dir/name-curves.csv``, per-point numbers to
+    ``out_dir/name-points.csv``); return the first two paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     csv, markdown = out / f"{name}.csv", out / f"{name}.md"
     atomic_write_text(csv, frame.to_csv(index=False))
     atomic_write_text(markdown, frame.to_markdown(index=False, floatfmt=".3g") + "\n")
-    curves = frame.attrs.get("curves")
-    if isinstance(curves, pd.DataFrame) and not curves.empty:
-        atomic_write_text(out / f"{name}-curves.csv", curves.to_csv(index=False))
+    for key in ("curves", "points"):
+        table = frame.attrs.get(key)
+        if isinstance(table, pd.DataFrame) and not table.empty:
+            atomic_write_text(out / f"{name}-{key}.csv", table.to_csv(index=False))
     return csv, markdown
 
 

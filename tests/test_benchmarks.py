@@ -35,6 +35,9 @@ def test_every_benchmark_runs_from_the_cli(name, tmp_path, capsys):
         ]
         assert "mine" in set(who) and len(set(who)) > 2, set(who)
         assert (tmp_path / f"{name}-cpu-quick-curves.csv").is_file()
+    if name == "ais":  # the per-image numbers: which images move from IS to AIS
+        points = pd.read_csv(tmp_path / "ais-cpu-quick-points.csv")
+        assert {"image", "is", "ais_10", "approximation_gap"} <= set(points.columns)
 
 
 HAS_NUMPYRO = (
