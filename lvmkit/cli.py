@@ -247,7 +247,8 @@ def _bench_options(bench: argparse.ArgumentParser) -> None:
         "--profile",
         default="full",
         help="quick (seconds) | full (the papers' protocols, shortened: minutes to hours on 2 "
-        "CPU cores) | paper (the papers' lengths: GPU)",
+        "CPU cores) | paper (the papers' lengths: GPU); bench ais also has long (10,000 AIS "
+        "steps on a few images: minutes on one CPU thread)",
     )
     bench.add_argument(
         "--contender",
