@@ -216,7 +216,7 @@ def test_an_epochs_last_smaller_minibatch_is_traced_only_when_asked(auto):
     shapes = sorted(key[1][0][0] for key in loss._by_shape)
     assert loss.active and shapes == ([4] if auto else [2, 4])
     checks = [4] if auto else [4, 2]  # each graph's first call checks it against the eager loss
-    assert eager_rows == (checks + [2, 2] if auto else checks)
+    assert eager_rows == ([*checks, 2, 2] if auto else checks)
 
 
 def test_without_the_specialisation_the_plain_traced_replay_still_trains(monkeypatch):
