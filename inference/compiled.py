@@ -254,8 +254,10 @@ class _Specialized:
 
     The passes are TorchScript's own: peephole turns the sizes of completely typed inputs into
     constants and drops no-op expands; constant propagation evaluates each node whose inputs are
-    all constant (random nodes never are); CSE and DCE tidy up. What remains are the same
-    operations on the same values, so the loss and its gradients are those of the traced graph.
+    all constant (random nodes never are); CSE and DCE tidy up. Two are lvmkit's: tensors made
+    from an input's metadata alone become constants (:func:`_fold_made_from_metadata`), and
+    identities go (:func:`_drop_identities`). What remains are the same operations on the same
+    values, so the loss and its gradients are those of the traced graph.
     """
 
     def __init__(self, elbo: _JitTraceELBO) -> None:
@@ -264,6 +266,7 @@ class _Specialized:
         self.names = list(cache._param_names)
         graph = traced.graph.copy()
         for _ in range(2):  # a fold can expose another size or no-op
+            _fold_made_from_metadata(graph)
             torch._C._jit_pass_peephole(graph, False)
             torch._C._jit_pass_constant_propagation(graph)
             _drop_identities(graph)
@@ -347,6 +350,43 @@ def _identity_of(node: Any) -> list[Any] | None:
     if kind in ("aten::reshape", "aten::view") and _same_type(inputs[0], out):
         return [inputs[0]]
     return None
+
+
+_MADE_FROM_METADATA = frozenset(
+    {
+        "aten::new_zeros",
+        "aten::new_ones",
+        "aten::new_full",
+        "aten::zeros_like",
+        "aten::ones_like",
+        "aten::full_like",
+    }
+)
+
+
+def _fold_made_from_metadata(graph: Any) -> None:
+    """Stand a constant in for the tensor that ``x.new_zeros(n, d)``, ``torch.ones_like(loc)``
+    and the like read only the shape, dtype and device of: the graph is specialised to those,
+    so constant propagation then evaluates the node once, and what follows from it (a prior's
+    ``scale.log()`` and ``scale ** 2``), leaving ``z - 0`` and ``... - log 1`` to drop as
+    identities. Pyro's tutorials build their priors this way (``x.new_zeros``, ``x.new_ones``);
+    traced, each step remade them (255 → 53 nodes for such a pair instead of 60; its tiny step in
+    `bench speed`'s overhead task 1.08–1.09× the fused hand-written step instead of 1.11×)."""
+    for node in list(graph.nodes()):
+        if node.kind() not in _MADE_FROM_METADATA:
+            continue
+        source, *options = node.inputs()
+        if source.node().kind() == "prim::Constant" or not source.isCompleteTensor():
+            continue
+        if any(value.node().kind() != "prim::Constant" for value in options):
+            continue
+        kind = source.type()
+        stand_in = torch.empty_strided(  # (its values are never read)
+            kind.sizes(), kind.strides(), dtype=kind.dtype(), device=kind.device()
+        ).zero_()
+        with graph.insert_point_guard(node):
+            constant = graph.insertConstant(stand_in)
+        node.replaceInput(0, constant)
 
 
 def _drop_identities(graph: Any) -> None:

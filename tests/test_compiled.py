@@ -145,14 +145,43 @@ def test_compile_needs_the_elbo_objective():
         lvmkit.fit(model, guide, _data(8), objective="mean_field", compile=True, device="cpu")
 
 
-def test_the_specialized_graph_is_smaller_and_computes_the_traced_loss_and_gradients():
+def _tutorial_pair():
+    """A pair as Pyro's VAE tutorial writes one: plain functions, the prior made with
+    ``x.new_zeros`` / ``x.new_ones`` each call."""
+    decoder = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.ReLU(), torch.nn.Linear(16, 12))
+    encoder = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+
+    def model(x):
+        pyro.module("decoder", decoder)
+        with pyro.plate("data", x.shape[0]):
+            loc, scale = x.new_zeros(x.shape[0], 2), x.new_ones(x.shape[0], 2)
+            z = pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=decoder(z)).to_event(1), obs=x)
+
+    def guide(x):
+        pyro.module("encoder", encoder)
+        with pyro.plate("data", x.shape[0]):
+            loc, log_scale = encoder(x).split(2, dim=-1)
+            pyro.sample("z", dist.Normal(loc, log_scale.exp()).to_event(1))
+
+    return model, guide, [*decoder.parameters(), *encoder.parameters()]
+
+
+def _builtin_pair():
+    model, guide = lvmkit.build_vae(lvmkit.VAEConfig(data_dim=12, latent_dim=2, hidden_dims=(16,)))
+    return model, guide, [*model.parameters(), *guide.parameters()]
+
+
+@pytest.mark.parametrize("make", [_builtin_pair, _tutorial_pair], ids=["built-in", "tutorial"])
+def test_the_specialized_graph_is_smaller_and_computes_the_traced_loss_and_gradients(make):
     """The shape-specialised graph, called straight with the param store's tensors, gives the
-    loss and gradients of Pyro's traced function bit for bit, from fewer nodes."""
+    loss and gradients of Pyro's traced function bit for bit, from fewer nodes; a prior made
+    from the data's metadata (``x.new_zeros``, ``x.new_ones``) is a constant in it."""
     from lvmkit.inference import compiled
 
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
-    model, guide = lvmkit.build_vae(lvmkit.VAEConfig(data_dim=12, latent_dim=2, hidden_dims=(16,)))
+    model, guide, params = make()
     x = _data(32)
     eager = pyro.infer.Trace_ELBO()
 
@@ -166,6 +195,8 @@ def test_the_specialized_graph_is_smaller_and_computes_the_traced_loss_and_gradi
     assert key == ((0, ("x",)), ((32, 12), torch.float32, torch.device("cpu")))
     before, after = specialized.nodes
     assert after < before / 2
+    kinds = {node.kind() for node in specialized.function.graph.nodes()}
+    assert not kinds & compiled._MADE_FROM_METADATA
     elbo = compiled._JitTraceELBO(ignore_jit_warnings=True)  # Pyro's traced function, unfolded
 
     def positional_model(x):
@@ -177,7 +208,6 @@ def test_the_specialized_graph_is_smaller_and_computes_the_traced_loss_and_gradi
     with warnings.catch_warnings(), pyro.validation_enabled(False):
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.trace's, as in compiled.py
         elbo.differentiable_loss(positional_model, positional_guide, x)
-    params = list(model.parameters()) + list(guide.parameters())
     results = []
     for call in (
         lambda: specialized([x]),
