@@ -94,6 +94,21 @@ PROFILES = {
         models=("VAE",),
         bdmc_steps=(1000,),
     ),
+    # Wu et al.'s 1,000 test images at the 1,000-step row, the default VAE alone: about 40 minutes
+    # on the 2-core CPU (both threads)
+    "wide": AISBenchConfig(
+        (400,),
+        20,
+        epochs=10,
+        train_points=None,
+        eval_points=1000,
+        is_samples=5000,
+        chains=8,
+        steps=(1000,),
+        bdmc_points=20,
+        bdmc_chains=4,
+        models=("VAE",),
+    ),
     # Wu et al. (2017)'s scale: the GPU's job (not run here)
     "paper": AISBenchConfig(
         (400,),
