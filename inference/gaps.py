@@ -170,10 +170,10 @@ def gap_split(
     ):
         with torch.no_grad():
             layout = find_layout(model, guide, values, vectorize=True)
-        chunks = [values] if n <= points else [
-            values.take(slice(start, min(n, start + points))) for start in range(0, n, points)
-        ]  # fmt: skip
-        parts = [_split_chunk(model, guide, chunk, layout, lr) for chunk in chunks]
+        parts = [
+            _split_chunk(model, guide, values.take(slice(start, start + points)), layout, lr)
+            for start in range(0, n, points)
+        ]
     q = np.concatenate([part[0] for part in parts])
     qstar = np.concatenate([part[1] for part in parts])
     return pd.DataFrame(
