@@ -40,10 +40,9 @@ def _mlp(prefix: str, init: list[tuple[np.ndarray, np.ndarray]], h: jnp.ndarray)
     return h
 
 
-def make_step(
+def _svi(
     data_dim: int, hidden_dim: int, latent_dim: int, lr: float, first_batch: np.ndarray, seed: int
-) -> Callable[[jnp.ndarray], jnp.ndarray]:
-    """Return ``step(x) -> loss``, one jitted SVI update on a JAX array ``x`` of shape (B, D)."""
+) -> tuple[SVI, object]:
     rng = np.random.default_rng(seed)
     decoder_init = _init_mlp(rng, [latent_dim, hidden_dim, data_dim])
     encoder_init = _init_mlp(rng, [data_dim, hidden_dim, 2 * latent_dim])
@@ -60,7 +59,14 @@ def make_step(
             numpyro.sample("z", ndist.Normal(loc, jnp.exp(0.5 * log_var)).to_event(1))
 
     svi = SVI(model, guide, Adam(lr), Trace_ELBO())
-    state = svi.init(jax.random.PRNGKey(seed), jnp.asarray(first_batch))
+    return svi, svi.init(jax.random.PRNGKey(seed), jnp.asarray(first_batch))
+
+
+def make_step(
+    data_dim: int, hidden_dim: int, latent_dim: int, lr: float, first_batch: np.ndarray, seed: int
+) -> Callable[[jnp.ndarray], jnp.ndarray]:
+    """Return ``step(x) -> loss``, one jitted SVI update on a JAX array ``x`` of shape (B, D)."""
+    svi, state = _svi(data_dim, hidden_dim, latent_dim, lr, first_batch, seed)
     update = jax.jit(svi.update)
     holder = {"state": state}
 
@@ -69,3 +75,36 @@ def make_step(
         return loss.block_until_ready()
 
     return step
+
+
+def make_epoch(
+    hidden_dim: int,
+    latent_dim: int,
+    lr: float,
+    data: np.ndarray,
+    batch_size: int,
+    seed: int,
+    order: Callable[[int], np.ndarray],
+) -> Callable[[int], float]:
+    """Return ``epoch(number) -> loss``: one pass over ``data`` in ``order(number)``, each step
+    ``SVI.update`` on the minibatch gathered by index inside the jitted function (as a NumPyro
+    user writes a fast loop), the losses summed on the device and read once at the end."""
+    svi, state = _svi(data.shape[1], hidden_dim, latent_dim, lr, data[:batch_size], seed)
+    device_data = jnp.asarray(data)
+
+    @jax.jit
+    def update(state, total, index):
+        state, loss = svi.update(state, device_data[index])
+        return state, total + loss
+
+    holder = {"state": state}
+
+    def epoch(number: int) -> float:
+        indices = order(number)
+        total = jnp.zeros(())
+        for start in range(0, len(indices), batch_size):
+            index = jnp.asarray(indices[start : start + batch_size])
+            holder["state"], total = update(holder["state"], total, index)
+        return float(total)  # the epoch's loss, read once
+
+    return epoch

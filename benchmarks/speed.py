@@ -1,52 +1,58 @@
-"""Speed of SVI on the MNIST VAE: lvmkit against a hand-written PyTorch loop, in one process.
+"""Speed of SVI on the MNIST VAE: lvmkit against NumPyro's jitted step and a hand-written PyTorch
+loop, in one process.
 
 Every contender trains its own copy of the same 784-400-20 network (same initial weights, same
 minibatches) with Adam at lr 1e-3. Contenders alternate round by round, so that thermal or
 background drift hits them alike; each step is timed on its own (with CUDA synchronised around it)
-after warm-up steps that are not timed. Ratios are to the hand-written PyTorch loops measured in
-the same run: ``ratio_to_pytorch_fused`` compares with the same optimizer as lvmkit's (fused Adam
-where torch has the kernel).
+after warm-up steps that are not timed (compilation happens there). Ratios are to the contenders
+measured in the same run: ``ratio_to_numpyro`` to NumPyro's ``SVI.update`` under ``jax.jit`` (the
+peer a user picks when SVI must be fast), ``ratio_to_pytorch_fused`` to the hand-written loop with
+the same optimizer as lvmkit's (fused Adam where torch has the kernel).
 
 Contenders:
 
-- ``pytorch``: the floor: encoder → reparameterised z → decoder, fused BCE-with-logits plus the
-  analytic KL, ``torch.optim.Adam`` (foreach, torch's default);
+- ``numpyro_jit``: the same VAE in NumPyro, ``SVI.update`` under ``jax.jit`` (CPU only; needs the
+  ``numpyro`` extra, otherwise a skipped row says so), with XLA on as many threads as torch;
+- ``pytorch``: the floor of eager torch: encoder → reparameterised z → decoder, fused
+  BCE-with-logits plus the analytic KL, ``torch.optim.Adam`` (foreach, torch's default);
 - ``pytorch_fused``: the same with ``Adam(fused=True)``;
-- ``lvmkit``: what ``lvmkit.fit`` does by default for this pair: the very step ``fit`` runs
-  (``inference.step.prepare`` → ``Trainer.step``: fused Adam on the Trace_ELBO loss, traced with
-  the PyTorch JIT because the built-in VAE and encoder declare a static structure; traced during
-  warm-up);
-- ``lvmkit_eager``: the same with ``compile=False`` (the default for user models), validation off
-  as after fit's first step;
+- ``lvmkit``: the very step ``fit`` runs (``inference.step.prepare`` → ``Trainer.step``) with
+  ``compile=True``: the Trace_ELBO loss captured as an FX graph, its gradients and Adam compiled
+  as one function (:mod:`lvmkit.inference.compiled`; compiled during warm-up);
+- ``lvmkit_user_pair``: the same networks as a user's own pair (plain functions registering them
+  with ``pyro.module``, as Pyro's VAE tutorial writes them, nothing declared to lvmkit) with fit's
+  default for a long run (``compile=None``: compiled where its check passes);
+- ``lvmkit_eager``: the built-in pair with ``compile=False``, validation off as after fit's first
+  step;
 - ``lvmkit_mean_field``: the eager step with the analytic-KL objective;
 - ``pytorch_iwae`` and ``lvmkit_iwae``: the importance-weighted bound with K = ``iwae_particles``
   samples per point, hand-written (fused Adam) and as ``fit(objective="iwae")`` trains it; the
   IWAE row's note gives its ratio to the hand-written IWAE loop (its other ratios compare it with
   the one-sample ELBO loops, i.e. they include the K-fold work);
-- ``pyro_svi``: Pyro's own ``SVI`` + ``Trace_ELBO`` + ``pyro.optim.Adam``, for reference;
-- ``numpyro_jit``: the same VAE in NumPyro, ``SVI.update`` under ``jax.jit`` (CPU only; needs the
-  ``numpyro`` extra, otherwise a skipped row says so).
-Whole epochs are timed too (task ``epoch``): ``lvmkit.fit`` on the classic 50,000-image training
-split against the hand-written loop with fused Adam going through the same images in a shuffled
-order (index batches from a device-resident tensor, one loss read at the end). The two alternate
-epoch by epoch: a callback at the end of each of fit's epochs runs one hand-written epoch, so each
-lvmkit epoch is the wall time between two of fit's epoch ends — steps, the end-of-epoch NaN check
-and host sync, history row and in-memory rollback snapshot included; fit's first epoch (Pyro's
-validation step, tracing) is not counted.
+- ``pyro_svi``: Pyro's own ``SVI`` + ``Trace_ELBO`` + ``pyro.optim.Adam``, for reference.
 
-Task ``epoch`` also runs the same networks as a user's own pair (``lvmkit_user_pair``: plain
-functions registering them with ``pyro.module``, as Pyro's VAE tutorial writes them, nothing
-declared to lvmkit), and reports what a short run costs: ``setup_s`` (the call to the first step:
-data, checks, the first-call probe), ``first_epoch_s`` (Pyro's validation step, tracing and its
-check) and ``ratio_with_setup`` (fit's whole wall time over the hand-written loop's, first epochs
-included).
+Whole epochs are timed too (task ``epoch``): ``lvmkit.fit`` on the classic 50,000-image training
+split against the hand-written loop with fused Adam and NumPyro's jitted update, both going through
+the same images in the same shuffled order (index batches from device-resident data — NumPyro's
+gathered inside its jitted function — one loss read at the end). They alternate epoch by epoch: a
+callback at the end of each of fit's epochs runs one epoch of each other loop, so each lvmkit epoch
+is the wall time between two of fit's epoch ends — steps, the end-of-epoch NaN check and host sync,
+history row and in-memory rollback snapshot included; fit's first epoch (Pyro's validation step,
+capture and compilation) is not counted, nor the others' first (NumPyro's jit).
+
+Task ``epoch`` runs the built-in pair and the same networks as a user's own pair, and reports
+what a short run costs: ``setup_s`` (the call to the first step: data, checks, the first-call
+probe), ``first_epoch_s`` (Pyro's validation step, capture, check and compilation),
+``compile_s`` (capture, check and compilation alone), and ``ratio_with_setup`` /
+``ratio_with_setup_to_numpyro`` (fit's whole wall time over the other loop's for the same epochs,
+first epochs included).
 
 Task ``overhead`` (:class:`OverheadConfig`) is the CPU stand-in for the GPU, whose step the host
 bounds: a 16-8-2 VAE at batch 8, whose arithmetic is negligible, so that the host microseconds
-per step are what is measured — the hand-written steps (foreach and fused Adam), lvmkit's default
-(traced) and eager steps, a user's plain-function pair traced as ``fit`` does on a long run and
-eager, and Pyro's ``SVI`` (``overhead step``), then whole ``fit`` epochs of 2,000 steps against
-the hand-written loop (``overhead fit``).
+per step are what is measured — NumPyro's jitted step, the hand-written steps (foreach and fused
+Adam), lvmkit's compiled and eager steps, a user's plain-function pair as ``fit`` runs it on a
+long run and eagerly, and Pyro's ``SVI`` (``overhead step``), then whole ``fit`` epochs of 2,000
+steps against the hand-written loop and NumPyro (``overhead fit``), all on one thread.
 
 ``evaluate`` (importance-sampled log-likelihood, K = 5000) is timed on ``eval_points`` test images
 (on CUDA: all 10,000), and once per ``max_pairs`` setting on ``sweep_points`` images (task
@@ -57,8 +63,10 @@ chosen per device.
 from __future__ import annotations
 
 import math
+import os
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -309,7 +317,7 @@ def _lvmkit_step(
 ) -> Step:
     """lvmkit's training step itself: the :class:`~lvmkit.inference.step.Trainer` that ``fit``
     builds for these options (``prepare``), stepped as ``fit`` steps it. ``compile=None`` is
-    fit's default for a long run (a pair that declares nothing is tried: traced if it passes)."""
+    fit's default for a long run (compiled where the pair's check passes)."""
     model, guide = (pair or _networks)(cfg, batch.shape[1], dev)
     trainer = prepare(
         model, guide, load(batch, model, guide, batch_size=len(batch), device=dev).train,
@@ -350,6 +358,9 @@ def _contenders(cfg: SpeedConfig, dev, batch: torch.Tensor) -> dict[str, Callabl
         "pytorch_fused": lambda: _pytorch_step(cfg, dev, data_dim, fused=True),
         "lvmkit": lambda: _lvmkit_step(cfg, dev, batch, objective="elbo", compile=True),
         "lvmkit_eager": lambda: _lvmkit_step(cfg, dev, batch, objective="elbo", compile=False),
+        "lvmkit_user_pair": lambda: _lvmkit_step(
+            cfg, dev, batch, objective="elbo", compile=None, pair=_plain_pair
+        ),
         "lvmkit_mean_field": lambda: _lvmkit_step(
             cfg, dev, batch, objective="mean_field", compile=False
         ),
@@ -383,7 +394,7 @@ def _time_steps(
     for name, make in makers.items():
         with store.scope(state=states[name]):
             steps[name] = make()
-    numpyro_note = _add_numpyro(steps, cfg, dev, batches) if contenders is None else ""
+    numpyro_note = _add_numpyro(steps, cfg, dev, batches)
     for name in steps:  # (NumPyro keeps no Pyro parameters, but is timed alike)
         states.setdefault(name, {"params": {}, "constraints": {}})
     times: dict[str, list[float]] = {name: [] for name in steps}
@@ -436,7 +447,7 @@ def _time_steps(
     if numpyro_note:
         rows.append(
             {
-                "task": "svi_step",
+                "task": task,
                 "batch_size": batch_size,
                 "contender": "numpyro_jit",
                 "note": numpyro_note,
@@ -449,10 +460,9 @@ def _add_numpyro(steps: dict[str, Step], cfg: SpeedConfig, dev, batches: list[to
     """Add the NumPyro contender to ``steps``; return why it was left out, or ""."""
     if dev.type != "cpu":
         return "skipped: the NumPyro contender runs JAX on the CPU; compare on device cpu"
-    try:
-        from lvmkit.benchmarks import _numpyro_vae
-    except ImportError as err:
-        return f"skipped: NumPyro/JAX not installed ({err}); pip install 'lvmkit[numpyro]'"
+    _numpyro_vae, why = _import_numpyro()
+    if _numpyro_vae is None:
+        return why
     import jax.numpy as jnp
 
     arrays = {id(b): jnp.asarray(b.numpy()) for b in batches}  # converted once, outside timing
@@ -461,6 +471,21 @@ def _add_numpyro(steps: dict[str, Step], cfg: SpeedConfig, dev, batches: list[to
     )
     steps["numpyro_jit"] = lambda x: step(arrays[id(x)])
     return ""
+
+
+def _import_numpyro() -> tuple[Any, str]:
+    """The NumPyro contender's module, or None and why not. XLA is told to use as many CPU
+    threads as torch does here (one, in the overhead task and on a 1-thread run), so that each
+    contender computes with the same cores."""
+    if "jax" not in sys.modules and torch.get_num_threads() == 1:
+        os.environ.setdefault(
+            "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        )
+    try:
+        from lvmkit.benchmarks import _numpyro_vae
+    except ImportError as err:
+        return None, f"skipped: NumPyro/JAX not installed ({err}); pip install 'lvmkit[numpyro]'"
+    return _numpyro_vae, ""
 
 
 def _timed(dev: torch.device, fn: Callable[..., object], *args: Any, **kwargs: Any) -> float:
@@ -473,15 +498,15 @@ def _timed(dev: torch.device, fn: Callable[..., object], *args: Any, **kwargs: A
 
 
 class _Alternate(Callback):
-    """Times fit's epochs end to end and runs one hand-written epoch after each of them; also
-    fit's set-up (from the call to the first step: data, checks, the first-call probe) and its
-    first epoch (Pyro's validation step, tracing and its check)."""
+    """Times fit's epochs end to end and runs one epoch of each other contender after each of
+    them; also fit's set-up (from the call to the first step: data, checks, the first-call
+    probe) and its first epoch (Pyro's validation step, capture and compilation)."""
 
-    def __init__(self, dev: torch.device, other_epoch: Callable[[int], float]) -> None:
-        self.dev, self.other_epoch = dev, other_epoch
+    def __init__(self, dev: torch.device, others: dict[str, Callable[[int], float]]) -> None:
+        self.dev, self.others = dev, others
         self.ours: list[float] = []
-        self.other: list[float] = []  # after the first (its warm-up)
-        self.other_all: list[float] = []
+        self.other: dict[str, list[float]] = {name: [] for name in others}  # after the first
+        self.other_all: dict[str, list[float]] = {name: [] for name in others}
         self.mark: float | None = None
         self.called = self.started = self.first_epoch = math.nan
 
@@ -492,16 +517,20 @@ class _Alternate(Callback):
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         _synchronize(self.dev)
         now = time.perf_counter()
-        if self.mark is not None:  # fit's first epoch (validation, tracing) is not counted
+        if self.mark is not None:  # fit's first epoch (validation, compilation) is not counted
             self.ours.append(now - self.mark)
         else:
             self.first_epoch = now - self.started
-        seconds = self.other_epoch(epoch)
-        self.other_all.append(seconds)
-        if epoch > 1:  # the hand-written loop's first epoch is its warm-up
-            self.other.append(seconds)
+        for name, run in self.others.items():
+            seconds = run(epoch)
+            self.other_all[name].append(seconds)
+            if epoch > 1:  # each other loop's first epoch is its warm-up (NumPyro: its jit)
+                self.other[name].append(seconds)
         _synchronize(self.dev)
         self.mark = time.perf_counter()
+
+    def spent_on_others(self) -> float:
+        return sum(sum(values) for values in self.other_all.values())
 
 
 def _pytorch_epoch(
@@ -546,8 +575,9 @@ def _time_epochs(
     rows: list[dict[str, object]] = []
     for name, make in pairs.items():
         pyro.clear_param_store()
-        other = _pytorch_epoch(cfg, dev, data, batch_size)  # built first: it seeds the RNG
-        clock = _Alternate(dev, other)
+        others = {"pytorch_fused": _pytorch_epoch(cfg, dev, data, batch_size)}  # seeds the RNG
+        numpyro_note = _add_numpyro_epoch(others, cfg, dev, data, batch_size)
+        clock = _Alternate(dev, others)
         model, guide = make()
         _synchronize(dev)
         called = time.perf_counter()
@@ -556,10 +586,14 @@ def _time_epochs(
             device=dev, seed=cfg.seed, progress=False, callbacks=[clock],
         )  # fmt: skip
         _synchronize(dev)
-        whole = time.perf_counter() - called - sum(clock.other_all)
-        floor = statistics.median(clock.other)
+        whole = time.perf_counter() - called - clock.spent_on_others()
+        floor = statistics.median(clock.other["pytorch_fused"])
+        numpyro = (
+            statistics.median(clock.other["numpyro_jit"]) if "numpyro_jit" in others else math.nan
+        )
         note = f"median of {rounds} epochs of {len(data)} points, alternating"
-        for contender, values in ((f"pytorch_fused ({name})", clock.other), (name, clock.ours)):
+        series = [(f"{other} ({name})", values) for other, values in clock.other.items()]
+        for contender, values in [*series, (name, clock.ours)]:
             median = statistics.median(values)
             row: dict[str, object] = {
                 "task": task,
@@ -568,17 +602,51 @@ def _time_epochs(
                 "examples_per_s": len(data) / median,
                 "epoch_s": median,
                 "ratio_to_pytorch_fused": median / floor,
+                "ratio_to_numpyro": median / numpyro,
                 "note": note,
             }
+            if contender.startswith("numpyro_jit"):
+                row["first_epoch_s"] = clock.other_all["numpyro_jit"][0]  # its jit included
             if contender == name:
                 row.update(
                     setup_s=clock.started - called,
                     first_epoch_s=clock.first_epoch,
-                    ratio_with_setup=whole / sum(clock.other_all),
-                    note=f"{note}; {'traced' if result.compiled else 'eager'}",
+                    compile_s=result.compile_s,
+                    ratio_with_setup=whole / sum(clock.other_all["pytorch_fused"]),
+                    note=f"{note}; {'compiled' if result.compiled else 'eager'}",
                 )
+                if "numpyro_jit" in others:
+                    row["ratio_with_setup_to_numpyro"] = whole / sum(clock.other_all["numpyro_jit"])
             rows.append(row)
+        if numpyro_note:
+            rows.append({"task": task, "batch_size": batch_size, "contender": "numpyro_jit",
+                         "note": numpyro_note})  # fmt: skip
     return rows
+
+
+def _add_numpyro_epoch(
+    others: dict[str, Callable[[int], float]],
+    cfg: SpeedConfig,
+    dev: torch.device,
+    data: torch.Tensor,
+    batch_size: int,
+) -> str:
+    """Add NumPyro's epoch (the same images in the same order) to ``others``; or say why not."""
+    if dev.type != "cpu":
+        return "skipped: the NumPyro contender runs JAX on the CPU; compare on device cpu"
+    _numpyro_vae, why = _import_numpyro()
+    if _numpyro_vae is None:
+        return why
+    array = data.cpu().numpy()
+
+    def order(number: int):
+        return epoch_order(cfg.seed, number, len(array)).numpy()
+
+    run = _numpyro_vae.make_epoch(
+        cfg.hidden_dim, cfg.latent_dim, cfg.lr, array, batch_size, cfg.seed, order
+    )
+    others["numpyro_jit"] = lambda number: _timed(dev, run, number)
+    return ""
 
 
 def _time_overhead(cfg: SpeedConfig) -> list[dict[str, object]]:
@@ -601,7 +669,7 @@ def _time_overhead(cfg: SpeedConfig) -> list[dict[str, object]]:
     contenders: dict[str, Callable[[], Step]] = {
         "pytorch": lambda: _pytorch_step(tiny, cpu, o.data_dim, fused=False),
         "pytorch_fused": lambda: _pytorch_step(tiny, cpu, o.data_dim, fused=True),
-        "lvmkit": step(compile=True),  # fit's default for the built-in VAE: traced
+        "lvmkit": step(compile=True),  # what fit runs on a long run
         "lvmkit_eager": step(compile=False),
         "lvmkit_user_pair": step(compile=None, pair=_plain_pair),  # fit's default, a long run
         "lvmkit_user_pair_eager": step(compile=False, pair=_plain_pair),

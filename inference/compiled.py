@@ -1,430 +1,467 @@
-"""``fit(..., compile=True)``, and ``compile=None`` (the default) on a long run: the Trace_ELBO loss
-traced once per batch shape with the PyTorch JIT.
+"""The compiled step: loss, gradients, clipping and the optimizer's update as one compiled function.
 
 Pyro's per-step work — effect handlers, trace bookkeeping, distribution objects — is Python that
-runs every step. Tracing the loss with ``torch.jit.trace`` (through Pyro's ``pyro.ops.jit.trace``,
-which plumbs parameters by name) records the tensor operations once and replays them, which is
-valid for models whose structure does not change between steps (no data-dependent control flow,
-no new sample sites). On the 2-core CPU this brings the MNIST VAE step within ~1.05× of a
-hand-written PyTorch loop (see ``lvmkit bench speed``).
+runs every step, and an eager step then runs its backward pass and the optimizer op by op. NumPyro
+avoids both by running the whole of ``SVI.update`` as one jitted program. This module does the
+same on torch, for any model/guide pair whose step is a fixed tensor program per batch shape:
 
-What Pyro's own ``JitTrace_ELBO`` does not do, and this module does:
+1. **Capture** (:func:`capture`). One evaluation of the objective's loss on a minibatch is
+   recorded as an FX graph with ``torch.fx.experimental.proxy_tensor.make_fx`` (tracing mode
+   "real"), the trained parameters and the minibatch's tensors as the graph's inputs, the random
+   draws as nodes in it. Pyro's own host syncs in its ELBOs (``torch_item``, ``warn_if_nan``) are
+   switched off for the capture only: lvmkit checks for non-finite values at its check points. A
+   pair whose Python reads a tensor's value (``if x.sum() > 0``, ``int(lengths.max())``) cannot be
+   captured (make_fx refuses it); a graph that writes to a tensor that is not its own (BatchNorm's
+   running statistics) or keeps a tensor computed outside it that the pair may change is refused.
+2. **Check**. The graph's loss and gradients must equal the eager loss's on the same minibatch
+   and random draws (relative 1e-4 on the loss, 1e-3 on gradients), or the pair trains eagerly.
+   Parameters the eager loss leaves without a gradient get none here either (and no update).
+3. **Compile**. ``torch.func.grad_and_value`` over the graph, the gradient-norm clipping and the
+   optimizer's update (:mod:`lvmkit.inference.updates`: Adam, AdamW, SGD, Pyro's ClippedAdam, on
+   the optimizer's own state tensors, each group's learning rate an input) are one function,
+   compiled by ``torch.compile(fullgraph=True, dynamic=False)`` with inductor; on CUDA with
+   ``mode="reduce-overhead"``, so that a step replays as one CUDA graph. Random numbers are
+   torch's own (inductor's ``fallback_random``): a compiled step draws exactly what the eager step
+   draws from the same random state, so the two differ only in the last bits of fused
+   arithmetic, and a resumed compiled run replays an uninterrupted one bit for bit. Any other
+   optimizer (or Pyro's per-parameter ``clip_args``) gets a compiled loss and gradient and steps
+   eagerly. Inductor keeps what it compiled in its on-disk cache (``TORCHINDUCTOR_CACHE_DIR``, by
+   default under the system's temporary folder), so a second run of the same pair and shapes
+   compiles in seconds.
 
-- one traced graph per batch shape: Pyro keys its cache by argument count, so the last, smaller
-  minibatch of an epoch would replay a graph traced for the full batch size;
-- tensors always reach the traced function positionally (tensor keyword arguments would be hashed
-  by identity, recompiling every step);
-- no NaN check on the host per step, and compilation runs under ``torch.random.fork_rng`` so that
-  it draws nothing from the random stream: resumed runs stay identical to uninterrupted ones;
-- each traced graph is specialised to its batch shape and then called directly. The input sizes
-  become constants and TorchScript's own passes fold everything computed from them and from
-  constants alone (the plates' index ranges and scale factors, the prior's expanded parameters,
-  no-op expands and broadcasts; the 784-400-20 VAE's graph goes from 240 nodes to 78), and each
-  step hands the parameters to the graph straight from the param store instead of through Pyro's
-  ``pyro.ops.jit`` wrapper (a ``pyro.param`` effect per parameter, two effect handlers and a
-  hash of the arguments per call). The graph runs without the JIT's profiling optimisations
-  (``torch.jit.optimized_execution(False)``): they measured no faster here, and their symbolic
-  gradients, switched on after a few profiling runs, differ in the last bit from autograd's,
-  which would make a resumed run drift from an uninterrupted one. Measured on the 2-core CPU
-  (interleaved, hand-written PyTorch = 1): 784-400-20 VAE at batch 128, 1.12–1.15× → 1.03–1.05×;
-  a 784-32-4 VAE at batch 32, 1.15× → 1.04×;
-- nodes that compute nothing on the specialised types are dropped (:func:`_identity_of`): a
-  site's scale factor ``× 1``, the prior's ``− 0`` location and log-scale, ``elbo = 0 + …``,
-  ``/ 1`` over one particle, reshapes and ``broadcast_tensors`` to the same shape — and, where no
-  site needs a score-function term, the surrogate loss is the loss itself (one output, none of
-  the ``loss.detach() + (surrogate − surrogate.detach())`` glue). IEEE arithmetic makes these
-  exact (``x · 1 = x``, ``x + 0 = x``, and gradients pass through unchanged): the same bits as
-  before, from ~30 % fewer nodes, each an autograd node a step pays twice. On the 16-8-2 VAE
-  (``lvmkit bench speed``'s ``overhead`` task, where the host is all there is) the traced step
-  went from 1.39× the fused hand-written step to about 1.0×.
-- a tensor made from an input's metadata alone (``x.new_zeros(n, d)``, ``torch.ones_like(loc)``:
-  a prior as Pyro's tutorials write it) becomes a constant before those passes
-  (:func:`_fold_made_from_metadata`), so the prior it builds folds too (a tutorial-style pair:
-  255 nodes → 53, as many as lvmkit's own VAE).
-
-Each graph is checked when it is made: its loss and gradients must equal the eager loss's on the
-same minibatch and random draws. A user's pair that declares nothing (``compile=None``) is traced
-only where that check passes and no value computed from a tensor steered the pair's own Python
-(TorchScript's ``TracerWarning`` from the pair's files; torch's and Pyro's own shape checks are
-specialised away); otherwise it trains eagerly and one log line says why. Models that cannot be
-traced with ``compile=True`` fall back to the uncompiled loss with a warning that says why.
+One graph per call structure and batch shape: under ``compile=None`` (fit's default on a long
+run) an epoch's last, smaller minibatch takes the eager step instead (a second compilation for
+one step an epoch does not repay itself); ``compile=True`` compiles each shape. Anything that
+fails — capture, check, compilation — makes the pair train eagerly, said in one log line
+(``compile=None``) or a warning (``compile=True``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 import os
+import time
+import traceback
+import types
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyro
-import pyro.infer
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 
+from lvmkit.inference import updates
 from lvmkit.inference.calls import Data
 
 _log = logging.getLogger("lvmkit")
 _LIBRARIES = (os.path.dirname(torch.__file__), os.path.dirname(pyro.__file__))
+_HERE = os.path.dirname(__file__)  # lvmkit's inference code: not where a pair's problem is
+# Pyro's ELBO modules that read a loss on the host (``torch_item``) or check it for NaN there
+_PYRO_SYNCS = (
+    "trace_elbo",
+    "traceenum_elbo",
+    "tracegraph_elbo",
+    "trace_mean_field_elbo",
+    "renyi_elbo",
+    "rws",
+    "tracetmc_elbo",
+)
 
 
-class _JitTraceELBO(pyro.infer.JitTrace_ELBO):
-    """Pyro's JitTrace_ELBO without the per-step host-side NaN check, and with the gradient of
-    the surrogate loss only: Pyro 1.9's ``differentiable_loss`` adds the surrogate's gradient to
-    the loss's own (its ``loss`` is not detached), which doubles the gradient of every
-    reparameterised term — invisible under Adam, which ignores a constant scale, but not under
-    SGD, gradient clipping or weight decay (Pyro's own ``loss_and_grads`` is right)."""
+class CompiledStep:
+    """A training step compiled per call shape (see the module docstring).
 
-    def differentiable_loss(self, model, guide, *args, **kwargs):
-        loss, surrogate = self.loss_and_surrogate_loss(model, guide, *args, **kwargs)
-        return _value_with_surrogate_gradient(loss, surrogate)
-
-
-class CompiledLoss:
-    """The Trace_ELBO loss of ``model``/``guide`` on a call, traced once per argument shape.
-
-    ``fallback`` computes the same loss uncompiled (on a :class:`~lvmkit.inference.calls.Data`);
-    it is used from the first failure on — a model that cannot be traced, a call with arguments
-    that are not tensors, or a traced graph that fails when replayed on a later minibatch (a
-    structure that depends on the data's values: a loop over ``int(lengths.max())`` steps,
-    say) — with a warning that says why.
-
-    Each graph is checked when it is made: the traced loss and its gradients must equal the
-    eager ones on the same minibatch and the same random draws, or the pair trains eagerly (a
-    model drawing from Python's or numpy's random stream, whose draws a trace would freeze, fails
-    here). ``auto=True`` is ``fit``'s default for a user's pair (``compile=None``): it gives up
-    also where tracing warned of a Python value computed from a tensor (``bool(x.sum() > 0)``,
-    ``int(lengths.max())``: control flow the graph would freeze), and says so in one log line
-    instead of a warning; it leaves a minibatch smaller than the first (an epoch's last) to the
-    fallback, as one step an epoch does not repay a trace. ``enabled=False`` runs the fallback
-    throughout.
+    ``loss`` computes the objective's loss eagerly on a :class:`~lvmkit.inference.calls.Data`;
+    ``params`` are the trained tensors (module parameters and ``pyro.param`` sites, by name);
+    ``optim`` the :class:`~lvmkit.inference.optim.Optim` that owns the optimizer and its state.
+    Calling it on a minibatch takes one whole step and returns the loss as a device tensor, or
+    returns None where the caller must take the eager step instead (compilation off, failed, or
+    not worth it for this shape). ``auto=True`` is ``fit``'s ``compile=None``: failures are one
+    log line, and a minibatch smaller than the first is left to the eager step. ``setup_s`` is
+    the time capture, check and compilation took.
     """
 
     def __init__(
         self,
-        model: Callable[..., Any],
-        guide: Callable[..., Any],
-        fallback: Callable[[Data], torch.Tensor],
+        loss: Callable[[Data], torch.Tensor],
+        params: dict[str, torch.Tensor],
+        optim: Any,
         *,
         auto: bool = False,
     ) -> None:
-        self.fallback = fallback
-        self.failure: str | None = None
+        self.loss, self.params, self.optim = loss, params, optim
         self.auto, self.enabled = auto, True
-        self._by_shape: dict[tuple[Any, ...], Callable[[list[torch.Tensor]], torch.Tensor]] = {}
-        self._points: dict[tuple[Any, ...], int] = {}  # each call structure's first minibatch
-        self._model, self._guide = model, guide
+        self.failure: str | None = None
+        self.setup_s = 0.0
+        self.graphs = 0  # compiled so far
+        self._by_shape: dict[tuple[Any, ...], _Compiled] = {}
+        self._points: dict[tuple[Any, ...], int] = {}
 
     @property
     def active(self) -> bool:
-        """Whether steps run traced graphs (none failed, and tracing is on)."""
+        """Whether steps may run compiled (none failed, and compilation is on)."""
         return self.enabled and self.failure is None
 
-    def __call__(self, call: Data) -> torch.Tensor:
-        if not self.enabled or self.failure is not None:
-            return self.fallback(call)
+    @property
+    def ran(self) -> bool:
+        """Whether steps ran compiled (a graph was compiled, and none failed since)."""
+        return self.active and bool(self._by_shape)
+
+    def __call__(self, call: Data) -> torch.Tensor | None:
+        if not self.active:
+            return None
         values = call.values()
         if not all(isinstance(v, torch.Tensor) for v in values):
             kinds = sorted({type(v).__name__ for v in values if not isinstance(v, torch.Tensor)})
             self._give_up(f"its arguments are not all tensors ({', '.join(kinds)})")
-            return self.fallback(call)
+            return None
         keys = (len(call.args), tuple(call.kwargs))
         shape = (keys, *((tuple(t.shape), t.dtype, t.device) for t in values))
-        loss = self._by_shape.get(shape)
-        if loss is None:
+        compiled = self._by_shape.get(shape)
+        if compiled is None:
             points = call.num_points or 0
             first = self._points.setdefault(keys, points)
-            if self.auto and points < first:  # an epoch's last, smaller minibatch: one step an
-                return self.fallback(call)  # epoch does not repay a trace and its check
-            loss = self._compile(shape, keys, values, call)
-            if loss is None:
-                return self.fallback(call)
-        try:
-            return loss(values)
-        except Exception as err:  # a graph traced on one minibatch that does not fit another
-            self._give_up(_why(err) + " when replaying the traced graph")
-            return self.fallback(call)
+            if self.auto and points < first:  # an epoch's last, smaller minibatch
+                return None
+            tic = time.perf_counter()
+            try:
+                compiled = self._build(call, values)
+            finally:
+                self.setup_s += time.perf_counter() - tic
+            if compiled is None:
+                return None
+            self._by_shape[shape] = compiled
+            tic = time.perf_counter()
+            try:  # the first call compiles (and takes the step)
+                with warnings.catch_warnings():
+                    # inductor's own use of TorchScript, which torch 2.13 marks deprecated
+                    warnings.filterwarnings(
+                        "ignore", r".*torch\.jit.* is deprecated", DeprecationWarning
+                    )
+                    return compiled.step(values, self.optim)
+            except Exception as err:  # inductor or the C++ compiler failing: eager from here
+                self._give_up(f"compilation failed: {_why(err)}")
+                return None
+            finally:
+                self.setup_s += time.perf_counter() - tic
+        return compiled.step(values, self.optim)
 
     def _give_up(self, why: str) -> None:
         self.failure = why
         if self.auto:
-            _log.warning("lvmkit: fit runs this model/guide eagerly, untraced (%s)", why)
+            _log.warning("lvmkit: fit runs this model/guide's steps eagerly, uncompiled (%s)", why)
             return
         warnings.warn(
-            f"compile=True: this model/guide could not be traced with the PyTorch JIT ({why}); "
-            "training continues uncompiled. Tracing needs a model whose sample sites and shapes "
-            "are the same every step, called with tensors only.",
+            f"compile=True: this model/guide's step could not be compiled ({why}); training "
+            "continues eagerly. Compiling needs a step that is the same tensor program every "
+            "time: the same sample sites and shapes, no Python decisions on tensor values, "
+            "tensors as arguments.",
             RuntimeWarning,
             stacklevel=5,
         )
 
-    def _compile(
-        self, shape, keys: tuple[int, tuple[str, ...]], tensors: list[torch.Tensor], call: Data
-    ) -> Callable[[list[torch.Tensor]], torch.Tensor] | None:
-        num_args, names = keys
-        model, guide = self._model, self._guide
-
-        def positional(fn: Callable[..., Any]) -> Callable[..., Any]:
-            def call(*values: torch.Tensor):
-                kwargs = dict(zip(names, values[num_args:], strict=True))
-                return fn(*values[:num_args], **kwargs)
-
-            return call
-
-        elbo = _JitTraceELBO(ignore_jit_warnings=not self.auto)
-        traced_model, traced_guide = positional(model), positional(guide)
-        devices = [t.device.index or 0 for t in tensors if t.is_cuda]
-        try:
-            # Tracing runs the model several times; keep those draws out of the random stream.
-            with (
-                torch.random.fork_rng(devices=devices),
-                warnings.catch_warnings(record=True) as seen,
-                pyro.validation_enabled(False),  # its checks would be frozen into the graph
-            ):
-                warnings.simplefilter("always", torch.jit.TracerWarning)
-                # torch 2.13 marks torch.jit.trace deprecated in favour of torch.compile, which
-                # measured no faster here and took ~36 s to compile cold (issue #7).
-                warnings.filterwarnings(
-                    "ignore", r".*torch\.jit\.trace. is deprecated", DeprecationWarning
-                )
-                elbo.differentiable_loss(traced_model, traced_guide, *tensors)
-        except Exception as err:  # any tracing failure means: this model cannot be compiled
-            self._give_up(_why(err))
+    def _build(self, call: Data, values: list[torch.Tensor]) -> _Compiled | None:
+        names = list(self.params)
+        params = [self.params[n] for n in names]
+        graph, why = capture(self.loss, call, params)
+        if graph is None:
+            self._give_up(str(why))
             return None
-        frozen = [  # the pair's own code turning a tensor into a Python value (torch's and
-            # Pyro's own checks compare shapes, which each graph is specialised to anyway)
-            w
-            for w in seen
-            if issubclass(w.category, torch.jit.TracerWarning)
-            and not w.filename.startswith(_LIBRARIES)
-            and "registered as constants" not in str(w.message)  # torch.tensor(3.0): a constant
-        ]
-        if self.auto and frozen:
-            self._give_up(f"tracing would freeze a value computed from a tensor: {_first(frozen)}")
-            return None
-        try:
-            loss: Callable[[list[torch.Tensor]], torch.Tensor] = _Specialized(elbo)
-        except Exception:  # TorchScript internals that a torch version lacks: the plain replay
-            loss = lambda values: elbo.differentiable_loss(  # noqa: E731
-                traced_model, traced_guide, *values
-            )
-        differs = self._differs(loss, call, tensors, devices)
+        unused, differs = _check(graph, self.loss, call, params, values, names)
         if differs is not None:
-            self._give_up(f"the traced loss differs from the eager one: {differs}")
+            self._give_up(f"the captured loss differs from the eager one: {differs}")
             return None
-        self._by_shape[shape] = loss
-        return loss
-
-    def _differs(
-        self, loss: Callable[[list[torch.Tensor]], torch.Tensor], call: Data, tensors, devices
-    ) -> str | None:
-        """Run the traced and the eager loss from the same random state on this minibatch;
-        say how their values or gradients differ (None: they agree to float tolerance)."""
-        named = [(n, p) for n, p in pyro.get_param_store().named_parameters() if p.requires_grad]
-        names, params = [n for n, _ in named], [p for _, p in named]
-        results = []
-        for run in (loss, None):
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(0)  # the same draws for both (the caller's stream untouched)
-                try:
-                    value = run(tensors) if run is not None else self.fallback(call)
-                    grads = torch.autograd.grad(value, params, allow_unused=True)
-                except Exception as err:
-                    return _why(err)
-            results.append((value.detach(), grads))
-        (traced, traced_grads), (eager, eager_grads) = results
-        if not torch.allclose(traced, eager, rtol=1e-4, atol=1e-5):
-            return f"loss {float(traced):.6g} traced, {float(eager):.6g} eager"
-        for name, a, b in zip(names, traced_grads, eager_grads, strict=True):
-            if (a is None) != (b is None) or (
-                a is not None and not torch.allclose(a, b, rtol=1e-3, atol=1e-5)
-            ):
-                return f"the gradient of {name!r}"
-        return None
+        used = [i for i in range(len(params)) if i not in unused]
+        plan = None
+        if self.optim.before_step is None and not self.optim.per_param_clip:
+            plan = updates.plan(self.optim.optimizer)
+        self.graphs += 1
+        return _Compiled(graph, params, used, plan, self.optim.clip_norm, self.graphs)
 
 
-def _first(seen: list[Any]) -> str:
-    where = f"{os.path.basename(seen[0].filename)}:{seen[0].lineno}"
-    return f"{str(seen[0].message).split('. ')[0]} ({where})"
+def capture(
+    loss: Callable[[Data], torch.Tensor], call: Data, params: list[torch.Tensor]
+) -> tuple[torch.fx.GraphModule | None, str | None]:
+    """The FX graph of ``loss`` on ``call``: inputs ``(params, *call's tensors)``, output the
+    loss. Draws nothing from the caller's random stream. ``(None, why)`` where it cannot be
+    captured or must not be used."""
+    num_args, names = len(call.args), tuple(call.kwargs)
 
+    def flat(params: list[torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
+        kwargs = dict(zip(names, tensors[num_args:], strict=True))
+        return loss(Data(tuple(tensors[:num_args]), kwargs))
 
-def _why(err: Exception) -> str:
-    return f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
-
-
-class _Specialized:
-    """The graph ``elbo`` traced (for one input shape, dtype and device), specialised to that
-    shape and called with the parameters straight from the param store.
-
-    The passes are TorchScript's own: peephole turns the sizes of completely typed inputs into
-    constants and drops no-op expands; constant propagation evaluates each node whose inputs are
-    all constant (random nodes never are); CSE and DCE tidy up. Two are lvmkit's: tensors made
-    from an input's metadata alone become constants (:func:`_fold_made_from_metadata`), and
-    identities go (:func:`_drop_identities`). What remains are the same operations on the same
-    values, so the loss and its gradients are those of the traced graph.
-    """
-
-    def __init__(self, elbo: _JitTraceELBO) -> None:
-        cache = elbo._loss_and_surrogate_loss  # pyro.ops.jit.CompiledFunction, traced once
-        (traced,) = cache.compiled.values()
-        self.names = list(cache._param_names)
-        graph = traced.graph.copy()
-        for _ in range(2):  # a fold can expose another size or no-op
-            _fold_made_from_metadata(graph)
-            torch._C._jit_pass_peephole(graph, False)
-            torch._C._jit_pass_constant_propagation(graph)
-            _drop_identities(graph)
-            torch._C._jit_pass_cse(graph)
-            torch._C._jit_pass_dce(graph)
-        # without score-function terms the surrogate is the loss: one output, no glue
-        self.surrogate_is_loss = _same_outputs(graph)
-        self.function = torch._C._create_function_from_graph("lvmkit_specialized_elbo", graph)
-        self.nodes = (len(list(traced.graph.nodes())), len(list(graph.nodes())))
-
-    def __call__(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        unconstrained = dict(pyro.get_param_store().named_parameters())
-        params = [unconstrained[name] for name in self.names]
-        with torch.jit.optimized_execution(False):
-            loss, surrogate = self.function(*params, *tensors)
-        if self.surrogate_is_loss:
-            return loss
-        return _value_with_surrogate_gradient(loss, surrogate)
-
-
-def _constant(value: Any) -> Any:
-    """The constant ``value`` holds (a number or tensor), or None when it is not a constant."""
-    if value.node().kind() != "prim::Constant":
-        return None
+    devices = [t.device.index or 0 for t in call.values() if t.is_cuda]
     try:
-        return value.toIValue()
-    except RuntimeError:
-        return None
+        with (
+            torch.random.fork_rng(devices=devices),
+            pyro.validation_enabled(False),  # its checks read values on the host
+            _pyro_host_syncs_off(),
+            warnings.catch_warnings(),
+        ):
+            warnings.simplefilter("ignore")
+            graph = make_fx(flat, tracing_mode="real")(params, *call.values())
+    except Exception as err:
+        return None, _why(err, user_frame=True)
+    bad = _data_dependent_shape(graph) or _foreign_writes(graph)
+    if bad is not None:
+        return None, bad
+    graph.graph.eliminate_dead_code()
+    graph.recompile()
+    return graph, None
 
 
-def _is(value: Any, number: float) -> bool:
-    """Whether ``value`` is a constant equal to ``number`` everywhere."""
-    constant = _constant(value)
-    if isinstance(constant, torch.Tensor):
-        return bool((constant == number).all())
-    number_like = isinstance(constant, (int, float)) and not isinstance(constant, bool)
-    return number_like and constant == number
-
-
-def _same_type(a: Any, b: Any) -> bool:
-    """Same complete tensor type (sizes and dtype): replacing one by the other changes nothing."""
-    ta, tb = a.type(), b.type()
-    if not (a.isCompleteTensor() and b.isCompleteTensor()):
-        return False
-    return ta.sizes() == tb.sizes() and ta.scalarType() == tb.scalarType()
-
-
-def _identity_of(node: Any) -> list[Any] | None:
-    """For a node that computes nothing on these types — ``x * 1``, ``x / 1``, ``x + 0``,
-    ``x - 0``, a reshape to the same shape, ``broadcast_tensors`` of equal shapes — the values
-    that its outputs equal, else None. Pyro's traces hold many (a site's scale factor 1, the
-    prior's zero location and log-scale, ``elbo = 0 + ...``); each is an autograd node a step
-    pays for twice, and IEEE arithmetic makes dropping them exact (``x * 1 == x``, ``x + 0 == x``,
-    and the gradients pass through unchanged)."""
-    kind, inputs = node.kind(), list(node.inputs())
-    if kind == "prim::ListUnpack":  # of broadcast_tensors of a list of tensors
-        source = inputs[0].node()
-        if source.kind() != "aten::broadcast_tensors" or source.inputsSize() != 1:
-            return None
-        listed = source.input().node()
-        if listed.kind() != "prim::ListConstruct":
-            return None
-        values, outs = list(listed.inputs()), list(node.outputs())
-        same = len(values) == len(outs)
-        return values if same and all(map(_same_type, values, outs)) else None
-    if node.outputsSize() != 1:
-        return None
-    out = node.output()
-    if kind == "aten::mul" and len(inputs) == 2:
-        for a, b in (inputs, inputs[::-1]):
-            if _is(b, 1) and _same_type(a, out):
-                return [a]
-    if kind == "aten::div" and len(inputs) == 2 and _is(inputs[1], 1):
-        return [inputs[0]] if _same_type(inputs[0], out) else None
-    if kind in ("aten::add", "aten::sub") and len(inputs) == 3 and _is(inputs[2], 1):
-        a, b = inputs[0], inputs[1]
-        if _is(b, 0) and _same_type(a, out):
-            return [a]
-        if kind == "aten::add" and _is(a, 0) and _same_type(b, out):
-            return [b]
-    if kind in ("aten::reshape", "aten::view") and _same_type(inputs[0], out):
-        return [inputs[0]]
+def _data_dependent_shape(graph: torch.fx.GraphModule) -> str | None:
+    """Why the graph holds a shape that the data's values decide (a boolean mask's selection,
+    ``nonzero``, ``unique``): the next minibatch's values would need another shape. Indexing
+    with integer tensors (``locs[k]``) keeps its shape and is fine."""
+    for node in graph.graph.nodes:
+        tags = getattr(node.target, "tags", ())
+        if node.op != "call_function" or torch.Tag.dynamic_output_shape not in tags:
+            continue
+        if node.target is torch.ops.aten.index.Tensor:
+            indices = [i for i in node.args[1] if i is not None]
+            kinds = [getattr(i.meta.get("val"), "dtype", None) for i in indices]
+            if all(k is not None and not k.is_floating_point and k not in _MASKS for k in kinds):
+                continue
+        return (
+            f"a shape in the loss depends on the data's values ({node.target}: a boolean mask's "
+            "selection, nonzero or unique), which one graph cannot follow"
+        )
     return None
 
 
-_MADE_FROM_METADATA = frozenset(
-    {
-        "aten::new_zeros",
-        "aten::new_ones",
-        "aten::new_full",
-        "aten::zeros_like",
-        "aten::ones_like",
-        "aten::full_like",
-    }
-)
+_MASKS = (torch.bool, torch.uint8)
 
 
-def _fold_made_from_metadata(graph: Any) -> None:
-    """Stand a constant in for the tensor that ``x.new_zeros(n, d)``, ``torch.ones_like(loc)``
-    and the like read only the shape, dtype and device of: the graph is specialised to those,
-    so constant propagation then evaluates the node once, and what follows from it (a prior's
-    ``scale.log()`` and ``scale ** 2``), leaving ``z - 0`` and ``... - log 1`` to drop as
-    identities. Pyro's tutorials build their priors this way (``x.new_zeros``, ``x.new_ones``);
-    traced, each step remade them (255 → 53 nodes for such a pair instead of 60; its tiny step in
-    `bench speed`'s overhead task 1.08–1.09× the fused hand-written step instead of 1.11×)."""
-    for node in list(graph.nodes()):
-        if node.kind() not in _MADE_FROM_METADATA:
+def _foreign_writes(graph: torch.fx.GraphModule) -> str | None:
+    """Why the graph must not be replayed: it writes in place to one of its inputs or to a
+    tensor it captured from outside (a buffer: BatchNorm's running statistics, an EMA codebook),
+    which a replay would not keep up to date. None when it writes only to its own tensors."""
+    outside = {n for n in graph.graph.nodes if n.op in ("placeholder", "get_attr")}
+    for node in graph.graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None:
             continue
-        source, *options = node.inputs()
-        if source.node().kind() == "prim::Constant" or not source.isCompleteTensor():
+        for argument, value in zip(schema.arguments, node.args, strict=False):
+            alias = argument.alias_info
+            if alias is not None and alias.is_write and value in outside:
+                what = "a parameter or input" if value.op == "placeholder" else "a buffer"
+                return f"the loss writes in place to {what} ({node.target})"
+    return None
+
+
+def _check(
+    graph: torch.fx.GraphModule,
+    loss: Callable[[Data], torch.Tensor],
+    call: Data,
+    params: list[torch.Tensor],
+    values: list[torch.Tensor],
+    names: list[str],
+) -> tuple[set[int], str | None]:
+    """Run the graph and the eager loss from the same random state on this minibatch: the
+    parameters without an eager gradient, and how the two differ (None: they agree)."""
+    devices = [t.device.index or 0 for t in values if t.is_cuda]
+    results = []
+    for run in (lambda: graph(params, *values), lambda: loss(call)):
+        with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False):
+            torch.manual_seed(0)  # the same draws for both (the caller's stream untouched)
+            try:
+                value = run()
+                grads = torch.autograd.grad(value, params, allow_unused=True)
+            except Exception as err:
+                return set(), _why(err)
+        results.append((value.detach(), grads))
+    (captured, captured_grads), (eager, eager_grads) = results
+    unused = {i for i, g in enumerate(eager_grads) if g is None}
+    if not torch.allclose(captured, eager, rtol=1e-4, atol=1e-5):
+        return unused, f"loss {float(captured):.6g} captured, {float(eager):.6g} eager"
+    for i, (a, b) in enumerate(zip(captured_grads, eager_grads, strict=True)):
+        if b is None:
             continue
-        if any(value.node().kind() != "prim::Constant" for value in options):
+        if a is None or not torch.allclose(a, b, rtol=1e-3, atol=1e-5):
+            return unused, f"the gradient of {names[i]!r}"
+    return unused, None
+
+
+class _Compiled:
+    """One call shape's compiled step: the captured graph's gradients, clipping and the update
+    (or the gradients alone, where the optimizer has no update written on tensors)."""
+
+    def __init__(
+        self,
+        graph: torch.fx.GraphModule,
+        params: list[torch.Tensor],
+        used: list[int],
+        plan: updates.Plan | None,
+        clip_norm: float | None,
+        number: int,
+    ) -> None:
+        self.params = params
+        self.used = used
+        self.trained = [params[i] for i in used]
+        self.others = [p for i, p in enumerate(params) if i not in set(used)]
+        self.plan = plan
+        self._state: tuple[int, list[Any]] | None = None  # (optimizer state version, tensors)
+        self._lrs: list[tuple[float, torch.Tensor]] = []
+        order = used + [i for i in range(len(params)) if i not in set(used)]
+        position = [order.index(i) for i in range(len(params))]  # where each input comes from
+        rules = plan.rules if plan is not None else ()
+        clip = clip_norm if plan is not None else None  # else the eager step clips
+        groups: list[int] = []
+
+        def step(trained, others, states, lrs, *tensors):
+            def loss_of(trained):
+                both = [*trained, *others]
+                return graph([both[j] for j in position], *tensors)
+
+            grads, loss = torch.func.grad_and_value(loss_of)(trained)
+            if rules:
+                if clip is not None:
+                    grads = _clipped(grads, clip)
+                updates.apply(rules, groups, trained, grads, states, lrs)
+                return loss.detach(), ()
+            return loss.detach(), grads
+
+        self.groups = groups  # filled on the first call (needs the optimizer)
+        # a code object of its own: dynamo caches compiled code per code object, and every fit
+        # makes a new step (the same code would be recompiled, and past a limit, run eagerly)
+        code = step.__code__.replace(co_name=f"lvmkit_step_{number}")
+        fresh = types.FunctionType(code, step.__globals__, code.co_name, None, step.__closure__)
+        cuda = any(p.is_cuda for p in params)
+        if cuda:
+            for tensor in params:
+                _mark_static(tensor)
+        self.function = torch.compile(
+            fresh,
+            fullgraph=True,
+            dynamic=False,
+            mode="reduce-overhead" if cuda else None,
+            options={"fallback_random": True},  # torch's own random numbers: the eager draws
+        )
+        self.cuda = cuda
+
+    def step(self, values: list[torch.Tensor], optim: Any) -> torch.Tensor:
+        optimizer = optim.optimizer
+        if self.plan is None:
+            optim.zero_grad()
+            loss, grads = self.function(self.trained, self.others, [], [], *values)
+            for param, grad in zip(self.trained, grads, strict=True):
+                param.grad = grad
+            optim.step()
+            return loss
+        if not self.groups:
+            self.groups.extend(self.plan.groups(optimizer, self.trained))
+        self.plan.before(optimizer)
+        states = self._states(optim)
+        loss, _ = self.function(self.trained, self.others, states, self._rates(optimizer), *values)
+        self.plan.after(optimizer, self.trained)
+        optim.stepped()
+        return loss
+
+    def _states(self, optim: Any) -> list[Any]:
+        """The optimizer's state tensors (gathered again after ``load_state_dict``)."""
+        if self._state is None or self._state[0] != optim.version:
+            assert self.plan is not None
+            states = self.plan.state(optim.optimizer, self.trained)
+            if self.cuda:
+                for state in states:
+                    for tensor in state:
+                        _mark_static(tensor)
+            self._state = (optim.version, states)
+        return self._state[1]
+
+    def _rates(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+        """Each group's learning rate as a tensor on the parameters' device, refilled in place
+        when a schedule changes it (a CUDA graph reads it from the same address)."""
+        groups = optimizer.param_groups
+        if len(self._lrs) != len(groups):
+            device = self.trained[0].device
+            self._lrs = []
+            for group in groups:
+                rate = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+                if self.cuda:
+                    _mark_static(rate)
+                self._lrs.append((float(group["lr"]), rate))
+        out = []
+        for i, group in enumerate(groups):
+            value, rate = self._lrs[i]
+            if group["lr"] != value:
+                rate.fill_(float(group["lr"]))
+                self._lrs[i] = (float(group["lr"]), rate)
+            out.append(rate)
+        return out
+
+
+def _clipped(grads: list[torch.Tensor], max_norm: float) -> list[torch.Tensor]:
+    """``torch.nn.utils.clip_grad_norm_``'s arithmetic: the gradients scaled so that their
+    joint 2-norm is at most ``max_norm``."""
+    norms = torch.stack([torch.linalg.vector_norm(g) for g in grads])
+    total = torch.linalg.vector_norm(norms)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    return [g * coef for g in grads]
+
+
+def _mark_static(tensor: torch.Tensor) -> None:
+    """Tell dynamo a tensor keeps its address between steps (a parameter, optimizer state, the
+    learning rate), so a CUDA graph may read and write it in place."""
+    torch._dynamo.mark_static_address(tensor)
+
+
+@contextlib.contextmanager
+def _pyro_host_syncs_off() -> Iterator[None]:
+    """Pyro's ELBOs with ``torch_item`` keeping the value on the device (the same number, and
+    the same gradient where it is subtracted to leave the surrogate's) and ``warn_if_nan``
+    silent, for the duration of a capture: both read a value on the host, which a captured graph
+    cannot do. The names are patched where each Pyro module imported them."""
+    patched: list[tuple[Any, str, Any]] = []
+    for name in _PYRO_SYNCS:
+        try:
+            module = importlib.import_module(f"pyro.infer.{name}")
+        except ImportError:  # pragma: no cover - a Pyro without that objective
             continue
-        kind = source.type()
-        stand_in = torch.empty_strided(  # (its values are never read)
-            kind.sizes(), kind.strides(), dtype=kind.dtype(), device=kind.device()
-        ).zero_()
-        with graph.insert_point_guard(node):
-            constant = graph.insertConstant(stand_in)
-        node.replaceInput(0, constant)
+        for attr, stand_in in (("torch_item", _on_device), ("warn_if_nan", _silent)):
+            if hasattr(module, attr):
+                patched.append((module, attr, getattr(module, attr)))
+                setattr(module, attr, stand_in)
+    try:
+        yield
+    finally:
+        for module, attr, original in patched:
+            setattr(module, attr, original)
 
 
-def _drop_identities(graph: Any) -> None:
-    """Replace every use of an identity node's outputs by its inputs (see :func:`_identity_of`);
-    dead-code elimination then removes the nodes."""
-    for node in list(graph.nodes()):
-        same = _identity_of(node)
-        if same is not None:
-            for out, value in zip(node.outputs(), same, strict=True):
-                out.replaceAllUsesWith(value)
+def _on_device(value: Any) -> Any:
+    return value.detach() if isinstance(value, torch.Tensor) else value
 
 
-def _same_outputs(graph: Any) -> bool:
-    """Whether the graph's (loss, surrogate) pair is one value, or two nodes of the same kind on
-    the same inputs (then the second is pointed at the first)."""
-    (returned,) = list(graph.outputs())
-    pair = returned.node()
-    if pair.kind() != "prim::TupleConstruct" or pair.inputsSize() != 2:
-        return False
-    loss, surrogate = list(pair.inputs())
-    if loss.unique() == surrogate.unique():
-        return True
-    a, b = loss.node(), surrogate.node()
-    if a.kind() != b.kind() or a.outputsSize() != 1 or b.outputsSize() != 1:
-        return False
-    if [v.unique() for v in a.inputs()] != [v.unique() for v in b.inputs()]:
-        return False
-    if a.kind() == "prim::Constant" or a.isNondeterministic():
-        return False
-    pair.replaceInputWith(surrogate, loss)
-    torch._C._jit_pass_dce(graph)
-    return True
+def _silent(value: Any, *args: Any, **kwargs: Any) -> Any:
+    return value
 
 
-def _value_with_surrogate_gradient(loss: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
-    """The loss's value with the surrogate's gradient (they differ for score-function terms)."""
-    return loss.detach() + (surrogate - surrogate.detach())
+def _why(err: BaseException, *, user_frame: bool = False) -> str:
+    text = str(err).splitlines()[0][:300] if str(err) else ""
+    if "_local_scalar_dense" not in text and "data-dependent" not in text:
+        return f"{type(err).__name__}: {text}"
+    text = "the pair reads a tensor's value in Python (data-dependent control flow)"
+    if not user_frame:
+        return text
+    stdlib = os.path.dirname(os.__file__)
+    frames = [
+        f
+        for f in traceback.extract_tb(err.__traceback__)
+        if not f.filename.startswith((os.path.dirname(torch.__file__), _HERE, stdlib))
+    ]
+    if not frames:
+        return text
+    last = frames[-1]
+    where = f"{os.path.basename(last.filename)}:{last.lineno}"
+    if last.filename.startswith(os.path.dirname(pyro.__file__)):  # Pyro's own code reads it
+        return (
+            f"Pyro's {last.name} ({where}) reads a tensor's value in Python; lvmkit's own "
+            "objectives (objective='elbo', 'iwae', 'rws') keep such sums on the device"
+        )
+    return f"{text} ({where})"

@@ -175,6 +175,7 @@ class Optim:
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.before_step: Callable[[], None] | None = None  # e.g. averaging over processes
         self.last_lr = self.lr  # the learning rate of the last update (before its schedule moved)
+        self.version = 0  # counts load_state_dict calls: a compiled step gathers the state again
         self.plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
 
     def zero_grad(self) -> None:
@@ -193,6 +194,11 @@ class Optim:
                 if args.get("clip_value") is not None:
                     clip_grad_value_(param, args["clip_value"])
         self.optimizer.step()
+        self.stepped()
+
+    def stepped(self) -> None:
+        """After an update (eager, or inside a compiled step): note the rate it used and step a
+        per-step schedule."""
         self.last_lr = self.lr  # (a host float: no sync)
         if self.scheduler is not None and self.interval == "step" and not self.plateau:
             self.scheduler.step()
@@ -239,6 +245,7 @@ class Optim:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+        self.version += 1
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.last_lr = self.lr

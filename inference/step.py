@@ -1,11 +1,14 @@
 """One SVI step, and what a training run builds before its first one.
 
 :func:`prepare` turns a model/guide pair, its data and fit's options into a :class:`Trainer`:
-the objective's loss on one minibatch of each data source (traced with the PyTorch JIT when
-asked), the parameters it trains (found by running the loss once, which also initialises lazily
-built guides, from the caller's random state), the optimizer with its schedule, and each
-source's layout (its data plate and scale). :meth:`Trainer.step` is the whole of a training step:
+the objective's loss on one minibatch of each data source, the parameters it trains (found by
+running the loss once, which also initialises lazily built guides, from the caller's random
+state), the optimizer with its schedule, each source's layout (its data plate and scale), and —
+when compiling — the :class:`~lvmkit.inference.compiled.CompiledStep`. :meth:`Trainer.step` is
+the whole of a training step:
 
+    compiled(call)  # loss, gradients, clipping and the update as one compiled function
+    # or, eagerly:
     loss = trainer.loss(calls); zero_grad; loss.backward(); clip; optimizer.step(); schedule
 
 ``fit`` calls it in its loop, and ``lvmkit bench speed`` times exactly it. Pyro's ``SVI.step``
@@ -32,7 +35,7 @@ from lvmkit.inference.calls import (
     cuda_devices,
     model_failures_as_data_errors,
 )
-from lvmkit.inference.compiled import CompiledLoss
+from lvmkit.inference.compiled import CompiledStep
 from lvmkit.inference.feeds import Feed
 from lvmkit.inference.kernel import Layout, paired_traces
 from lvmkit.inference.layout import broadcasts, layout_of, note_sequential
@@ -52,11 +55,15 @@ class Trainer:
     feeds: list[Feed]  # the data, each with its layout: the one owner the loop reads
     objective: pyro.infer.ELBO
     scored: tuple[Any, Any]  # the pair as the loss sees it (latent sites weighted by a schedule)
-    compiled: CompiledLoss | None = None
+    compiled: CompiledStep | None = None
     active: dict[str, Any] = field(default_factory=dict)  # the loss module, DDP's factor
 
     def step(self, calls: list[Data]) -> torch.Tensor:
         """One SVI step; returns the loss as a device tensor (no host sync)."""
+        if self.compiled is not None and len(calls) == 1:
+            compiled = self.compiled(calls[0])
+            if compiled is not None:
+                return compiled
         loss = self.loss(calls)
         self.optim.zero_grad()
         loss.backward()
@@ -120,18 +127,10 @@ def prepare(
         with placement.scope():
             return active["loss"](*call.args, **call.kwargs)
 
-    traced = CompiledLoss(*scored, eager, auto=compile is None) if compile is not False else None
-
-    def source_loss(call: Data) -> torch.Tensor:
-        if traced is None:
-            return eager(call)
-        with placement.scope():  # (tracing runs the user's code: its tensors on the device)
-            return traced(call)
-
     def loss(calls: list[Data]) -> torch.Tensor:
-        total = source_loss(calls[0])
+        total = eager(calls[0])
         for call in calls[1:]:
-            total = total + source_loss(call)
+            total = total + eager(call)
         return total * active["factor"] if active["factor"] != 1 else total
 
     first = [feed.first() for feed in feeds]
@@ -185,14 +184,18 @@ def prepare(
     for feed in feeds:
         _warn_global_prior(feed)
     placement.say("fit")
+    built = build(optim or OptimSpec(), params, model, guide)
+    compiled = None
+    if compile is not False:
+        compiled = CompiledStep(eager, params, built, auto=compile is None)
     return Trainer(
         loss=loss,
         params=params,
-        optim=build(optim or OptimSpec(), params, model, guide),
+        optim=built,
         feeds=feeds,
         objective=elbo,
         scored=scored,
-        compiled=traced,
+        compiled=compiled,
         active=active,
     )
 

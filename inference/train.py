@@ -44,12 +44,13 @@ from lvmkit.inference.rundir import RunDir, history_columns, recorded_threads
 from lvmkit.inference.step import prepare
 from lvmkit.inference.threads import resumed as resumed_threads, using as using_threads
 
-# compile=None traces a pair that does not declare its structure only when the run is this long:
-# tracing and its check cost about as much as 50-100 eager steps of a small network.
-AUTO_TRACE_STEPS = 200
+# compile=None compiles the step only when the run is this long: capture, check and compilation
+# take 4-5 s with inductor's cache warm and 12-20 s cold on a 2-core CPU, and a compiled step
+# saves 0.7 ms (a tiny network) to 2 ms (the MNIST VAE) of an eager one (docs/architecture.md).
+AUTO_COMPILE_STEPS = 2000
 
 __all__ = [
-    "AUTO_TRACE_STEPS",
+    "AUTO_COMPILE_STEPS",
     "LR_REDUCTION",
     "MAX_LR_REDUCTIONS",
     "NONFINITE_POLICIES",
@@ -69,7 +70,8 @@ class FitResult:
     ``pyro.param`` sites under their own names); ``history`` has one row per epoch with columns
     ``epoch``, ``train_loss`` (negative ELBO per data point), ``val_elbo`` (when validation data
     were given), ``lr``, ``seconds`` and ``examples_per_s``; ``compiled`` says whether the steps
-    ran through the traced loss (False when not asked for, or after a fallback).
+    ran compiled (False when not asked for, or after a fallback), and ``compile_s`` how long
+    capturing, checking and compiling them took (part of the first epoch's ``seconds``).
     """
 
     model: Callable[..., Any]
@@ -79,6 +81,7 @@ class FitResult:
     device: torch.device
     run_dir: Path | None
     compiled: bool = False
+    compile_s: float = 0.0
     stopped_early: bool = False  # a callback (e.g. EarlyStopping) ended training before ``epochs``
 
 
@@ -176,19 +179,19 @@ def fit(
         resume: continue the run in ``run_dir`` from its checkpoint (mid-epoch ones included).
         metadata: JSON-serialisable facts stored in ``config.json`` (e.g. the model config).
         validate: keep Pyro's validation on after the first step (slower).
-        compile: trace the ``"elbo"`` loss with the PyTorch JIT, once per argument shape
-            (:mod:`lvmkit.inference.compiled`); for models whose structure is the same every
-            step. A model that cannot be traced trains uncompiled, with a warning saying why.
-            ``None`` (default): where the objective is ``"elbo"`` with one particle and no KL
-            warm-up, compile a pair whose model and guide declare ``static_structure = True``
-            (the built-in VAE and encoder do), and try any other pair — unless one of them
-            declares ``static_structure = False`` — when the run has at least
-            :data:`AUTO_TRACE_STEPS` steps: each graph is checked on its first minibatch
-            (the traced loss and gradients must equal the eager ones; no value computed from a
-            tensor may steer Python, e.g. ``if x.sum() > 0``), and a pair that fails trains
-            eagerly with one log line saying why. A model whose structure follows Python state
-            that changes during training (a counter, an attribute a callback sets) cannot be
-            checked so: declare ``static_structure = False`` on it, or pass ``compile=False``.
+        compile: run each step as one compiled function — the loss captured from the pair as
+            an FX graph, its gradients, clipping and the optimizer's update compiled together
+            by ``torch.compile`` (a CUDA graph on a GPU): :mod:`lvmkit.inference.compiled`.
+            Each batch shape's graph is checked on its first minibatch (its loss and gradients
+            must equal the eager step's); a pair that cannot be captured (Python decisions on
+            tensor values, arguments that are not tensors, BatchNorm's running statistics)
+            trains eagerly. ``True``: compile every batch shape, warning when it cannot.
+            ``None`` (default): compile when the run has at least :data:`AUTO_COMPILE_STEPS`
+            steps (compilation takes seconds; it pays back over a long run), leave an epoch's
+            last, smaller minibatch to the eager step, and say in one log line when a pair
+            cannot be compiled; a model or guide that declares ``static_structure = False``
+            (its structure follows Python state that changes during training: a counter, an
+            attribute a callback sets) is never compiled. ``False``: eager steps.
         checkpoint_every: also check and checkpoint every this many steps inside an epoch
             (``None``: at epoch ends only). Each check point costs one host sync.
         on_nonfinite: what to do when the loss, a gradient or a parameter turns NaN/inf — found
@@ -249,7 +252,7 @@ def fit(
     )  # fmt: skip
     several = distributed.wanted()
     annealed = kl_schedule is not None and not kl_schedule.constant
-    compile = _check_compile(compile, several, objective, num_particles, annealed, model, guide)
+    compile = _check_compile(compile, several, annealed, validate, model, guide)
     if resume and run_dir is None:
         raise ValueError("resume=True needs run_dir: the folder holding checkpoint.pt")
     loaded, world = _load_data(
@@ -295,8 +298,8 @@ def fit(
             trainer, model, guide, options, seed=order_seed, dev=dev, world=world,
             run=files.run, val=val, val_total=val_total, schedule=loaded.schedule,
         )  # fmt: skip
-        if trainer.compiled is not None and trainer.compiled.auto:  # worth tracing?
-            trainer.compiled.enabled = epochs * loop.steps_per_epoch >= AUTO_TRACE_STEPS
+        if trainer.compiled is not None and trainer.compiled.auto:  # worth compiling?
+            trainer.compiled.enabled = epochs * loop.steps_per_epoch >= AUTO_COMPILE_STEPS
         files.open(loop, settings, metadata, keep_seed=seed is None)
         if world.distributed:
             trainer.distribute(world, dev)
@@ -313,9 +316,10 @@ def fit(
             raise
     history = pd.DataFrame(loop.progress.history, columns=columns)
     notify(options.callbacks, "on_fit_end", history, None)
-    compiled = trainer.compiled is not None and trainer.compiled.active
+    compiled = trainer.compiled is not None and trainer.compiled.ran
+    compile_s = trainer.compiled.setup_s if trainer.compiled is not None else 0.0
     return FitResult(
-        model, guide, history, dict(trainer.params), dev, files.path, compiled,
+        model, guide, history, dict(trainer.params), dev, files.path, compiled, compile_s,
         stopped_early=loop.stopped,
     )  # fmt: skip
 
@@ -445,36 +449,21 @@ class _RunFiles:
         distributed.leave(self.world)
 
 
-def _check_compile(
-    compile, several, objective, num_particles, annealed, model, guide
-) -> bool | None:
-    """compile=True/False/None (auto) against the other options: True traces, False does not,
-    None tries (a pair that does not declare ``static_structure``: see :func:`fit`)."""
+def _check_compile(compile, several, annealed, validate, model, guide) -> bool | None:
+    """compile=True/False/None (auto) against the other options: True compiles, False does not,
+    None compiles a long run (see :func:`fit`)."""
     if compile and several:
         raise ValueError(
             "compile=True is not supported with several processes (torchrun): "
             "DistributedDataParallel wraps the eager loss; use compile=False"
         )
-    if compile is None:  # trace where the options allow: declared pairs always, others tried
-        if several or objective != "elbo" or annealed or num_particles != 1:
-            return False
-        declared = [getattr(obj, "static_structure", None) for obj in (model, guide)]
-        if any(d is False for d in declared):
-            return False
-        return True if all(d is True for d in declared) else None
-    if compile and objective != "elbo":
-        raise ValueError(
-            f"compile=True traces the 'elbo' objective only; got objective={objective!r} "
-            "(use objective='elbo', or compile=False)"
-        )
-    if compile and num_particles != 1:
-        raise ValueError(
-            f"compile=True traces a one-particle loss; got num_particles={num_particles} "
-            "(use compile=False, which vectorises the particles)"
-        )
     if compile and annealed:
         raise ValueError(
-            "compile=True freezes the KL weight into the traced graph, but kl_schedule changes it "
-            "every step (warmup_epochs > 0): use compile=False, or a constant schedule"
+            "compile=True freezes the KL weight into the compiled graph, but kl_schedule changes "
+            "it every step (warmup_epochs > 0): use compile=False, or a constant schedule"
         )
-    return bool(compile)
+    if compile is None:
+        declared = [getattr(obj, "static_structure", None) for obj in (model, guide)]
+        if several or annealed or validate or any(d is False for d in declared):
+            return False  # (validate: Pyro's checks every step, which a graph cannot run)
+    return compile

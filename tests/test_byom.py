@@ -543,13 +543,13 @@ def test_a_param_store_holding_another_networks_parameters_is_named():
         lvmkit.fit(*_net_pair(same), x, epochs=1, progress=False)
 
 
-# -- 10. compile falls back on every tracing failure ---------------------------------------
+# -- 10. compile falls back on every capture failure ---------------------------------------
 
 
 def test_compile_falls_back_when_a_traced_graph_does_not_fit_a_later_minibatch():
     """The model keeps the time steps some sequence of the minibatch reaches (a boolean mask: a
-    shape that depends on the data's values, as a DMM's does): a graph traced on a minibatch with
-    a long sequence does not fit one of short sequences (index out of range)."""
+    shape that depends on the data's values, as a DMM's does): a graph captured on a minibatch
+    with a long sequence would not fit one of short sequences, so none is used."""
     n, t_max, batch = 16, 6, 4
     lengths = torch.full((n,), 2)
     lengths[epoch_order(0, 1, n)[0]] = t_max  # the first minibatch holds a long sequence
@@ -566,7 +566,7 @@ def test_compile_falls_back_when_a_traced_graph_does_not_fit_a_later_minibatch()
     def guide(seqs, lengths):
         pass
 
-    with pytest.warns(RuntimeWarning, match=r"compile=True.*when replaying the traced graph"):
+    with pytest.warns(RuntimeWarning, match=r"compile=True.*depends on the data's values"):
         traced = lvmkit.fit(model, guide, (seqs, lengths), epochs=2, batch_size=batch,
                             compile=True, device="cpu", progress=False)  # fmt: skip
     pyro.clear_param_store()

@@ -136,7 +136,9 @@ def test_fit_on_any_data(data, likelihood):
     on_nonfinite=mostly(
         st.sampled_from(["raise", "reduce_lr"]), st.one_of(st.just("reduce"), _BAD_NUMBER)
     ),
-    compile=mostly(st.one_of(st.none(), st.booleans()), _BAD_NUMBER),
+    # compile=True compiles for seconds per example (its options: test_inputs, test_compiled);
+    # None on these few steps is fit's eager default, exactly as a user gets it
+    compile=mostly(st.sampled_from([None, False]), _BAD_NUMBER),
 )
 def test_fit_with_any_options(
     epochs, batch_size, lr, objective, num_particles, seed, device, checkpoint_every,

@@ -112,9 +112,10 @@ def test_beta_changes_training_and_a_warmup_refuses_compile(tmp_path):
             kl_schedule=lvmkit.KLSchedule(beta=beta),
             progress=False,
             device="cpu",
+            compile=beta != 1.0,
         )
         finals.append(result.history.train_loss.iloc[-1])
-        assert result.compiled  # a constant β is traced like any constant
+        assert result.compiled is (beta != 1.0)  # a constant β is compiled like any constant
     assert finals[1] > finals[0]
     with pytest.raises(ValueError, match="compile=True freezes the KL weight"):
         lvmkit.fit(
@@ -394,8 +395,8 @@ def test_cvae_and_baseline_train_and_score_only_the_hidden_quadrants():
     bern = data["x"] * p.log() + (1 - data["x"]) * (1 - p).log()
     assert_close(scores.log_likelihood, (bern * data["mask"]).sum(-1), rtol=1e-4)
     model, guide = lvmkit.build_cvae(cfg)
-    result = lvmkit.fit(model, guide, data, epochs=2, progress=False, device="cpu")
-    assert result.compiled
+    result = lvmkit.fit(model, guide, data, epochs=2, progress=False, device="cpu", compile=True)
+    assert result.compiled  # a dict of tensors (x, c, mask) compiles
     summary = lvmkit.summarize(lvmkit.evaluate(model, guide, data, 50))
     assert summary.log_likelihood >= summary.elbo
     assert model(c=data["c"][:3]).shape == (3, 16)
@@ -568,10 +569,16 @@ def test_m2_refuses_bad_labels(change, message):
 
 
 def test_particles_are_never_silently_dropped_by_compile():
-    """A traced loss has one particle: fit must not compile when asked for more."""
+    """A compiled step draws every particle: its loss is checked against the eager loss of all
+    of them, and it trains as the eager step does."""
     x = _binary(128)
-    model, guide = lvmkit.build_vae(SMALL)
-    result = lvmkit.fit(model, guide, x, epochs=1, num_particles=5, progress=False, device="cpu")
-    assert not result.compiled
-    with pytest.raises(ValueError, match="compile=True traces a one-particle loss"):
-        lvmkit.fit(model, guide, x, num_particles=5, compile=True, progress=False)
+    results = []
+    for compile in (False, True):
+        pyro.set_rng_seed(0)
+        model, guide = lvmkit.build_vae(SMALL)
+        results.append(lvmkit.fit(model, guide, x, epochs=2, num_particles=5, seed=1,
+                                  compile=compile, progress=False, device="cpu"))  # fmt: skip
+    assert results[1].compiled
+    assert results[1].history.train_loss.tolist() == pytest.approx(
+        results[0].history.train_loss.tolist(), rel=1e-5
+    )
