@@ -46,7 +46,7 @@ class GaussianEncoder(PyroModule):
     References: Kingma & Welling, "Auto-Encoding Variational Bayes", ICLR 2014 (appendix C.2).
     """
 
-    static_structure = True  # same sites and shapes every call: fit may trace it (compile)
+    static_structure = True  # same sites and shapes every call (compile=None may compile it)
 
     def __init__(self, config: GaussianEncoderConfig) -> None:
         if not isinstance(config, GaussianEncoderConfig):

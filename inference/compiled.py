@@ -57,6 +57,10 @@ from lvmkit.inference import updates
 from lvmkit.inference.calls import Data
 
 _log = logging.getLogger("lvmkit")
+# torch.compile's backend for the step: inductor (C++ kernels on the CPU, Triton kernels and a CUDA
+# graph on a GPU). "aot_eager" runs the same graph through dynamo and AOTAutograd without code
+# generation (the test suite uses it where compilation itself is not what a test is about).
+BACKEND = "inductor"
 _LIBRARIES = (os.path.dirname(torch.__file__), os.path.dirname(pyro.__file__))
 _HERE = os.path.dirname(__file__)  # lvmkit's inference code: not where a pair's problem is
 # Pyro's ELBO modules that read a loss on the host (``torch_item``) or check it for NaN there
@@ -335,13 +339,16 @@ class _Compiled:
         if cuda:
             for tensor in params:
                 _mark_static(tensor)
-        self.function = torch.compile(
-            fresh,
-            fullgraph=True,
-            dynamic=False,
-            mode="reduce-overhead" if cuda else None,
-            options={"fallback_random": True},  # torch's own random numbers: the eager draws
-        )
+        if BACKEND == "inductor":
+            self.function = torch.compile(
+                fresh,
+                fullgraph=True,
+                dynamic=False,
+                mode="reduce-overhead" if cuda else None,
+                options={"fallback_random": True},  # torch's own random numbers: the eager draws
+            )
+        else:
+            self.function = torch.compile(fresh, fullgraph=True, dynamic=False, backend=BACKEND)
         self.cuda = cuda
 
     def step(self, values: list[torch.Tensor], optim: Any) -> torch.Tensor:

@@ -172,8 +172,8 @@ def _train_options(train: argparse.ArgumentParser) -> None:
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="trace the loss with the PyTorch JIT (default: on for the built-in VAE with "
-        "objective elbo)",
+        help="compile each training step as one function: loss, gradients and optimizer "
+        "(default: on runs of 2,000 steps or more; --no-compile: eager steps)",
     )
     option(
         "--checkpoint-every",

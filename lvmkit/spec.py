@@ -37,7 +37,7 @@ class TrainSpec:
     eval_points: int | None = None  # None: the whole 10,000-image test set
     train_points: int | None = None  # None: the whole 50,000-image training split
     valid_points: int | None = 2000  # held-out ELBO per epoch on the first images of "valid"
-    compile: bool | None = None  # JIT-trace the loss; None: fit decides (on for the built-in VAE)
+    compile: bool | None = None  # compile the whole step; None: fit decides (runs of 2,000+ steps)
     checkpoint_every: int | None = None  # steps between mid-epoch checkpoints; None: epoch ends
     on_nonfinite: str = "raise"  # or "reduce_lr": halve lr after a NaN and go on (fit's option)
     threads: int | str = "auto"  # CPU threads for torch: "auto" fits the CPUs this process may use

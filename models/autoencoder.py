@@ -84,7 +84,7 @@ class Autoencoder(VAE):
         torch.Size([3, 4])
     """
 
-    static_structure = False  # the guide's training-only branches must not be frozen by tracing
+    static_structure = False  # the guide's training-only branches must not be frozen in a graph
 
     def forward(self, x: torch.Tensor | None = None, *, batch_size: int | None = None):
         n = num_points_of(x, batch_size)

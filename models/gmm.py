@@ -63,7 +63,7 @@ class GaussianMixtureModel(PyroModule):
         4
     """
 
-    static_structure = False  # enumeration: not for the JIT-traced path
+    static_structure = False  # trained with TraceEnum_ELBO, whose Dice reads values on the host
     # PyroParams read back as constrained tensors
     logits: torch.Tensor
     locs: torch.Tensor

@@ -74,7 +74,7 @@ class VAE(PyroModule):
     References: Kingma & Welling, "Auto-Encoding Variational Bayes", ICLR 2014.
     """
 
-    static_structure = True  # same sites and shapes every call: fit may trace it (compile)
+    static_structure = True  # same sites and shapes every call (compile=None may compile it)
 
     def __init__(self, config: VAEConfig) -> None:
         if not isinstance(config, VAEConfig):

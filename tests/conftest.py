@@ -32,6 +32,17 @@ def _fresh_pyro():
     pyro.clear_param_store()
 
 
+@pytest.fixture(autouse=True)
+def _compile_without_code_generation(request, monkeypatch):
+    """Compiled steps in tests go through dynamo and AOTAutograd (the same captured graph, the
+    same gradients and updates) without inductor's C++ code generation, which takes 5-20 s a
+    graph on 2 cores; test_compiled.py compiles with inductor, as fit does."""
+    if request.module.__name__ != "test_compiled":
+        from lvmkit.inference import compiled
+
+        monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
+
+
 @contextlib.contextmanager
 def interrupted_scoring(monkeypatch, *, block: int, at: int):
     """Evaluation in blocks of ``block`` log-weights, Ctrl-C arriving as block ``at`` is reduced

@@ -21,7 +21,7 @@ from lvmkit.data import load_mnist
 D = 3
 PROFILE = settings(
     max_examples=60,
-    deadline=5000,  # ms per example: a hang or a runaway loop fails
+    deadline=None,  # a loaded machine must not fail an example (a hang still meets pytest's end)
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
     derandomize=True,  # the same examples on every run: CI failures reproduce
 )
