@@ -92,6 +92,11 @@ class Plan:
         group_of = _group_index(optimizer)
         return [group_of[id(p)] for p in params]
 
+    @property
+    def on_host(self) -> bool:
+        """Whether the optimizer does anything on the host around its update (ClippedAdam)."""
+        return any(rule.kind == "clipped_adam" for rule in self.rules)
+
     def after(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
         """What the optimizer does on the host after its update: ClippedAdam's step count, a
         Python int in its state, goes up with the copy the graph counted in."""

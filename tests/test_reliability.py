@@ -28,8 +28,9 @@ def _step_of(row: int, seed: int, epoch: int = 1) -> int:
     return position // BATCH + 1
 
 
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("checkpoint_every", [None, 2])
-def test_nan_is_rolled_back_and_named_by_epoch_step_and_site(tmp_path, checkpoint_every):
+def test_nan_is_rolled_back_and_named_by_epoch_step_and_site(tmp_path, checkpoint_every, compile):
     row = N - 1  # outside the first rows, which fit's set-up step scores
     seed = next(s for s in range(100) if _step_of(row, s) >= 3)  # not the validated first step
     bad_step = _step_of(row, seed)
@@ -47,6 +48,7 @@ def test_nan_is_rolled_back_and_named_by_epoch_step_and_site(tmp_path, checkpoin
             run_dir=run,
             checkpoint_every=checkpoint_every,
             progress=False,
+            compile=compile,  # compiled: the NaN found at the check point, located by replay
         )
     err = info.value
     assert (err.epoch, err.step, err.site) == (1, bad_step, "x")
