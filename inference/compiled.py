@@ -61,6 +61,9 @@ _log = logging.getLogger("lvmkit")
 # graph on a GPU). "aot_eager" runs the same graph through dynamo and AOTAutograd without code
 # generation (the test suite uses it where compilation itself is not what a test is about).
 BACKEND = "inductor"
+# parameters × points of a step below which the host bounds it (the 16-8-2 VAE at batch 8:
+# 3,000; the 784-400-20 VAE at batch 128: 81 million)
+HOST_BOUND_WORK = 1_000_000
 _LIBRARIES = (os.path.dirname(torch.__file__), os.path.dirname(pyro.__file__))
 _HERE = os.path.dirname(__file__)  # lvmkit's inference code: not where a pair's problem is
 # Pyro's ELBO modules that read a loss on the host (``torch_item``) or check it for NaN there
@@ -183,7 +186,8 @@ class CompiledStep:
         if self.optim.before_step is None and not self.optim.per_param_clip:
             plan = updates.plan(self.optim.optimizer)
         self.graphs += 1
-        return _Compiled(graph, params, used, plan, self.optim.clip_norm, self.graphs)
+        work = sum(p.numel() for p in params) * max(1, call.num_points or 1)
+        return _Compiled(graph, params, used, plan, self.optim.clip_norm, self.graphs, work)
 
 
 def capture(
@@ -303,6 +307,7 @@ class _Compiled:
         plan: updates.Plan | None,
         clip_norm: float | None,
         number: int,
+        work: int,
     ) -> None:
         self.params = params
         self.used = used
@@ -336,6 +341,7 @@ class _Compiled:
         code = step.__code__.replace(co_name=f"lvmkit_step_{number}")
         fresh = types.FunctionType(code, step.__globals__, code.co_name, None, step.__closure__)
         cuda = any(p.is_cuda for p in params)
+        host_bound = work < HOST_BOUND_WORK
         if cuda:
             for tensor in params:
                 _mark_static(tensor)
@@ -348,8 +354,10 @@ class _Compiled:
                 options={
                     "fallback_random": True,  # torch's own random numbers: the eager draws
                     "size_asserts": False,  # (each input's sizes checked every call: ours are)
-                    # the per-call wrapper in C++, not Python: ~13 % of a host-bound step
-                    "cpp_wrapper": True,
+                    # the per-call wrapper in C++, not Python: ~13 % off a step the host
+                    # bounds, but ~8 s more to compile cold, which a step of real arithmetic
+                    # (the MNIST VAE's) does not repay
+                    "cpp_wrapper": host_bound,
                 },
             )
         else:
