@@ -458,9 +458,7 @@ def _time_steps(
 
 def _add_numpyro(steps: dict[str, Step], cfg: SpeedConfig, dev, batches: list[torch.Tensor]) -> str:
     """Add the NumPyro contender to ``steps``; return why it was left out, or ""."""
-    if dev.type != "cpu":
-        return "skipped: the NumPyro contender runs JAX on the CPU; compare on device cpu"
-    _numpyro_vae, why = _import_numpyro()
+    _numpyro_vae, why = _import_numpyro(dev)
     if _numpyro_vae is None:
         return why
     import jax.numpy as jnp
@@ -473,10 +471,13 @@ def _add_numpyro(steps: dict[str, Step], cfg: SpeedConfig, dev, batches: list[to
     return ""
 
 
-def _import_numpyro() -> tuple[Any, str]:
-    """The NumPyro contender's module, or None and why not. XLA is told to use as many CPU
-    threads as torch does here (one, in the overhead task and on a 1-thread run), so that each
-    contender computes with the same cores."""
+def _import_numpyro(dev: torch.device) -> tuple[Any, str]:
+    """The NumPyro contender's module, or None and why not (another device than the CPU, or
+    NumPyro not installed). XLA is told to use as many CPU threads as torch does here (one, in
+    the overhead task and on a 1-thread run), so that each contender computes with the same
+    cores."""
+    if dev.type != "cpu":
+        return None, "skipped: the NumPyro contender runs JAX on the CPU; compare on device cpu"
     if "jax" not in sys.modules and torch.get_num_threads() == 1:
         os.environ.setdefault(
             "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
@@ -632,9 +633,7 @@ def _add_numpyro_epoch(
     batch_size: int,
 ) -> str:
     """Add NumPyro's epoch (the same images in the same order) to ``others``; or say why not."""
-    if dev.type != "cpu":
-        return "skipped: the NumPyro contender runs JAX on the CPU; compare on device cpu"
-    _numpyro_vae, why = _import_numpyro()
+    _numpyro_vae, why = _import_numpyro(dev)
     if _numpyro_vae is None:
         return why
     array = data.cpu().numpy()

@@ -11,8 +11,9 @@ same on torch, for any model/guide pair whose step is a fixed tensor program per
    draws as nodes in it. Pyro's own host syncs in its ELBOs (``torch_item``, ``warn_if_nan``) are
    switched off for the capture only: lvmkit checks for non-finite values at its check points. A
    pair whose Python reads a tensor's value (``if x.sum() > 0``, ``int(lengths.max())``) cannot be
-   captured (make_fx refuses it); a graph that writes to a tensor that is not its own (BatchNorm's
-   running statistics) or keeps a tensor computed outside it that the pair may change is refused.
+   captured (make_fx refuses it); a graph whose shapes follow the data's values (a boolean mask's
+   selection) or that writes in place to a tensor it does not own (an input, or a buffer such as
+   BatchNorm's running statistics) is refused.
 2. **Check**. The graph's loss and gradients must equal the eager loss's on the same minibatch
    and random draws (relative 1e-4 on the loss, 1e-3 on gradients), or the pair trains eagerly.
    Parameters the eager loss leaves without a gradient get none here either (and no update).
@@ -64,7 +65,6 @@ BACKEND = "inductor"
 # parameters × points of a step below which the host bounds it (the 16-8-2 VAE at batch 8:
 # 3,000; the 784-400-20 VAE at batch 128: 81 million)
 HOST_BOUND_WORK = 1_000_000
-_LIBRARIES = (os.path.dirname(torch.__file__), os.path.dirname(pyro.__file__))
 _HERE = os.path.dirname(__file__)  # lvmkit's inference code: not where a pair's problem is
 # Pyro's ELBO modules that read a loss on the host (``torch_item``) or check it for NaN there
 _PYRO_SYNCS = (
@@ -103,7 +103,6 @@ class CompiledStep:
         self.auto, self.enabled = auto, True
         self.failure: str | None = None
         self.setup_s = 0.0
-        self.graphs = 0  # compiled so far
         self._by_shape: dict[tuple[Any, ...], _Compiled] = {}
         self._points: dict[tuple[Any, ...], int] = {}
 
@@ -185,9 +184,9 @@ class CompiledStep:
         plan = None
         if self.optim.before_step is None and not self.optim.per_param_clip:
             plan = updates.plan(self.optim.optimizer)
-        self.graphs += 1
         work = sum(p.numel() for p in params) * max(1, call.num_points or 1)
-        return _Compiled(graph, params, used, plan, self.optim.clip_norm, self.graphs, work)
+        number = len(self._by_shape) + 1  # (names its code object)
+        return _Compiled(graph, params, used, plan, self.optim.clip_norm, number, work)
 
 
 def capture(
@@ -309,14 +308,13 @@ class _Compiled:
         number: int,
         work: int,
     ) -> None:
-        self.params = params
-        self.used = used
+        unused = [i for i in range(len(params)) if i not in set(used)]
         self.trained = [params[i] for i in used]
-        self.others = [p for i, p in enumerate(params) if i not in set(used)]
+        self.others = [params[i] for i in unused]
         self.plan = plan
         self._state: tuple[int, list[Any]] | None = None  # (optimizer state version, tensors)
         self._lrs: list[tuple[float, torch.Tensor]] = []
-        order = used + [i for i in range(len(params)) if i not in set(used)]
+        order = used + unused
         position = [order.index(i) for i in range(len(params))]  # where each input comes from
         rules = plan.rules if plan is not None else ()
         clip = clip_norm if plan is not None else None  # else the eager step clips
