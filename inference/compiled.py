@@ -40,9 +40,9 @@ fails — capture, check, compilation — makes the pair train eagerly, said in 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import os
+import sys
 import time
 import traceback
 import types
@@ -66,16 +66,6 @@ BACKEND = "inductor"
 # 3,000; the 784-400-20 VAE at batch 128: 81 million)
 HOST_BOUND_WORK = 1_000_000
 _HERE = os.path.dirname(__file__)  # lvmkit's inference code: not where a pair's problem is
-# Pyro's ELBO modules that read a loss on the host (``torch_item``) or check it for NaN there
-_PYRO_SYNCS = (
-    "trace_elbo",
-    "traceenum_elbo",
-    "tracegraph_elbo",
-    "trace_mean_field_elbo",
-    "renyi_elbo",
-    "rws",
-    "tracetmc_elbo",
-)
 
 
 class CompiledStep:
@@ -446,22 +436,29 @@ def _pyro_host_syncs_off() -> Iterator[None]:
     """Pyro's ELBOs with ``torch_item`` keeping the value on the device (the same number, and
     the same gradient where it is subtracted to leave the surrogate's) and ``warn_if_nan``
     silent, for the duration of a capture: both read a value on the host, which a captured graph
-    cannot do. The names are patched where each Pyro module imported them."""
-    patched: list[tuple[Any, str, Any]] = []
-    for name in _PYRO_SYNCS:
-        try:
-            module = importlib.import_module(f"pyro.infer.{name}")
-        except ImportError:  # pragma: no cover - a Pyro without that objective
+    cannot do. The names are patched wherever a module imported them — Pyro's objectives, and
+    the ELBOs written on them (Pyro's contributed ``TraceCausalEffect_ELBO``, a user's own) —
+    found by identity in each loaded module's namespace (no attribute lookups: lazy modules are
+    not woken)."""
+    from pyro.infer.util import torch_item
+    from pyro.util import warn_if_nan
+
+    stand_ins = {id(torch_item): _on_device, id(warn_if_nan): _silent}
+    patched: list[tuple[dict[str, Any], str, Any]] = []
+    for module in list(sys.modules.values()):
+        namespace = getattr(module, "__dict__", None)
+        if not isinstance(namespace, dict):
             continue
-        for attr, stand_in in (("torch_item", _on_device), ("warn_if_nan", _silent)):
-            if hasattr(module, attr):
-                patched.append((module, attr, getattr(module, attr)))
-                setattr(module, attr, stand_in)
+        for attr in ("torch_item", "warn_if_nan"):
+            original = namespace.get(attr)
+            if original is not None and id(original) in stand_ins:
+                patched.append((namespace, attr, original))
+                namespace[attr] = stand_ins[id(original)]
     try:
         yield
     finally:
-        for module, attr, original in patched:
-            setattr(module, attr, original)
+        for namespace, attr, original in patched:
+            namespace[attr] = original
 
 
 def _on_device(value: Any) -> Any:

@@ -72,11 +72,13 @@ class Layout:
 
 
 class Traces(NamedTuple):
-    """A guide trace, the model replayed on it, and the names of the guide's latent sites."""
+    """A guide trace, the model replayed on it, and the names of the guide's latent sites: its
+    sample sites less the observed ones (a guide's ``pyro.sample(..., obs=t)``, as Pyro's CEVAE
+    writes its auxiliary classifiers, scores data, not a latent: it has no place in log q)."""
 
     guide: Any
     model: Any
-    latents: set[str]
+    latents: tuple[str, ...]
 
 
 def is_sample(site: Any) -> bool:
@@ -120,7 +122,11 @@ def paired_traces(
     model_trace = poutine.trace(poutine.replay(inner, trace=guide_trace)).get_trace(
         *call.args, **call.kwargs
     )
-    latents = {name for name, site in guide_trace.nodes.items() if is_sample(site)}
+    latents = tuple(
+        name
+        for name, site in guide_trace.nodes.items()
+        if is_sample(site) and not site["is_observed"]
+    )  # in the guide's order, so every pass visits the sites alike
     return Traces(guide_trace, model_trace, latents)
 
 

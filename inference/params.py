@@ -20,10 +20,10 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import pyro
-import pyro.poutine as poutine
 import torch
 from pyro.nn import PyroModule
 from pyro.params.param_store import module_from_param_with_module_name, user_param_name
+from pyro.poutine.messenger import Messenger
 from torch import nn
 from torch.nn.modules.module import register_module_forward_pre_hook
 
@@ -90,10 +90,15 @@ def collect_params(
     Running one step on ``calls`` also creates parameters that are initialised lazily, and it runs
     with Pyro's validation on, so model errors surface here with Pyro's own messages (with an
     explicit device, the caller runs it under ``Placement.first_use``, which moves each network
-    and ``pyro.param`` tensor to the device as it is met). A
-    ``pyro.module`` whose name already holds another network's parameters in the param store is
-    refused (or warned about, when the shapes agree): Pyro would train the store's copy while the
-    network computes with its own, and the loss would not move.
+    and ``pyro.param`` tensor to the device as it is met).
+
+    A ``pyro.module`` whose name is already taken in the param store gets the stored tensors back
+    and computes with its own (Pyro's semantics). Two cases: a name the store held *before* the
+    step — another network's, left from an earlier run — is refused (or warned about, when the
+    shapes agree): Pyro would train that stale copy and the loss would not move. A name first
+    registered *in* the step — model and guide holding networks of one name, as Pyro's CEVAE
+    does — is trained as Pyro trains it: the first network's parameters are the store's and are
+    trained, the second's keep their values (they are left out here), with one warning.
     """
     params: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
@@ -103,16 +108,27 @@ def collect_params(
                 if param.requires_grad and id(param) not in seen:
                     params[name] = param
                     seen.add(id(param))
-    with poutine.trace(param_only=True) as capture, pyro.validation_enabled(True):
+    before = set(pyro.get_param_store().keys())
+    with _ParamLog() as log, pyro.validation_enabled(True):
         step(calls)
-    for name, site in capture.trace.nodes.items():
-        value: Any = site["value"]
-        _check_not_stale(name, site)
+    shadowed: dict[str, nn.Parameter] = {}
+    for name, own, value in log.sites:
+        if own is not None and own is not value:
+            if name in before:
+                _refuse_stale(name, own, value)
+            else:
+                shadowed[name] = own
+        if name in params or id(value) in seen:
+            continue
         unconstrained = value.unconstrained() if hasattr(value, "unconstrained") else value
         if not unconstrained.requires_grad or id(unconstrained) in seen:
             continue
         params[name] = unconstrained
         seen.add(id(unconstrained))
+    if shadowed:
+        _warn_shared_names(shadowed, model)
+        dropped = {id(p) for p in shadowed.values()}
+        params = {name: p for name, p in params.items() if id(p) not in dropped}
     if not params:
         raise ValueError(
             "model and guide have no trainable parameters: "
@@ -121,13 +137,24 @@ def collect_params(
     return params
 
 
-def _check_not_stale(name: str, site: Any) -> None:
-    """``pyro.module(m, net)`` passes each of ``net``'s parameters to ``pyro.param``; when the
-    store already holds another tensor under that name, it returns that one instead."""
-    args: tuple[Any, ...] = tuple(site.get("args") or ())
-    if len(args) < 2 or not isinstance(args[1], nn.Parameter) or args[1] is site["value"]:
-        return
-    own, stored = args[1], site["value"]
+class _ParamLog(Messenger):
+    """Every ``pyro.param`` call of a block, in order: (name, the ``nn.Parameter`` a
+    ``pyro.module`` passed in or None, the tensor the store gave back). A trace keeps only the
+    last call of each name; a name's first and later registrants both matter here."""
+
+    def __enter__(self) -> _ParamLog:
+        self.sites: list[tuple[str, nn.Parameter | None, torch.Tensor]] = []
+        return super().__enter__()
+
+    def _pyro_post_param(self, msg: Any) -> None:
+        args: tuple[Any, ...] = tuple(msg.get("args") or ())
+        own = args[1] if len(args) >= 2 and isinstance(args[1], nn.Parameter) else None
+        self.sites.append((msg["name"], own, msg["value"]))
+
+
+def _refuse_stale(name: str, own: torch.Tensor, stored: torch.Tensor) -> None:
+    """``pyro.module(m, net)`` passes each of ``net``'s parameters to ``pyro.param``; the store,
+    holding another network's tensor under that name from before this run, returns that one."""
     module = module_from_param_with_module_name(name) or name
     what = f"{user_param_name(name)!r} of pyro.module({module!r}, ...)"
     fix = (
@@ -145,7 +172,25 @@ def _check_not_stale(name: str, site: Any) -> None:
         f"Pyro trains that stored tensor, while {what} computes with its own parameters (unless "
         f"registered with update_module_params=True), so the loss may not move. {fix}",
         RuntimeWarning,
-        stacklevel=4,
+        stacklevel=5,
+    )
+
+
+def _warn_shared_names(shadowed: dict[str, nn.Parameter], model: Any) -> None:
+    modules = sorted({module_from_param_with_module_name(name) or name for name in shadowed})
+    in_model = isinstance(model, nn.Module) and any(
+        p is own for p in model.parameters() for own in shadowed.values()
+    )
+    who = "the model and the guide both register" if in_model else "two of the pair's networks"
+    names = ", ".join(repr(m) for m in modules)
+    warnings.warn(
+        f"{who} a network under the name(s) {names} (pyro.module, or a PyroModule attribute). As "
+        "in Pyro, the parameters first registered under a name in a step (the guide's: it runs "
+        "first) are the ones stored and trained; the network registered second computes with its "
+        "own parameters, which keep their initial values. Give the networks distinct names to "
+        "train both.",
+        RuntimeWarning,
+        stacklevel=5,
     )
 
 

@@ -254,9 +254,8 @@ def _one_pass(
                 rerun = poutine.condition(rerun, data=subsample)
             replicated = poutine.trace(rerun).get_trace(*call.args, **call.kwargs)
     out: dict[str, Any] = {"posterior": {}, "ppc": {}, "ll": {}, "observed": {}}
-    for name, site in traces.guide.nodes.items():
-        if is_sample(site):
-            out["posterior"][name] = _values(name, site, layout, k)
+    for name in traces.latents:  # (a guide's observed sites are data, not posterior draws)
+        out["posterior"][name] = _values(name, traces.guide.nodes[name], layout, k)
     for name, drawn in discrete.items():
         site = {**traces.model.nodes[name], "value": drawn}
         out["posterior"][name] = _values(name, site, layout, k)

@@ -38,7 +38,7 @@ from lvmkit.inference.calls import (
 from lvmkit.inference.compiled import CompiledStep
 from lvmkit.inference.feeds import Feed
 from lvmkit.inference.kernel import Layout, paired_traces
-from lvmkit.inference.layout import broadcasts, layout_of, note_sequential
+from lvmkit.inference.layout import broadcasts, layout_of, note_sequential, whole_layout
 from lvmkit.inference.objectives import PerPointBound, make_objective
 from lvmkit.inference.optim import Optim, OptimSpec, build
 from lvmkit.inference.params import collect_params, eval_mode
@@ -168,7 +168,11 @@ def prepare(
     )  # fmt: skip
     for feed, call in zip(feeds, first, strict=True):
         with placement.scope():
-            feed.layout = _layout(model, guide, call, feed, data_plate)
+            feed.layout, points = _layout(model, guide, call, feed, data_plate)
+        if feed.num_points is None:
+            feed.num_points = points
+            if points is None:
+                _warn_uncounted(feed)
     if by_name and num_particles > 1 and vectorize_particles is None and vectorize:
         # a model can run with vectorised particles and still compute the wrong thing (a value
         # of plausible shape from indexing a particle-batched tensor): check every site's shape
@@ -207,10 +211,15 @@ def _sum(values):
     return total
 
 
-def _layout(model, guide, call: Data, feed: Feed, plate: str | None) -> Layout | None:
+def _layout(
+    model, guide, call: Data, feed: Feed, plate: str | None
+) -> tuple[Layout | None, int | None]:
     """The layout a source's first minibatch shows (one paired trace of it, which neither
     trains nor moves BatchNorm's statistics nor the random state), or None where no plate over
-    the points is found: training does not need one, and evaluation says what is missing."""
+    the points is found: training does not need one, and evaluation says what is missing. Also
+    the data plate's size, for data whose points hold no per-point tensor at the top level
+    (observations in a dict passed as one argument): the points a loss is divided by, counted
+    as ``evaluate`` counts them (:func:`~lvmkit.inference.layout.whole_layout`)."""
     try:
         with (
             torch.no_grad(),
@@ -220,11 +229,27 @@ def _layout(model, guide, call: Data, feed: Feed, plate: str | None) -> Layout |
             eval_mode(model, guide),
         ):
             traces = paired_traces(model, guide, call)
-        return layout_of(traces, call.num_points, plate=plate, whole=feed.batch_size is None)
+        layout = layout_of(traces, call.num_points, plate=plate, whole=feed.batch_size is None)
+        points = call.num_points
+        if points is None:
+            whole = whole_layout(traces, plate)
+            points = whole.num_points if whole is not None else None
+        return layout, points
     except Exception:
         if plate is not None:
             raise
-        return None
+        return None, call.num_points
+
+
+def _warn_uncounted(feed: Feed) -> None:
+    warnings.warn(
+        f"fit cannot tell how many data points {feed.name} holds: it has no per-point tensor "
+        "at the top level, and the model's observed sites share no plate. The training loss "
+        "is reported for the whole data, not per point. Put the observed sites in a plate over "
+        "the points (pyro.plate('data', N)), or name it with data_plate=",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def _warn_global_prior(feed: Feed) -> None:
