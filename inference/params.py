@@ -181,10 +181,10 @@ def _warn_shared_names(shadowed: dict[str, nn.Parameter], model: Any) -> None:
     in_model = isinstance(model, nn.Module) and any(
         p is own for p in model.parameters() for own in shadowed.values()
     )
-    who = "the model and the guide both register" if in_model else "two of the pair's networks"
+    who = "the model and the guide both register a network" if in_model else "two networks register"
     names = ", ".join(repr(m) for m in modules)
     warnings.warn(
-        f"{who} a network under the name(s) {names} (pyro.module, or a PyroModule attribute). As "
+        f"{who} under the name(s) {names} (pyro.module, or a PyroModule attribute). As "
         "in Pyro, the parameters first registered under a name in a step (the guide's: it runs "
         "first) are the ones stored and trained; the network registered second computes with its "
         "own parameters, which keep their initial values. Give the networks distinct names to "
