@@ -218,7 +218,7 @@ def _probe(name: str, contender: Contender, task: Task, call: dict[str, Any]) ->
     try:
         with (
             param_scope(model, guide, publish=False),
-            torch.random.fork_rng(devices=cuda_devices()),
+            torch.random.fork_rng(devices=cuda_devices(*call.values())),
             pyro.validation_enabled(False),
             eval_mode(model, guide),
             torch.no_grad(),

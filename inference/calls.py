@@ -19,12 +19,14 @@ take tensors laid out otherwise are given the whole data each step (``fit(batch_
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
@@ -35,6 +37,8 @@ from lvmkit.inference.devices import (
     is_mismatch,
     user_frame,
 )
+
+_log = logging.getLogger("lvmkit")
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,10 @@ class Data:
         kwargs = {k: fn(v) if _per_point(v) else v for k, v in self.kwargs.items()}
         return Data(args, kwargs, self.form, self.x_keyword, _lengths(args, kwargs))
 
+    def with_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Data:
+        """Other arguments given the same way (a simulated copy of the data, say)."""
+        return Data(tuple(args), dict(kwargs), self.form, self.x_keyword, _lengths(args, kwargs))
+
     def take(self, index: torch.Tensor | slice) -> Data:
         """The points at ``index`` (per-point tensors sliced along their first dimension)."""
         self.check_sliceable()
@@ -151,6 +159,7 @@ def as_data(data: Any, model: Any = None, *, name: str = "data", check_finite: b
 
 def _as_data(data: Any, model: Any, name: str, check_finite: bool) -> Data:
     keyword = takes_x(model)
+    data = from_pandas(name, data)
     if isinstance(data, (torch.Tensor, np.ndarray)):
         tensor = _as_tensor(name, data, check_finite)
         if tensor.dim() == 0:
@@ -174,9 +183,9 @@ def _as_data(data: Any, model: Any, name: str, check_finite: bool) -> Data:
             named[key] = _convert(f"{name}[{key!r}]", value, check_finite)
         return Data((), named, "dict", keyword, _lengths((), named))
     raise TypeError(
-        f"{name} must be a torch.Tensor, a numpy array, or a dict of the model's keyword "
-        f"arguments (or a tuple of its positional arguments; for fit, also a list of "
-        f"lvmkit.Source); got {type(data).__name__}"
+        f"{name} must be a torch.Tensor, a numpy array, a pandas DataFrame, or a dict of the "
+        "model's keyword arguments (or a tuple of its positional arguments; for fit, also a "
+        f"list of lvmkit.Source); got {type(data).__name__}"
     )
 
 
@@ -199,9 +208,37 @@ def from_transform(out: Any, like: Data, *, name: str = "transform") -> Data:
 
 def _convert(label: str, value: Any, check_finite: bool) -> Any:
     """Per-point arrays and tensors checked and converted; anything else passed through."""
+    value = from_pandas(label, value)
     if isinstance(value, (torch.Tensor, np.ndarray)):
         return _as_tensor(label, value, check_finite)
     return value
+
+
+def from_pandas(label: str, value: Any) -> Any:
+    """A pandas DataFrame or Series as a numpy array of its values (a DataFrame's columns in
+    their order, said in one log line); a column that is not numeric or boolean is refused by
+    name. Anything else is returned as it is."""
+    if not isinstance(value, (pd.DataFrame, pd.Series)):
+        return value
+    frame = isinstance(value, pd.DataFrame)
+    columns = list(value.dtypes.items()) if frame else [(value.name, value.dtype)]
+    for column, dtype in columns:
+        if not (pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype)):
+            what = f"column {column!r}" if frame else f"the Series {column!r}"
+            raise TypeError(
+                f"{label} must be numeric, but {what} has dtype {dtype}: encode it first "
+                "(pd.get_dummies, .cat.codes, a mapping) or drop it"
+            )
+    extension = any(isinstance(dtype, pd.api.extensions.ExtensionDtype) for _, dtype in columns)
+    array = (
+        value.to_numpy(dtype=np.float64, na_value=np.nan) if extension else value.to_numpy()
+    )  # (nullable dtypes: a missing value becomes NaN, which the finiteness check names)
+    if frame:
+        _log.warning(
+            "lvmkit: %s: a DataFrame of %d rows, its columns %s in that order as the last axis",
+            label, len(value), list(value.columns),
+        )  # fmt: skip
+    return array
 
 
 def _as_tensor(label: str, value: Any, check_finite: bool = True) -> torch.Tensor:
@@ -210,7 +247,10 @@ def _as_tensor(label: str, value: Any, check_finite: bool = True) -> torch.Tenso
             np.issubdtype(value.dtype, np.number) or value.dtype == np.bool_
         ):
             raise TypeError(f"{label} must be numeric; got a numpy array of dtype {value.dtype}")
-        value = torch.from_numpy(np.ascontiguousarray(value))
+        value = np.ascontiguousarray(value)
+        if not value.flags.writeable:  # (pandas' copy-on-write arrays; torch needs writable)
+            value = value.copy()
+        value = torch.from_numpy(value)
     if value.is_complex():
         raise TypeError(f"{label} must be real; got dtype {value.dtype}")
     if value.is_floating_point():
@@ -230,10 +270,12 @@ def _all_finite(value: torch.Tensor) -> bool:
 
 def as_points(data: Any, *, name: str = "data") -> torch.Tensor:
     """One tensor of data points, shape ``(N, ...)`` (for estimators with scikit-learn's API)."""
+    data = from_pandas(name, data)
     tensor = _as_tensor(name, data) if isinstance(data, (torch.Tensor, np.ndarray)) else None
     if tensor is None:
         raise TypeError(
-            f"{name} must be a torch.Tensor or a numpy array; got {type(data).__name__}"
+            f"{name} must be a torch.Tensor, a numpy array or a pandas DataFrame; got "
+            f"{type(data).__name__}"
         )
     if tensor.dim() == 0 or tensor.shape[0] == 0:
         raise ValueError(
@@ -318,6 +360,20 @@ def model_failures_as_data_errors(
         ) from err
 
 
-def cuda_devices() -> list[int]:
-    """Every visible CUDA device, for ``torch.random.fork_rng`` (none without CUDA)."""
-    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+def cuda_devices(*in_use: Any) -> list[int]:
+    """The CUDA devices whose random state a ``torch.random.fork_rng`` must save: those among
+    ``in_use`` (devices, tensors, :class:`Data`, placements), and every visible one once CUDA is
+    initialised. A run on the CPU of a machine with CUDA forks none, so it never creates a
+    CUDA context (``fork_rng``'s default forks every device, initialising CUDA to do it)."""
+    found: set[int] = set()
+    for item in in_use:
+        values = item.tensors() if isinstance(item, Data) else [item]
+        for value in values:
+            device = getattr(value, "device", value)
+            if isinstance(device, str):
+                device = torch.device(device)
+            if isinstance(device, torch.device) and device.type == "cuda":
+                found.add(device.index if device.index is not None else torch.cuda.current_device())
+    if torch.cuda.is_initialized():
+        found.update(range(torch.cuda.device_count()))
+    return sorted(found)

@@ -175,9 +175,16 @@ def pair_placement(model: Any, guide: Any, device: str | torch.device | None) ->
         placement = Placement(resolve_device(device), moves=True, sets_default=user)
         move_pair(placement, model, guide)
         return placement
+    return Placement(pair_device(model, guide), sets_default=user)
+
+
+def pair_device(model: Any, guide: Any, device: str | torch.device | None = None) -> torch.device:
+    """Where :func:`pair_placement` puts an evaluation, without moving anything."""
+    if device is not None:
+        return resolve_device(device)
     for _, tensor in _parameters(model, guide):
-        return Placement(tensor.device, sets_default=user)
-    return Placement(torch.device("cpu"), sets_default=user)
+        return tensor.device
+    return torch.device("cpu")
 
 
 def _user_code(model: Any, guide: Any) -> bool:

@@ -39,7 +39,7 @@ from lvmkit.base import check_choice, check_int
 from lvmkit.inference.callbacks import check_callbacks, notify
 from lvmkit.inference.calls import Data, as_data, cuda_devices
 from lvmkit.inference.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from lvmkit.inference.devices import pair_placement
+from lvmkit.inference.devices import pair_device, pair_placement
 from lvmkit.inference.kernel import Layout
 from lvmkit.inference.params import eval_mode, param_scope
 from lvmkit.inference.rundir import rng_state, set_rng_state
@@ -156,7 +156,8 @@ def evaluate(
     start, rng = partial.resume(rows) if partial is not None else (0, None)
     if partial is not None and start:  # the thread count it started with: the same bits
         threads = resumed_threads(threads, partial.threads, f"the evaluation in {checkpoint}")
-    with torch.random.fork_rng(devices=cuda_devices()), using_threads(threads) as used:
+    forked = cuda_devices(values, pair_device(model, guide, device))
+    with torch.random.fork_rng(devices=forked), using_threads(threads) as used:
         if rng is not None:  # where the interrupted evaluation stood
             set_rng_state(rng, pair_placement(model, guide, device).device)
         elif seed is not None:
@@ -200,7 +201,8 @@ def _evaluate_ais(
     from lvmkit.inference import ais
 
     rows: list[np.ndarray] = []
-    with torch.random.fork_rng(devices=cuda_devices()), using_threads(threads):
+    forked = cuda_devices(values, pair_device(model, guide, device))
+    with torch.random.fork_rng(devices=forked), using_threads(threads):
         if seed is not None:
             pyro.set_rng_seed(check_int("seed", seed, minimum=0))
         stream = WeightStream(

@@ -14,6 +14,7 @@ Both run on :mod:`lvmkit.inference.ais`'s annealing target; docs/ais.md has the 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -24,8 +25,9 @@ import torch
 
 from lvmkit.base import check_int
 from lvmkit.inference.ais import Target, anneal, exact_start, is_sampled_latent
-from lvmkit.inference.calls import as_data
+from lvmkit.inference.calls import Data, as_data
 from lvmkit.inference.evaluate import evaluate
+from lvmkit.inference.kernel import is_deterministic, is_sample
 from lvmkit.inference.layout import find_layout
 from lvmkit.inference.params import eval_mode, param_scope
 from lvmkit.inference.weights import scoring
@@ -54,54 +56,67 @@ GAP_MAX_PAIRS = 65_536  # (draw, point) pairs per pass of the final estimates: p
 def bdmc(
     model,
     guide,
+    data: Any = None,
     *,
-    num_points: int = 50,
+    num_points: int | None = None,
     num_samples: int = 4,
     num_steps: int = 1000,
     seed: int | None = 0,
-    data_site: str = "x",
+    data_site: str | None = None,
 ):
     """Bidirectional Monte Carlo: how far AIS is from log p(x), on data simulated from the model.
 
-    Draws ``num_points`` points (and their latents) from the model — called as
-    ``model(x=None, batch_size=num_points)``, lvmkit's convention for generating — then runs AIS
-    with ``num_samples`` chains and ``num_steps`` distributions forwards from the guide (a
-    stochastic *lower* bound of each point's log p(x)) and backwards from the exact latents the
-    point was simulated with (a stochastic *upper* bound). Returns a DataFrame with columns
-    ``lower`` and ``upper`` per point (``attrs["data"]``: the simulated data); their gap bounds
-    AIS's error on such data, and says how many steps real data need (Grosse et al. 2015).
+    Simulates data and their latents from the model, then runs AIS with ``num_samples`` chains
+    and ``num_steps`` distributions forwards from the guide (a stochastic *lower* bound of each
+    point's log p(x)) and backwards from the exact latents the point was simulated with (a
+    stochastic *upper* bound). Their gap bounds AIS's error on such data, and says how many
+    steps real data need (Grosse et al. 2015).
+
+    Args:
+        model, guide: any Pyro pair, called with ``data`` as :func:`lvmkit.fit` calls it.
+        data: a template of the data, as ``fit`` takes it (a tensor, a tuple, a dict): the model
+            is run on it with its observed sites unconditioned (``poutine.uncondition``, as
+            Pyro's ``Predictive`` simulates), and each argument an observed site reads is
+            replaced by the values simulated there, for the guide and the model alike. Every
+            observed site must read an argument (or a view of one, ``obs=x.reshape(...)``).
+            ``None``: lvmkit's generating convention, ``model(x=None, batch_size=num_points)``.
+        num_points: points simulated: the first ``num_points`` of ``data`` (default: all), or
+            50 with the generating convention.
+        data_site: with the generating convention, the site holding the data (default ``"x"``).
+
+    Returns a DataFrame with columns ``lower`` and ``upper`` per point; ``attrs["data"]`` holds
+    the simulated data (a tensor with the generating convention, else as ``data`` was given).
 
     Example::
 
         >>> import torch, lvmkit
         >>> model, guide = lvmkit.build_vae(lvmkit.VAEConfig(data_dim=4, latent_dim=2,
         ...                                                  hidden_dims=(8,)))
-        >>> sandwich = lvmkit.bdmc(model, guide, num_points=3, num_samples=2, num_steps=5)
+        >>> sandwich = lvmkit.bdmc(model, guide, torch.zeros(3, 4), num_samples=2, num_steps=5)
         >>> list(sandwich.columns), len(sandwich)
         (['lower', 'upper'], 3)
     """
-
-    num_points = check_int("num_points", num_points)
     num_samples = check_int("num_samples", num_samples)
     num_steps = check_int("num_steps", num_steps)
+    if data is not None and data_site is not None:
+        raise ValueError(
+            "data_site= names the data of lvmkit's generating convention (data=None); with "
+            "data given, every observed site of the model is simulated"
+        )
+    template = None
+    if data is not None:
+        template = as_data(data, model)
+        total = template.check_sliceable()
+        count = total if num_points is None else check_int("num_points", num_points)
+        template = template.take(slice(0, min(count, total)))
     with scoring(model, guide, seed), param_scope(model, guide, publish=False):
         with torch.no_grad(), eval_mode(model, guide), pyro.validation_enabled(False):
-            try:
-                simulated = poutine.trace(model).get_trace(x=None, batch_size=num_points)
-            except TypeError as err:
-                raise TypeError(
-                    "bdmc simulates data from the model as model(x=None, batch_size=n), "
-                    f"lvmkit's convention for generating; this model cannot be called so ({err})"
-                ) from None
-        if data_site not in simulated.nodes:
-            raise ValueError(f"the simulated trace has no site {data_site!r} (data_site=)")
-        x = simulated.nodes[data_site]["value"].detach()
-        latents = {
-            name: site["value"].detach()
-            for name, site in simulated.nodes.items()
-            if is_sampled_latent(site) and name != data_site
-        }
-        call = as_data(x, model)
+            if template is None:
+                count = check_int("num_points", 50 if num_points is None else num_points)
+                call, latents, kept = _generate(model, count, data_site or "x")
+            else:
+                call, latents = _simulate(model, template)
+                kept = call.user_form()
         with eval_mode(model, guide), pyro.validation_enabled(False):
             with torch.no_grad():
                 layout = find_layout(model, guide, call, vectorize=True)
@@ -117,8 +132,103 @@ def bdmc(
             "upper": (-(torch.logsumexp(backward.double(), 0) - log_c)).cpu().numpy(),
         }
     )
-    frame.attrs.update(data=x.cpu(), num_samples=num_samples, num_steps=num_steps)
+    frame.attrs.update(data=kept, num_samples=num_samples, num_steps=num_steps)
     return frame
+
+
+def _generate(model, n: int, data_site: str) -> tuple[Data, dict[str, torch.Tensor], Any]:
+    """lvmkit's generating convention: ``model(x=None, batch_size=n)``."""
+    try:
+        simulated = poutine.trace(model).get_trace(x=None, batch_size=n)
+    except TypeError as err:
+        raise TypeError(
+            "bdmc without data simulates from the model as model(x=None, batch_size=n), "
+            f"lvmkit's convention for generating; this model cannot be called so ({err}). Pass "
+            "the data (or a few points of it) as a template: bdmc(model, guide, data, ...)"
+        ) from None
+    if data_site not in simulated.nodes:
+        raise ValueError(f"the simulated trace has no site {data_site!r} (data_site=)")
+    x = simulated.nodes[data_site]["value"].detach()
+    latents = {
+        name: site["value"].detach()
+        for name, site in simulated.nodes.items()
+        if is_sampled_latent(site) and name != data_site
+    }
+    return as_data(x, model), latents, x.cpu()
+
+
+def _simulate(model, template: Data) -> tuple[Data, dict[str, torch.Tensor]]:
+    """The model run on ``template`` with its observed sites unconditioned: the template with
+    each argument an observed site reads replaced by the simulated values, and the latents."""
+    simulated = poutine.trace(poutine.uncondition(model)).get_trace(
+        *template.args, **template.kwargs
+    )
+    replaced: dict[int, torch.Tensor] = {}
+    arguments = _tensors_in(template.values())
+    latents = {}
+    for name, site in simulated.nodes.items():
+        if not is_sample(site) or is_deterministic(site):
+            continue
+        if not site["infer"].get("was_observed"):
+            latents[name] = site["value"].detach()
+            continue
+        observed = site["infer"]["obs"]
+        argument = next((a for a in arguments if _reads(observed, a)), None)
+        if argument is None:
+            raise ValueError(
+                f"bdmc replaces the data each observed site reads by the values simulated there, "
+                f"but site {name!r} observes a tensor that is none of the data's arguments (nor a "
+                "view of one): computed inside the model, it cannot be replaced. Observe the "
+                "argument itself (obs=x), or pass data the model observes as it is given"
+            )
+        replaced[id(argument)] = site["value"].detach().reshape(argument.shape).to(argument.dtype)
+    if not replaced:
+        raise ValueError("bdmc found no observed site in the model run on the data")
+    return _replace(template, replaced), latents
+
+
+def _tensors_in(values: list[Any]) -> list[torch.Tensor]:
+    """Every tensor among the arguments, inside dicts, lists and tuples too."""
+    out: list[torch.Tensor] = []
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            out.append(value)
+        elif isinstance(value, Mapping):
+            out.extend(_tensors_in(list(value.values())))
+        elif isinstance(value, (list, tuple)):
+            out.extend(_tensors_in(list(value)))
+    return out
+
+
+def _reads(observed: Any, argument: torch.Tensor) -> bool:
+    """Whether an observed value is ``argument`` or a view of all of it (a reshape)."""
+    if observed is argument:
+        return True
+    return (
+        isinstance(observed, torch.Tensor)
+        and observed.numel() == argument.numel()
+        and observed.device == argument.device
+        and observed.untyped_storage().data_ptr() == argument.untyped_storage().data_ptr()
+        and observed.storage_offset() == argument.storage_offset()
+        and observed.is_contiguous() == argument.is_contiguous()
+    )
+
+
+def _replace(template: Data, replaced: dict[int, torch.Tensor]) -> Data:
+    def swap(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return replaced.get(id(value), value)
+        if isinstance(value, Mapping):
+            return {k: swap(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [swap(v) for v in value]
+        if isinstance(value, tuple):
+            return tuple(swap(v) for v in value)
+        return value
+
+    args = tuple(swap(v) for v in template.args)
+    kwargs = {k: swap(v) for k, v in template.kwargs.items()}
+    return template.with_arguments(args, kwargs)
 
 
 def gap_split(

@@ -237,7 +237,7 @@ def find_layout(
     failure: Exception | None = None
     n = data.num_points
     with (
-        torch.random.fork_rng(devices=cuda_devices()),
+        torch.random.fork_rng(devices=cuda_devices(data, placement)),
         pyro.validation_enabled(True),
         poutine.block(),
     ):
@@ -313,7 +313,7 @@ def broadcasts(model, guide, probe: Data, layout: Layout, vectorize: bool | None
         with (
             torch.no_grad(),
             pyro.validation_enabled(True),
-            torch.random.fork_rng(devices=cuda_devices()),
+            torch.random.fork_rng(devices=cuda_devices(probe)),
             poutine.block(),
         ):
             with pyro.plate(PARTICLE_PLATE, k, dim=layout.particle_dim):

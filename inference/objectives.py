@@ -260,7 +260,7 @@ def _sleep_phi(model, guide, call: Data) -> torch.Tensor:
 
 
 def _check_reparameterized(guide, call: Data, who: str) -> None:
-    with torch.no_grad(), poutine.block(), torch.random.fork_rng(devices=cuda_devices()):
+    with torch.no_grad(), poutine.block(), torch.random.fork_rng(devices=cuda_devices(call)):
         trace = poutine.trace(guide).get_trace(*call.args, **call.kwargs)
     for name, site in trace.nodes.items():
         latent = site["type"] == "sample" and not site["is_observed"]

@@ -112,14 +112,15 @@ def collect_params(
     with _ParamLog() as log, pyro.validation_enabled(True):
         step(calls)
     shadowed: dict[str, nn.Parameter] = {}
-    for name, own, value in log.sites:
+    last: dict[str, torch.Tensor] = {}  # each name's value at its last call (a lazily set-up
+    for name, own, value in log.sites:  # guide's first call may return a value it then replaces)
         if own is not None and own is not value:
             if name in before:
                 _refuse_stale(name, own, value)
             else:
                 shadowed[name] = own
-        if name in params or id(value) in seen:
-            continue
+        last[name] = value
+    for name, value in last.items():
         unconstrained = value.unconstrained() if hasattr(value, "unconstrained") else value
         if not unconstrained.requires_grad or id(unconstrained) in seen:
             continue

@@ -211,13 +211,38 @@ def to_inference_data(
         )
     k_hat = _k_hat(log_weight, global_model)
     idata.sample_stats["pareto_k"] = (weight_dims, k_hat)
+    point_mass = global_model and layout.point_masses
     for group in idata.groups():
         idata[group].attrs.update(
             inference_library="lvmkit",
             inference_library_version=__version__,
             num_samples=num_samples,
+            point_mass_guide=int(point_mass),  # (netCDF attributes hold no bools)
         )
+    if log_likelihood and num_samples > 1:
+        _warn_degenerate_loo(stacked("ll"), layout if point_mass else None)
     return idata
+
+
+def _warn_degenerate_loo(log_lik: dict[str, np.ndarray], point_mass: Layout | None) -> None:
+    """LOO and WAIC weigh each point's log-likelihood across draws; where every draw gives the
+    same value (a point-mass guide over the globals, nothing local drawn), p_loo is 0 and k̂
+    infinite on every point: numbers that look like results and mean nothing."""
+    if not log_lik or any(np.ptp(v, axis=1).max() > 0 for v in log_lik.values()):
+        return
+    why = (
+        f"the guide is a point mass over the global sites {list(point_mass.global_sites)} "
+        "(AutoDelta, a Delta), so every draw is the same θ̂"
+        if point_mass is not None
+        else "the guide's draws leave it unchanged"
+    )
+    warnings.warn(
+        f"the log_likelihood group holds the same value in every draw: {why}. az.loo / az.waic "
+        "on it are degenerate (p_loo 0, k̂ infinite). LOO needs a guide with spread over the "
+        "globals: AutoNormal or AutoDiagonalNormal, say",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _one_pass(

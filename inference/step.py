@@ -142,7 +142,7 @@ def prepare(
         transformed = any(feed.transform is not None for feed in feeds)
         where = "the first minibatch of data" + (" (after transform)" if transformed else "")
         with (
-            torch.random.fork_rng(devices=cuda_devices()),  # the caller's stream, left as it was
+            torch.random.fork_rng(devices=cuda_devices(placement, *first)),  # the caller's stream
             model_failures_as_data_errors(where, first[0], placement),
             placement.first_use(),
         ):
@@ -223,7 +223,7 @@ def _layout(
     try:
         with (
             torch.no_grad(),
-            torch.random.fork_rng(devices=cuda_devices()),
+            torch.random.fork_rng(devices=cuda_devices(call)),
             pyro.validation_enabled(False),
             poutine.block(),
             eval_mode(model, guide),

@@ -32,7 +32,7 @@ from lvmkit.inference.calls import (
     cuda_devices,
     from_transform,
 )
-from lvmkit.inference.devices import Placement, pair_placement
+from lvmkit.inference.devices import Placement, pair_device, pair_placement
 from lvmkit.inference.kernel import log_density_pass
 from lvmkit.inference.layout import find_layout, subsample_chunks, subsample_indices
 from lvmkit.inference.params import eval_mode, param_scope
@@ -104,7 +104,7 @@ def scoring(model, guide, seed: int | None) -> Iterator[None]:
     a seeded random stream that leaves the caller's random state as it was."""
     with (
         torch.no_grad(),
-        torch.random.fork_rng(devices=cuda_devices()),
+        torch.random.fork_rng(devices=cuda_devices(pair_device(model, guide))),
         param_scope(model, guide, publish=False),
         eval_mode(model, guide),
     ):
@@ -242,7 +242,7 @@ class WeightStream:
         else:
             call, subsample = self.prepare(self.data.take(slice(0, 1)).to(dev)), None
         # (under fork_rng: measuring must not shift the samples the evaluation draws)
-        with torch.enable_grad(), torch.random.fork_rng(devices=cuda_devices()):
+        with torch.enable_grad(), torch.random.fork_rng(devices=cuda_devices(call, dev)):
             _, saved = _memory.measure_saved(
                 lambda: log_density_pass(
                     self.model, self.guide, call, 1, layout, subsample=subsample

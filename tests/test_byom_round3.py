@@ -5,6 +5,7 @@ a CPU run on a machine with CUDA, and pandas input."""
 
 from __future__ import annotations
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -15,7 +16,7 @@ from torch import nn
 import lvmkit
 from conftest import assert_close
 
-# -- 1. a guide observing sites: an auxiliary q(y | x) is not a latent ---------------------------
+# -- 1. a guide observing sites: an auxiliary q(y | x) is not a latent ----------------------------
 
 # x = W z + ε, y = v·z + η, z ~ N(0, I): the exact posterior p(z | x, y) is Gaussian, so a guide
 # proposing from it gives every draw the same weight, log p(x, y), to rounding.
@@ -38,7 +39,7 @@ def aux_guide(x, y):
     parameter is trained by its own loss term), then the exact posterior of z."""
     slope = pyro.param("slope", torch.zeros(3))
     with pyro.plate("data", x.shape[0]):
-        pyro.sample("y", dist.Normal(x @ slope, 1.0), obs=y)
+        pyro.sample("y", dist.Normal(x @ slope, 1.0), obs=y, infer={"is_auxiliary": True})
         loc = torch.cat([x, y[:, None]], dim=-1) @ GAIN.T
         pyro.sample("z", dist.MultivariateNormal(loc, scale_tril=torch.linalg.cholesky(COV)))
 
@@ -85,7 +86,7 @@ def test_observed_guide_sites_are_left_out_of_log_q():
     assert_close(data.sample_stats.log_weight.values[0], exact.expand(4, -1), atol=1e-4)
 
 
-# -- 2. model and guide networks under one name (Pyro's CEVAE) -----------------------------------
+# -- 2. model and guide networks under one name (Pyro's CEVAE) ------------------------------------
 
 
 class _Net(nn.Module):
@@ -248,3 +249,152 @@ def test_points_that_cannot_be_counted_are_said_so():
     with pytest.warns(RuntimeWarning, match="cannot tell how many data points.*whole data"):
         lvmkit.fit(unplated, guide, ({"y": torch.randn(20)},), epochs=1, batch_size=None,
                    progress=False)  # fmt: skip
+
+
+# -- 4. bdmc on a pair written as Pyro writes it --------------------------------------------------
+
+LOADINGS = torch.tensor([[1.5, 0.0], [0.4, -1.2], [-0.8, 0.9], [0.3, 0.2], [1.0, 1.0]])
+
+
+def pyro_style_model(x):
+    """As Pyro's vae.py: called model(x), the data observed as "obs" on a reshaped view."""
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("latent", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        pyro.sample("obs", dist.Normal(z @ LOADINGS.T, 0.3).to_event(1), obs=x.reshape(-1, 5))
+
+
+class PyroStyleGuide(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Linear(5, 4)
+
+    def forward(self, x):
+        pyro.module("encoder", self)
+        with pyro.plate("data", x.shape[0]):
+            loc, log_scale = self.encoder(x).chunk(2, dim=-1)
+            pyro.sample("latent", dist.Normal(loc, log_scale.exp()).to_event(1))
+
+
+def test_bdmc_brackets_a_pair_that_is_called_as_pyro_calls_it():
+    """bdmc called model(x=None, batch_size=n): a TypeError for any model written as Pyro's
+    examples write them. With the data as a template, the model runs with its observed sites
+    unconditioned and the simulated values replace the argument they read."""
+    template = torch.zeros(6, 5)
+    sandwich = lvmkit.bdmc(pyro_style_model, PyroStyleGuide(), template, num_samples=4,
+                           num_steps=100)  # fmt: skip
+    simulated = sandwich.attrs["data"]
+    assert simulated.shape == (6, 5) and not torch.equal(simulated, template)
+    cov = 0.09 * torch.eye(5) + LOADINGS @ LOADINGS.T
+    exact = dist.MultivariateNormal(torch.zeros(5), cov).log_prob(simulated)
+    lower, upper = sandwich.lower.mean(), sandwich.upper.mean()
+    assert lower <= float(exact.mean()) <= upper
+    assert upper - lower < 3
+    with pytest.raises(ValueError, match=r"site 'obs' observes a tensor that is none of"):
+        lvmkit.bdmc(lambda x: pyro_style_model(x + 0.0), PyroStyleGuide(), template,
+                    num_samples=2, num_steps=2)  # fmt: skip
+    with pytest.raises(TypeError, match=r"model\(x=None, batch_size=n\).*as a template"):
+        lvmkit.bdmc(pyro_style_model, PyroStyleGuide(), num_samples=2, num_steps=2)
+
+
+# -- 5. LOO under a point-mass guide --------------------------------------------------------------
+
+GMM_DATA = torch.tensor([0.0, 1.0, 10.0, 11.0, 12.0])
+
+
+@pyro.infer.config_enumerate
+def gmm(data):
+    """Pyro's GMM tutorial, as byom.md shows it."""
+    weights = pyro.sample("weights", dist.Dirichlet(0.5 * torch.ones(2)))
+    scale = pyro.sample("scale", dist.LogNormal(0.0, 2.0))
+    with pyro.plate("components", 2):
+        locs = pyro.sample("locs", dist.Normal(0.0, 10.0))
+    with pyro.plate("data", len(data)):
+        assignment = pyro.sample("assignment", dist.Categorical(weights))
+        pyro.sample("obs", dist.Normal(locs[assignment], scale), obs=data)
+
+
+def test_loo_under_a_point_mass_guide_is_warned_and_a_guide_with_spread_gives_one():
+    """az.loo on an AutoDelta's draws: p_loo 0 and k̂ infinite on every point, without a word.
+    to_inference_data now warns and records it; AutoNormal over the same globals gives a LOO."""
+    import arviz as az
+    from pyro.infer.autoguide import AutoDelta, AutoNormal, init_to_value
+
+    global_sites = pyro.poutine.block(gmm, expose=["weights", "locs", "scale"])
+    start = init_to_value(values={"locs": GMM_DATA[[0, -1]]})
+    options = dict(batch_size=None, progress=False,
+                   objective=pyro.infer.TraceEnum_ELBO(max_plate_nesting=1))  # fmt: skip
+    point = AutoDelta(global_sites, init_loc_fn=start)
+    lvmkit.fit(gmm, point, GMM_DATA, epochs=200,
+               optimizer=pyro.optim.Adam({"lr": 0.1, "betas": [0.8, 0.99]}), **options)  # fmt: skip
+    assert_close(point.median(GMM_DATA)["locs"], [0.5, 11.0], atol=0.05)  # Pyro's tutorial's
+    with pytest.warns(RuntimeWarning, match=r"same value in every draw.*point mass.*AutoNormal"):
+        idata = lvmkit.to_inference_data(gmm, point, GMM_DATA, num_samples=20)
+    assert idata.log_likelihood.attrs["point_mass_guide"] == 1
+
+    spread = AutoNormal(global_sites, init_loc_fn=start)
+    lvmkit.fit(gmm, spread, GMM_DATA, epochs=300, optimizer=pyro.optim.Adam({"lr": 0.05}),
+               **options)  # fmt: skip
+    idata = lvmkit.to_inference_data(gmm, spread, GMM_DATA, num_samples=200)
+    assert idata.log_likelihood.attrs["point_mass_guide"] == 0
+    with pytest.warns(UserWarning, match="Pareto"):  # five points: some k̂ are high, rightly
+        loo = az.loo(idata, pointwise=True)
+    assert loo.p_loo > 0.5 and np.isfinite(loo.pareto_k.values).all()  # (AutoDelta: 0, inf)
+
+
+# -- 6. a CPU run on a machine with CUDA ----------------------------------------------------------
+
+
+def test_a_cpu_run_on_a_machine_with_cuda_never_touches_it(monkeypatch, tmp_path):
+    """fork_rng with every visible CUDA device initialised CUDA (a context and its memory) for a
+    run whose data and pair are all on the CPU. A machine with one GPU, stood in for: any call
+    that would initialise CUDA or read its random state fails the test."""
+
+    import torch._dynamo  # (its rules index torch's functions: loaded before they are replaced)
+
+    def touching(name):
+        def touched(*args, **kwargs):
+            raise AssertionError(f"a CPU run called torch.cuda.{name}")
+
+        return touched
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    for name in (
+        "init", "_lazy_init", "get_rng_state", "set_rng_state", "current_device",
+        "get_rng_state_all", "set_rng_state_all", "synchronize", "mem_get_info",
+    ):  # fmt: skip
+        monkeypatch.setattr(torch.cuda, name, touching(name))
+    x, y = _aux_data(20)
+    result = lvmkit.fit(aux_model, aux_guide, (x, y), epochs=2, batch_size=10, progress=False,
+                        run_dir=tmp_path / "run")  # fmt: skip
+    assert result.history.train_loss.notna().all()
+    lvmkit.evaluate(aux_model, aux_guide, (x, y), num_samples=4)
+    lvmkit.evaluate(aux_model, aux_guide, (x, y), num_samples=2, method="ais", num_steps=3)
+    lvmkit.to_inference_data(aux_model, aux_guide, (x, y), num_samples=3)
+    lvmkit.bdmc(aux_model, aux_guide, (x, y), num_samples=2, num_steps=3)
+
+
+# -- 9. pandas ------------------------------------------------------------------------------------
+
+
+def test_a_numeric_dataframe_is_taken_as_its_values_and_a_text_column_is_named(caplog):
+    import pandas as pd
+
+    x, y = _aux_data(8)
+    frame = pd.DataFrame(x.numpy(), columns=["height", "weight", "age"])
+    series = pd.Series(y.numpy(), name="income")
+    expected = lvmkit.evaluate(aux_model, aux_guide, (x, y), num_samples=4)
+    with caplog.at_level("WARNING", logger="lvmkit"):
+        scores = lvmkit.evaluate(aux_model, aux_guide, (frame, series), num_samples=4)
+    assert "['height', 'weight', 'age'] in that order" in caplog.text
+    assert_close(scores.elbo.to_numpy().copy(), expected.elbo.to_numpy().copy())
+    lvmkit.fit(aux_model, aux_guide, {"x": frame, "y": series}, epochs=1, batch_size=4,
+               progress=False)  # fmt: skip
+    mixture = lvmkit.GaussianMixture(2, max_iter=20).fit(frame)  # scikit-learn users pass frames
+    assert mixture.predict(frame).shape == (8,)
+    frame["city"] = ["Seoul", "Paris"] * 4
+    with pytest.raises(TypeError, match=r"data\[0\] must be numeric, but column 'city' has dtype"):
+        lvmkit.evaluate(aux_model, aux_guide, (frame, series), num_samples=4)
+    with pytest.raises(TypeError, match=r"must be numeric, but column 'city'"):
+        lvmkit.GaussianMixture(2, max_iter=20).fit(frame)

@@ -38,7 +38,7 @@ BAD_DATA = [
         r"data is empty: expected at least one data point; got length 0",
     ),
     (torch.tensor(1.0), ValueError, r"must have a data dimension first"),
-    ("images.npy", TypeError, r"data must be a torch.Tensor, a numpy array, or a dict"),
+    ("images.npy", TypeError, r"a torch.Tensor, a numpy array, a pandas DataFrame, or a dict"),
     ({}, ValueError, r"data must hold at least one tensor; got an empty dict"),
     ({"x": torch.zeros(4, D), "y": torch.zeros(3)}, ValueError, r"same length; got lengths"),
     (np.array([["a"] * D] * 4), TypeError, r"must be numeric"),
