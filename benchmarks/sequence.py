@@ -328,7 +328,7 @@ def _posterior_terms(model, guide, data, seed: int, *, draws: int = 8) -> dict[s
             traces = paired_traces(model, guide, values)
             latents = traces.latents
             totals["recon"] += observed(traces.model)
-            for name in latents & set(traces.model.nodes):
+            for name in (m for m in latents if m in traces.model.nodes):
                 q, p = traces.guide.nodes[name], traces.model.nodes[name]
                 totals["kl"] += site_log_prob(q, layout, 1, n) - site_log_prob(p, layout, 1, n)
             totals["recon_prior"] += observed(

@@ -219,27 +219,22 @@ def to_inference_data(
             num_samples=num_samples,
             point_mass_guide=int(point_mass),  # (netCDF attributes hold no bools)
         )
-    if log_likelihood and num_samples > 1:
-        _warn_degenerate_loo(stacked("ll"), layout if point_mass else None)
+    if log_likelihood and point_mass and num_samples > 1:
+        _warn_degenerate_loo(stacked("ll"), layout)
     return idata
 
 
-def _warn_degenerate_loo(log_lik: dict[str, np.ndarray], point_mass: Layout | None) -> None:
-    """LOO and WAIC weigh each point's log-likelihood across draws; where every draw gives the
-    same value (a point-mass guide over the globals, nothing local drawn), p_loo is 0 and k̂
-    infinite on every point: numbers that look like results and mean nothing."""
+def _warn_degenerate_loo(log_lik: dict[str, np.ndarray], layout: Layout) -> None:
+    """LOO and WAIC weigh each point's log-likelihood across draws of the globals; under a
+    point-mass guide with nothing local drawn, every draw gives the same value, and p_loo is 0
+    and k̂ infinite on every point: numbers that look like results and mean nothing."""
     if not log_lik or any(np.ptp(v, axis=1).max() > 0 for v in log_lik.values()):
         return
-    why = (
-        f"the guide is a point mass over the global sites {list(point_mass.global_sites)} "
-        "(AutoDelta, a Delta), so every draw is the same θ̂"
-        if point_mass is not None
-        else "the guide's draws leave it unchanged"
-    )
     warnings.warn(
-        f"the log_likelihood group holds the same value in every draw: {why}. az.loo / az.waic "
-        "on it are degenerate (p_loo 0, k̂ infinite). LOO needs a guide with spread over the "
-        "globals: AutoNormal or AutoDiagonalNormal, say",
+        "the log_likelihood group holds the same value in every draw: the guide is a point "
+        f"mass over the global sites {list(layout.global_sites)} (AutoDelta, a Delta), so every "
+        "draw is the same θ̂. az.loo / az.waic on it are degenerate (p_loo 0, k̂ infinite). LOO "
+        "needs a guide with spread over the globals: AutoNormal or AutoDiagonalNormal, say",
         RuntimeWarning,
         stacklevel=3,
     )

@@ -177,7 +177,9 @@ class WeightStream:
                     data.check_sliceable()
                 raise err
             with pyro.validation_enabled(False):
+                self.pair_bytes: int | None = None  # what one (sample, point) pair holds
                 self.max_pairs = self._pairs_in_budget(max_pairs, memory_budget)
+        self._heap: _memory.HeapGuard | None = None
         self.placement.say("evaluate")
         self.total = (
             self.layout.num_points if self.layout.subsampled else data.check_sliceable()
@@ -225,7 +227,20 @@ class WeightStream:
                 subsample=subsample,
             )  # fmt: skip
             parts.append(log_p - log_q)
+            if self.heap is not None:
+                self.heap.check()
         return torch.cat(parts, dim=0)
+
+    @property
+    def heap(self) -> _memory.HeapGuard | None:
+        """On the CPU, the guard that keeps the host heap's retention out of the peak (see
+        :class:`~lvmkit.inference._memory.HeapGuard`): made on the first pass, allowing twice a
+        pass's measured need."""
+        if self.dev.type != "cpu":
+            return None
+        if self._heap is None:
+            self._heap = _memory.HeapGuard(2 * self.max_pairs * (self.pair_bytes or 0))
+        return self._heap
 
     def _pairs_in_budget(self, max_pairs: int | None, memory_budget: Any) -> int:
         """``max_pairs`` (default: by device), checked against the memory budget: one probe pass
@@ -254,6 +269,7 @@ class WeightStream:
                 params += list(obj.parameters())
         points = layout.subsample_size if layout.subsampled else 1
         per_pair = max(1, _memory.activation_bytes(saved, params) // (points or 1))
+        self.pair_bytes = per_pair
         fits = budget // per_pair
         if fits < 1:
             raise ValueError(
