@@ -1,5 +1,7 @@
 """``lvmkit bench vae variants``: VAE (three likelihoods), β-VAE, KL warm-up, IWAE, RWS, AE, DAE,
-CAE and AAE on the same data and network."""
+CAE, AAE and VQ-VAE (codebook by its loss or by moving averages) on the same data and network.
+The VQ-VAE rows add the codes used and their perplexity on the test images, and the test ELBO
+again once a learned prior over the codes is fitted (as many epochs as the autoencoder's)."""
 
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from lvmkit.benchmarks.protocol import (
     vae_pair,
 )
 from lvmkit.data import MNIST_IMAGE_SHAPE, load_mnist
+from lvmkit.guides import VQEncoder
 from lvmkit.inference import (
     KLSchedule,
     active_units,
@@ -40,10 +43,12 @@ from lvmkit.inference import (
 )
 from lvmkit.models import (
     VAE,
+    VQVAE,
     AutoencoderConfig,
     VAEConfig,
+    VQVAEConfig,
 )
-from lvmkit.pairs import build_autoencoder
+from lvmkit.pairs import build_autoencoder, build_vqvae, fit_code_prior
 
 
 def _variants(latent: int, hidden: tuple[int, ...]) -> dict[str, Callable[[], dict[str, Any]]]:
@@ -68,6 +73,15 @@ def _variants(latent: int, hidden: tuple[int, ...]) -> dict[str, Callable[[], di
 
         return build
 
+    def vq(ema: bool):
+        def build():
+            cfg = VQVAEConfig(VAEConfig(784, latent_dim=latent, hidden_dims=hidden),
+                              positions=VQ_POSITIONS, num_codes=VQ_CODES, ema=ema)  # fmt: skip
+            model, guide = build_vqvae(cfg)
+            return dict(model=model, guide=guide, fit={}, binary=True, density=True)
+
+        return build
+
     return {
         "VAE (Bernoulli)": vae("bernoulli"),
         "VAE (Gaussian)": vae("gaussian"),
@@ -80,7 +94,13 @@ def _variants(latent: int, hidden: tuple[int, ...]) -> dict[str, Callable[[], di
         "DAE": ae("dae"),
         "CAE": ae("cae"),
         "AAE": ae("aae"),
+        "VQ-VAE (K=256)": vq(False),
+        "VQ-VAE (K=256, EMA)": vq(True),
     }
+
+
+VQ_POSITIONS = 4  # the 20 outputs of the 784-400-20 encoder as 4 codes of 5 dimensions
+VQ_CODES = 256  # pythae's MNIST codebook: −log p(c) under the uniform prior, 4 log 256 = 22.2
 
 
 def run(
@@ -155,6 +175,13 @@ def run(
             row.update(
                 test_elbo=math.nan, test_nll=math.nan, nll_se=math.nan, frac_k_above_0_7=math.nan
             )
+        if isinstance(guide, VQEncoder):  # the codebook: its use, and the learned prior's bound
+            usage = guide.usage(x_te)
+            row.update(codes_used=usage.used, code_perplexity=usage.perplexity)
+            fit_code_prior(model, guide, x_tr, epochs=p.epochs, batch_size=256, lr=3e-3,
+                           seed=p.seed, device=device, progress=False)  # fmt: skip
+            scored = evaluate(model, guide, x_te, 1, seed=p.seed)
+            row["test_elbo_learned_prior"] = summarize(scored).elbo
         recon = optional(reconstruction_error, model, guide, x_te)
         row["recon_error"] = float(recon.mean()) if recon is not None else math.nan
         row["active_units"] = count_units(optional(active_units, guide, x_te))
@@ -172,7 +199,7 @@ def run(
                 model.eval()
                 recons = model.likelihood(codes[:8]).base_dist.mean.cpu().numpy()
                 reconstructions[name] = np.concatenate([x_te[:8].cpu().numpy(), recons])
-                scatter[name] = (codes.cpu().numpy(), test_grey.y[:2000].numpy())
+                scatter[name] = (codes.flatten(1).cpu().numpy(), test_grey.y[:2000].numpy())
     if figures_dir is not None:
         out = Path(figures_dir)
         plots.image_rows(samples, MNIST_IMAGE_SHAPE, path=out / "vae-variants-samples.png")
@@ -222,10 +249,13 @@ def binarize_static(x: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def _mean_images(model, n: int) -> np.ndarray:
-    """Decoder means at n prior draws (pictures of what the model generates)."""
+    """Decoder means at n prior draws (pictures of what the model generates; a VQ-VAE's codes
+    from its learned prior where it has one)."""
     model.eval()
-    dev = model.prior_loc.device
-    z = torch.randn(n, model.config.latent_dim, device=dev)
+    if isinstance(model, VQVAE):
+        z = model.prior().sample((n,))
+    else:
+        z = torch.randn(n, model.config.latent_dim, device=model.prior_loc.device)
     return model.likelihood(z).base_dist.mean.cpu().numpy()
 
 

@@ -6,10 +6,12 @@ from lvmkit.guides.deterministic import DeterministicEncoder
 from lvmkit.guides.gaussian import GaussianEncoder, GaussianEncoderConfig
 from lvmkit.guides.semisupervised import SemiSupervisedEncoder, StackedSemiSupervisedEncoder
 from lvmkit.guides.sequence import MarkovGuide, RecurrentEncoder
+from lvmkit.guides.vq import CodebookUsage, VQEncoder
 
 __all__ = [
     "CategoricalEncoder",
     "CategoricalEncoderConfig",
+    "CodebookUsage",
     "ConditionalEncoder",
     "DeterministicEncoder",
     "GaussianEncoder",
@@ -18,4 +20,5 @@ __all__ = [
     "RecurrentEncoder",
     "SemiSupervisedEncoder",
     "StackedSemiSupervisedEncoder",
+    "VQEncoder",
 ]

@@ -35,6 +35,7 @@ from .guides import (
     RecurrentEncoder as RecurrentEncoder,
     SemiSupervisedEncoder as SemiSupervisedEncoder,
     StackedSemiSupervisedEncoder as StackedSemiSupervisedEncoder,
+    VQEncoder as VQEncoder,
 )
 from .inference import (
     IWAE as IWAE,
@@ -71,6 +72,7 @@ from .models import (
     LIKELIHOODS as LIKELIHOODS,
     M2 as M2,
     VAE as VAE,
+    VQVAE as VQVAE,
     Autoencoder as Autoencoder,
     AutoencoderConfig as AutoencoderConfig,
     ConditionalBaseline as ConditionalBaseline,
@@ -85,6 +87,7 @@ from .models import (
     RecurrentVAEConfig as RecurrentVAEConfig,
     StackedM2 as StackedM2,
     VAEConfig as VAEConfig,
+    VQVAEConfig as VQVAEConfig,
     exact_log_likelihood as exact_log_likelihood,
     kingma_aux_weight as kingma_aux_weight,
 )
@@ -97,6 +100,8 @@ from .pairs import (
     build_nonlinear as build_nonlinear,
     build_recurrent_vae as build_recurrent_vae,
     build_vae as build_vae,
+    build_vqvae as build_vqvae,
+    fit_code_prior as fit_code_prior,
 )
 
 __version__: str

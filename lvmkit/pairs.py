@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from lvmkit.guides import (
     ConditionalEncoder,
     DeterministicEncoder,
@@ -23,6 +25,7 @@ from lvmkit.guides import (
     RecurrentEncoder,
     SemiSupervisedEncoder,
     StackedSemiSupervisedEncoder,
+    VQEncoder,
 )
 from lvmkit.models import (
     CVAE,
@@ -40,8 +43,10 @@ from lvmkit.models import (
     RecurrentVAEConfig,
     StackedM2,
     VAEConfig,
+    VQVAEConfig,
     empty_guide,
 )
+from lvmkit.models.vqvae import VQVAE, Codebook, CodePrior
 
 
 def build_vae(config: VAEConfig) -> tuple[VAE, GaussianEncoder]:
@@ -209,3 +214,51 @@ __all__ = [
     "build_recurrent_vae",
     "build_vae",
 ]
+
+
+def build_vqvae(config: VQVAEConfig) -> tuple[VQVAE, VQEncoder]:
+    """A :class:`VQVAE` and the :class:`VQEncoder` that mirrors its decoder, sharing one
+    codebook (the model's prior is over its vectors; the guide chooses among them).
+
+    Example::
+
+        >>> import lvmkit
+        >>> cfg = lvmkit.VQVAEConfig(lvmkit.VAEConfig(data_dim=784, latent_dim=128), positions=8)
+        >>> model, guide = lvmkit.build_vqvae(cfg)
+        >>> model.codebook is guide.codebook, tuple(model.codebook.embeddings.shape)
+        (True, (256, 16))
+    """
+    codebook = Codebook(config.num_codes, config.code_dim, ema=config.ema)
+    return VQVAE(config, codebook), VQEncoder(config, codebook)
+
+
+def fit_code_prior(
+    model: VQVAE, guide: VQEncoder, data: Any, *, hidden: int = 128, **fit_options: Any
+) -> Any:
+    """Fit a :class:`~lvmkit.models.CodePrior` to the codes ``guide`` gives ``data`` (the
+    paper's second stage) and attach it as the model's ``code_prior``: the model then samples
+    from it, and its ELBO counts log p(c) under it instead of −L log K. ``fit_options`` go to
+    :func:`lvmkit.fit` (epochs, batch_size, lr, …); returns its :class:`~lvmkit.FitResult`.
+
+    Example::
+
+        >>> import torch, lvmkit
+        >>> cfg = lvmkit.VQVAEConfig(lvmkit.VAEConfig(data_dim=4, latent_dim=6, hidden_dims=(8,)),
+        ...                          positions=3, num_codes=5)
+        >>> model, guide = lvmkit.build_vqvae(cfg)
+        >>> x = torch.bernoulli(torch.full((32, 4), 0.5))
+        >>> result = lvmkit.fit_code_prior(model, guide, x, hidden=8, epochs=2, progress=False)
+        >>> model.code_prior is not None, model(batch_size=2).shape
+        (True, torch.Size([2, 4]))
+    """
+    from lvmkit.inference import fit
+    from lvmkit.inference.calls import as_points
+    from lvmkit.models import empty_guide
+
+    x = as_points(data)
+    device = model.codebook.embeddings.device
+    codes = torch.cat([guide.codes(x[i : i + 4096].to(device)) for i in range(0, len(x), 4096)])
+    prior = CodePrior(model.config.num_codes, model.config.positions, hidden).to(device)
+    result = fit(prior, empty_guide, codes, **fit_options)
+    model.code_prior = prior
+    return result

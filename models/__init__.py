@@ -22,6 +22,7 @@ from lvmkit.models.sequence import (
     RecurrentVAEConfig,
 )
 from lvmkit.models.vae import LIKELIHOODS, VAE, VAEConfig
+from lvmkit.models.vqvae import VQVAE, Codebook, CodebookPrior, CodePrior, VQVAEConfig
 
 __all__ = [
     "COVARIANCE_TYPES",
@@ -31,9 +32,13 @@ __all__ = [
     "M2",
     "SEQUENCE_LIKELIHOODS",
     "VAE",
+    "VQVAE",
     "Autoencoder",
     "AutoencoderConfig",
     "CVAEConfig",
+    "CodePrior",
+    "Codebook",
+    "CodebookPrior",
     "ConditionalBaseline",
     "DMMConfig",
     "DeepMarkovModel",
@@ -46,6 +51,7 @@ __all__ = [
     "RecurrentVAEConfig",
     "StackedM2",
     "VAEConfig",
+    "VQVAEConfig",
     "empty_guide",
     "exact_log_likelihood",
     "kingma_aux_weight",

@@ -98,14 +98,7 @@ class VAE(PyroModule):
 
     def likelihood(self, z: torch.Tensor) -> dist.TorchDistribution:
         """p(x | z) as a distribution with event shape ``(data_dim,)``."""
-        out = self.decoder(z)  # (..., heads * Dx)
-        cfg = self.config
-        if cfg.likelihood == "bernoulli":
-            return dist.Bernoulli(logits=out).to_event(1)
-        if cfg.likelihood == "gaussian":
-            loc, raw_scale = out.split(cfg.data_dim, dim=-1)  # (..., Dx) each
-            return dist.Normal(loc, F.softplus(raw_scale) + cfg.min_scale).to_event(1)
-        return dist.Normal(out, torch.full_like(out, cfg.sigma)).to_event(1)
+        return decoder_likelihood(self.decoder(z), self.config)
 
     def validate_data(self, x: torch.Tensor | None = None, **_: object) -> None:
         """Raise ``ValueError`` when ``x`` cannot be scored by this model (called by ``fit``)."""
@@ -113,6 +106,17 @@ class VAE(PyroModule):
         assert x is not None
         if self.config.likelihood == "bernoulli":
             check_bernoulli_data(x)
+
+
+def decoder_likelihood(out: torch.Tensor, cfg: VAEConfig) -> dist.TorchDistribution:
+    """p(x | ·) from a decoder's output ``(..., heads · data_dim)`` under ``cfg``'s likelihood,
+    event shape ``(data_dim,)``."""
+    if cfg.likelihood == "bernoulli":
+        return dist.Bernoulli(logits=out).to_event(1)
+    if cfg.likelihood == "gaussian":
+        loc, raw_scale = out.split(cfg.data_dim, dim=-1)  # (..., Dx) each
+        return dist.Normal(loc, F.softplus(raw_scale) + cfg.min_scale).to_event(1)
+    return dist.Normal(out, torch.full_like(out, cfg.sigma)).to_event(1)
 
 
 def num_points_of(x: torch.Tensor | None, batch_size: int | None) -> int:
