@@ -236,8 +236,8 @@ def _probe_accuracy(guide, x_train, y_train, x_test, y_test, seed: int) -> float
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    codes_train = posterior_means(guide, x_train).cpu().numpy()
-    codes_test = posterior_means(guide, x_test).cpu().numpy()
+    codes_train = posterior_means(guide, x_train).flatten(1).cpu().numpy()  # (a VQ-VAE's: L × D)
+    codes_test = posterior_means(guide, x_test).flatten(1).cpu().numpy()
     scaler = StandardScaler().fit(codes_train)
     probe = LogisticRegression(max_iter=500, random_state=seed)
     probe.fit(scaler.transform(codes_train), y_train.numpy())

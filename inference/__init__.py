@@ -18,8 +18,11 @@ from lvmkit.inference.latents import (
     reconstruction_error,
 )
 from lvmkit.inference.objectives import (
+    CIWAE,
     IWAE,
+    MIWAE,
     OBJECTIVES,
+    PIWAE,
     ReweightedWakeSleep,
     TraceELBO,
     TraceMeanFieldELBO,
@@ -30,8 +33,11 @@ from lvmkit.inference.train import FitResult, NonFiniteLossError, fit
 from lvmkit.inference.weights import log_weights
 
 __all__ = [
+    "CIWAE",
     "IWAE",
+    "MIWAE",
     "OBJECTIVES",
+    "PIWAE",
     "ActiveUnits",
     "Callback",
     "EarlyStopping",

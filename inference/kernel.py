@@ -288,6 +288,39 @@ def log_density_pass(
     return torch.cat([p for p, _ in parts]), torch.cat([q for _, q in parts])
 
 
+def log_density_pass_split(
+    model, guide, call: Data, k: int, layout: Layout
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As :func:`log_density_pass`, plus log p(x, z | θ) at the same draws cut from the graph,
+    ``(k, n)`` each: its gradient reaches the model's parameters only (an objective that trains
+    the model and the guide by different bounds, as PIWAE, subtracts one from the other)."""
+    n = points_in(call, layout, None)
+    device = device_of(call)
+    enum_dim = layout.particle_dim - 1
+
+    def one(particles: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        traces = paired_traces(model, guide, call, enum_dim=enum_dim)
+        cut = traces.guide.copy()
+        for name in traces.latents:
+            node = dict(cut.nodes[name])
+            node["value"] = node["value"].detach()
+            cut.nodes[name] = node
+        inner = poutine.enum(model, first_available_dim=enum_dim)
+        replayed = poutine.trace(poutine.replay(inner, trace=cut)).get_trace(
+            *call.args, **call.kwargs
+        )
+        log_p, log_q = log_densities(traces, layout, particles, n, device)
+        log_p_cut, _ = log_densities(Traces(cut, replayed, traces.latents), layout, particles, n,
+                                     device)  # fmt: skip
+        return log_p, log_q, log_p_cut
+
+    if layout.vectorized:
+        with pyro.plate(PARTICLE_PLATE, k, dim=layout.particle_dim):
+            return one(k)
+    parts = [one(1) for _ in range(k)]
+    return tuple(torch.cat([part[i] for part in parts]) for i in range(3))  # type: ignore[return-value]
+
+
 def points_in(call: Data, layout: Layout, subsample: dict[str, torch.Tensor] | None) -> int:
     if subsample and layout.plate in subsample:
         return len(subsample[layout.plate])

@@ -38,8 +38,11 @@ from .guides import (
     VQEncoder as VQEncoder,
 )
 from .inference import (
+    CIWAE as CIWAE,
     IWAE as IWAE,
+    MIWAE as MIWAE,
     OBJECTIVES as OBJECTIVES,
+    PIWAE as PIWAE,
     ActiveUnits as ActiveUnits,
     Callback as Callback,
     EarlyStopping as EarlyStopping,

@@ -37,10 +37,14 @@ DOCTEST_MODULES = [
     "lvmkit.music",
     "lvmkit.data",
     "lvmkit.datasets",
+    "lvmkit.models.vqvae",
+    "lvmkit.guides.vq",
     "lvmkit.benchmarks",
 ]
 DOCS = sorted((ROOT / "docs").glob("*.md"))
-FAMILY_PAGES = ["gmm", "nonlinear", "vae", "autoencoders", "cvae", "m2", "variants", "sequence"]
+FAMILY_PAGES = [
+    "gmm", "nonlinear", "vae", "autoencoders", "cvae", "m2", "variants", "sequence", "vqvae",
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", DOCTEST_MODULES)
@@ -69,7 +73,7 @@ WITHOUT_EXAMPLE = {
     "ActiveUnits", "AutoencoderConfig", "CVAEConfig", "CategoricalEncoderConfig",
     "CheckpointError", "Dataset", "EvaluationSummary", "FitInfo", "FitResult", "GMMConfig",
     "GaussianEncoderConfig", "M2Config", "NonFiniteLossError", "NonlinearConfig", "VAEConfig",
-    "RecurrentVAEConfig", "DMMConfig",
+    "RecurrentVAEConfig", "DMMConfig", "VQVAEConfig",
     "Autoencoder", "ConditionalBaseline", "ConditionalEncoder", "DeterministicEncoder",
     "SemiSupervisedEncoder", "StackedSemiSupervisedEncoder",
 }  # fmt: skip
