@@ -103,6 +103,7 @@ from .pairs import (
     build_nonlinear as build_nonlinear,
     build_recurrent_vae as build_recurrent_vae,
     build_vae as build_vae,
+    build_vamp_vae as build_vamp_vae,
     build_vqvae as build_vqvae,
     fit_code_prior as fit_code_prior,
 )

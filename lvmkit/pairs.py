@@ -46,6 +46,7 @@ from lvmkit.models import (
     VQVAEConfig,
     empty_guide,
 )
+from lvmkit.models.vampprior import VampPrior, VampVAE
 from lvmkit.models.vqvae import VQVAE, Codebook, CodePrior
 
 
@@ -66,6 +67,21 @@ def build_vae(config: VAEConfig) -> tuple[VAE, GaussianEncoder]:
         activation=config.activation,
     )
     return VAE(config), GaussianEncoder(guide_config)
+
+
+def build_vamp_vae(config: VAEConfig, *, num_pseudo: int = 500) -> tuple[VampVAE, GaussianEncoder]:
+    """A :class:`~lvmkit.models.VampVAE` and its :class:`GaussianEncoder`: the model's prior is
+    the mixture of this encoder's posteriors at ``num_pseudo`` learned pseudo-inputs.
+
+    Example::
+
+        >>> import lvmkit
+        >>> model, guide = lvmkit.build_vamp_vae(lvmkit.VAEConfig(data_dim=784), num_pseudo=500)
+        >>> tuple(model.prior.pseudo_inputs.shape)
+        (500, 784)
+    """
+    _, guide = build_vae(config)
+    return VampVAE(config, VampPrior(guide, config.data_dim, num_pseudo)), guide
 
 
 def build_autoencoder(config: AutoencoderConfig):

@@ -22,6 +22,7 @@ from lvmkit.models.sequence import (
     RecurrentVAEConfig,
 )
 from lvmkit.models.vae import LIKELIHOODS, VAE, VAEConfig
+from lvmkit.models.vampprior import VampPrior, VampVAE
 from lvmkit.models.vqvae import VQVAE, Codebook, CodebookPrior, CodePrior, VQVAEConfig
 
 __all__ = [
@@ -52,6 +53,8 @@ __all__ = [
     "StackedM2",
     "VAEConfig",
     "VQVAEConfig",
+    "VampPrior",
+    "VampVAE",
     "empty_guide",
     "exact_log_likelihood",
     "kingma_aux_weight",

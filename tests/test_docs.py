@@ -38,6 +38,7 @@ DOCTEST_MODULES = [
     "lvmkit.data",
     "lvmkit.datasets",
     "lvmkit.models.vqvae",
+    "lvmkit.models.vampprior",
     "lvmkit.guides.vq",
     "lvmkit.benchmarks",
 ]
