@@ -12,6 +12,9 @@ tensors; ``fit`` trains them once).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import cast
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -44,7 +47,10 @@ class VampPrior(nn.Module):
 
     def distribution(self) -> dist.MixtureSameFamily:
         """The mixture, batch shape ``()``, event shape ``(latent_dim,)``."""
-        loc, scale = self.encoder.encode(self.pseudo_inputs)  # (K, Dz) each
+        encode = cast(
+            Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], self.encoder.encode
+        )
+        loc, scale = encode(self.pseudo_inputs)  # (K, Dz) each
         components = dist.Normal(loc, scale).to_event(1)
         weights = dist.Categorical(logits=torch.zeros(loc.shape[0], device=loc.device))
         return dist.MixtureSameFamily(weights, components)
