@@ -3,6 +3,7 @@
 from lvmkit.guides.categorical import CategoricalEncoder, CategoricalEncoderConfig
 from lvmkit.guides.conditional import ConditionalEncoder
 from lvmkit.guides.deterministic import DeterministicEncoder
+from lvmkit.guides.flow import IAFEncoder
 from lvmkit.guides.gaussian import GaussianEncoder, GaussianEncoderConfig
 from lvmkit.guides.semisupervised import SemiSupervisedEncoder, StackedSemiSupervisedEncoder
 from lvmkit.guides.sequence import MarkovGuide, RecurrentEncoder
@@ -16,6 +17,7 @@ __all__ = [
     "DeterministicEncoder",
     "GaussianEncoder",
     "GaussianEncoderConfig",
+    "IAFEncoder",
     "MarkovGuide",
     "RecurrentEncoder",
     "SemiSupervisedEncoder",

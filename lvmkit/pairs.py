@@ -21,6 +21,7 @@ from lvmkit.guides import (
     DeterministicEncoder,
     GaussianEncoder,
     GaussianEncoderConfig,
+    IAFEncoder,
     MarkovGuide,
     RecurrentEncoder,
     SemiSupervisedEncoder,
@@ -82,6 +83,24 @@ def build_vamp_vae(config: VAEConfig, *, num_pseudo: int = 500) -> tuple[VampVAE
     """
     _, guide = build_vae(config)
     return VampVAE(config, VampPrior(guide, config.data_dim, num_pseudo)), guide
+
+
+def build_iaf_vae(
+    config: VAEConfig, *, num_flows: int = 2, flow_hidden: tuple[int, ...] | None = None
+) -> tuple[VAE, IAFEncoder]:
+    """A :class:`VAE` and an :class:`IAFEncoder`: the Gaussian encoder that mirrors its decoder,
+    followed by ``num_flows`` inverse autoregressive transforms.
+
+    Example::
+
+        >>> import lvmkit
+        >>> model, guide = lvmkit.build_iaf_vae(lvmkit.VAEConfig(data_dim=784), num_flows=2)
+        >>> len(guide.flows), type(model).__name__
+        (2, 'VAE')
+    """
+    model, gaussian = build_vae(config)
+    guide = IAFEncoder(gaussian.config, num_flows=num_flows, flow_hidden=flow_hidden)
+    return model, guide
 
 
 def build_autoencoder(config: AutoencoderConfig):

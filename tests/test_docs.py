@@ -39,6 +39,7 @@ DOCTEST_MODULES = [
     "lvmkit.datasets",
     "lvmkit.models.vqvae",
     "lvmkit.models.vampprior",
+    "lvmkit.guides.flow",
     "lvmkit.guides.vq",
     "lvmkit.benchmarks",
 ]
