@@ -1,7 +1,8 @@
-"""``lvmkit bench vae variants``: VAE (three likelihoods), β-VAE, KL warm-up, IWAE, RWS, AE, DAE,
-CAE, AAE and VQ-VAE (codebook by its loss or by moving averages) on the same data and network.
-The VQ-VAE rows add the codes used and their perplexity on the test images, and the test ELBO
-again once a learned prior over the codes is fitted (as many epochs as the autoencoder's)."""
+"""``lvmkit bench vae variants``: VAE (three likelihoods), β-VAE, KL warm-up, IWAE, the VampPrior,
+an IAF posterior, RWS, AE, DAE, CAE, AAE and VQ-VAE (codebook by its loss or by moving averages)
+on the same data and network. The VQ-VAE rows add the codes used and their perplexity on the test
+images, and the test ELBO again once a learned prior over the codes is fitted (as many epochs as
+the autoencoder's)."""
 
 from __future__ import annotations
 
@@ -48,7 +49,13 @@ from lvmkit.models import (
     VAEConfig,
     VQVAEConfig,
 )
-from lvmkit.pairs import build_autoencoder, build_vqvae, fit_code_prior
+from lvmkit.pairs import (
+    build_autoencoder,
+    build_iaf_vae,
+    build_vamp_vae,
+    build_vqvae,
+    fit_code_prior,
+)
 
 
 def _variants(latent: int, hidden: tuple[int, ...]) -> dict[str, Callable[[], dict[str, Any]]]:
@@ -82,6 +89,13 @@ def _variants(latent: int, hidden: tuple[int, ...]) -> dict[str, Callable[[], di
 
         return build
 
+    def built(builder, **options):
+        def build():
+            model, guide = builder(VAEConfig(784, latent_dim=latent, hidden_dims=hidden), **options)
+            return dict(model=model, guide=guide, fit={}, binary=True, density=True)
+
+        return build
+
     return {
         "VAE (Bernoulli)": vae("bernoulli"),
         "VAE (Gaussian)": vae("gaussian"),
@@ -89,6 +103,8 @@ def _variants(latent: int, hidden: tuple[int, ...]) -> dict[str, Callable[[], di
         "β-VAE (β=4)": vae("bernoulli", kl_schedule=KLSchedule(beta=4.0)),
         "VAE + KL warm-up": vae("bernoulli", kl_schedule=KLSchedule(warmup_epochs=5)),
         "IWAE (k=5)": vae("bernoulli", objective="iwae", num_particles=5),
+        "VampPrior (K=500)": built(build_vamp_vae, num_pseudo=500),
+        "IAF posterior (2 flows)": built(build_iaf_vae, num_flows=2),
         "RWS (k=5)": vae("bernoulli", objective="rws", num_particles=5),
         "AE": ae("ae"),
         "DAE": ae("dae"),
