@@ -67,10 +67,16 @@ class VQEncoder(PyroModule):
         cfg = self.config
         return self.net(x).reshape(*x.shape[:-1], cfg.positions, cfg.code_dim)
 
-    def codes(self, x: torch.Tensor) -> torch.Tensor:
-        """The code index at each position, ``(N, L)``."""
+    def codes(self, x: torch.Tensor, *, chunk: int = 4096) -> torch.Tensor:
+        """The code index at each position, ``(N, L)``, on the codebook's device (``x`` goes
+        there ``chunk`` points at a time)."""
+        device = self.codebook.embeddings.device
         with torch.no_grad():
-            return self.codebook.nearest(self.encode(x))
+            parts = [
+                self.codebook.nearest(self.encode(x[start : start + chunk].to(device)))
+                for start in range(0, x.shape[0], chunk)
+            ]
+        return torch.cat(parts)
 
     def forward(self, x: torch.Tensor | None = None, *, batch_size: int | None = None):
         if x is None:
@@ -93,12 +99,10 @@ class VQEncoder(PyroModule):
             z = z_e + (e - z_e).detach()  # straight-through: e's value, z_e's gradient
             return pyro.sample("z", dist.Delta(z, event_dim=2))  # batch (N,) event (L, D)
 
-    def usage(self, x: torch.Tensor, *, chunk: int = 4096) -> CodebookUsage:
+    def usage(self, x: torch.Tensor) -> CodebookUsage:
         """Which codes the encoder chooses on ``x`` (:class:`CodebookUsage`)."""
-        counts = torch.zeros(self.codebook.num_codes, dtype=torch.long)
-        for start in range(0, x.shape[0], chunk):
-            index = self.codes(x[start : start + chunk]).reshape(-1).cpu()
-            counts += torch.bincount(index, minlength=self.codebook.num_codes)
+        index = self.codes(x).reshape(-1).cpu()
+        counts = torch.bincount(index, minlength=self.codebook.num_codes)
         freq = counts.double() / max(1, int(counts.sum()))
         entropy = -float((freq[freq > 0] * freq[freq > 0].log()).sum())
         return CodebookUsage(counts.numpy(), int((counts > 0).sum()), math.exp(entropy))

@@ -12,6 +12,7 @@ CPU: ``MemAvailable`` in ``/proc/meminfo``; no check where neither is known).
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
@@ -218,13 +219,7 @@ def _malloc_trim() -> Callable[[int], Any] | None:
         return None
 
 
-_PAGE = 4096
-try:
-    import os as _os
-
-    _PAGE = _os.sysconf("SC_PAGE_SIZE")
-except (ValueError, OSError, AttributeError):  # pragma: no cover
-    pass
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _TRIM = _malloc_trim()  # glibc's; None elsewhere (macOS, musl): the guard then does nothing
 MIN_HEAP_SLACK = 64 * 2**20  # growth tolerated before a trim, at least
 

@@ -141,6 +141,12 @@ class PerPointBound(pyro.infer.Trace_ELBO):
             self._layouts[key] = layout
         return self._layouts[key]
 
+    @staticmethod
+    def _total(bound: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """The loss of per-point bounds ``(n,)``: their negative sum, scaled like the model's
+        observed sites (N / n under a subsampling plate)."""
+        return -bound.sum() * (layout.represented(bound.shape[0]) / bound.shape[0])
+
     def loss(self, model, guide, *args, **kwargs) -> float:
         with torch.no_grad():
             return float(self.differentiable_loss(model, guide, *args, **kwargs))
@@ -177,8 +183,7 @@ class IWAE(PerPointBound):
         layout = self._layout(model, guide, call)
         k = self.num_particles
         log_p, log_q = log_density_pass(model, guide, call, k, layout)
-        bound = torch.logsumexp(log_p - log_q, dim=0) - math.log(k)  # (n,)
-        return -bound.sum() * (layout.represented(bound.shape[0]) / bound.shape[0])
+        return self._total(_iwae(log_p - log_q), layout)
 
 
 class MIWAE(PerPointBound):
@@ -204,20 +209,16 @@ class MIWAE(PerPointBound):
     """
 
     def __init__(self, num_particles: int = 8, *, groups: int = 8) -> None:
+        super().__init__(num_particles)  # K: draws in each of the M bounds
         self.groups = check_int("groups", groups)
-        super().__init__(num_particles)
-        self.num_particles = num_particles  # K: draws in each of the M bounds
-
-    def _log_weights(self, model, guide, call: Data) -> tuple[torch.Tensor, Layout]:
-        layout = self._layout(model, guide, call)
-        m, k = self.groups, self.num_particles
-        log_p, log_q = log_density_pass(model, guide, call, m * k, layout)
-        return (log_p - log_q).reshape(m, k, -1), layout
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        log_w, layout = self._log_weights(model, guide, call_of(args, kwargs))
-        bound = (torch.logsumexp(log_w, dim=1) - math.log(self.num_particles)).mean(0)  # (n,)
-        return -bound.sum() * (layout.represented(bound.shape[0]) / bound.shape[0])
+        call = call_of(args, kwargs)
+        layout = self._layout(model, guide, call)
+        log_p, log_q = log_density_pass(
+            model, guide, call, self.groups * self.num_particles, layout
+        )
+        return self._total(_miwae(log_p - log_q, self.groups), layout)
 
 
 class CIWAE(PerPointBound):
@@ -240,10 +241,7 @@ class CIWAE(PerPointBound):
 
     def __init__(self, num_particles: int = 64, *, beta: float = 0.05) -> None:
         super().__init__(num_particles)
-        beta = check_float("beta", beta, positive=False)
-        if not 0 <= beta <= 1:
-            raise ValueError(f"beta must be in [0, 1]; got {beta}")
-        self.beta = beta
+        self.beta = _fraction("beta", beta)
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         call = call_of(args, kwargs)
@@ -251,9 +249,7 @@ class CIWAE(PerPointBound):
         k = self.num_particles
         log_p, log_q = log_density_pass(model, guide, call, k, layout)
         log_w = log_p - log_q
-        iwae = torch.logsumexp(log_w, dim=0) - math.log(k)
-        bound = self.beta * log_w.mean(0) + (1 - self.beta) * iwae  # (n,)
-        return -bound.sum() * (layout.represented(bound.shape[0]) / bound.shape[0])
+        return self._total(self.beta * log_w.mean(0) + (1 - self.beta) * _iwae(log_w), layout)
 
 
 class PIWAE(MIWAE):
@@ -280,16 +276,26 @@ class PIWAE(MIWAE):
         log_p, log_q, log_p_cut = log_density_pass_split(model, guide, call, m * k, layout)
         log_w = log_p - log_q  # gradients: model and guide
         log_w_model = log_p_cut - log_q.detach()  # the same values; gradient: the model's only
+        bound = _iwae(log_w_model) + _miwae(log_w, m) - _miwae(log_w_model, m)  # (n,)
+        return self._total(bound, layout)
 
-        def iwae(w: torch.Tensor) -> torch.Tensor:
-            return torch.logsumexp(w, dim=0) - math.log(m * k)
 
-        def miwae(w: torch.Tensor) -> torch.Tensor:
-            grouped = w.reshape(m, k, -1)
-            return (torch.logsumexp(grouped, dim=1) - math.log(k)).mean(0)
+def _iwae(log_w: torch.Tensor) -> torch.Tensor:
+    """The IWAE bound per point of log-weights ``(K, n)``: logsumexp over K, less log K."""
+    return torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])
 
-        bound = iwae(log_w_model) + miwae(log_w) - miwae(log_w_model)  # (n,)
-        return -bound.sum() * (layout.represented(bound.shape[0]) / bound.shape[0])
+
+def _miwae(log_w: torch.Tensor, groups: int) -> torch.Tensor:
+    """The mean of ``groups`` IWAE bounds, each over its own block of the K draws ``(K, n)``."""
+    grouped = log_w.reshape(groups, log_w.shape[0] // groups, -1)
+    return (torch.logsumexp(grouped, dim=1) - math.log(grouped.shape[1])).mean(0)
+
+
+def _fraction(name: str, value: float) -> float:
+    value = check_float(name, value, positive=False)
+    if not 0 <= value <= 1:
+        raise ValueError(f"{name} must be in [0, 1]; got {value}")
+    return value
 
 
 class ReweightedWakeSleep(PerPointBound):
@@ -323,10 +329,7 @@ class ReweightedWakeSleep(PerPointBound):
 
     def __init__(self, num_particles: int = 5, insomnia: float = 1.0) -> None:
         super().__init__(num_particles)
-        insomnia = check_float("insomnia", insomnia, positive=False)
-        if not 0 <= insomnia <= 1:
-            raise ValueError(f"insomnia must be in [0, 1]; got {insomnia}")
-        self.insomnia = insomnia
+        self.insomnia = _fraction("insomnia", insomnia)
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         call = call_of(args, kwargs)

@@ -179,7 +179,6 @@ class WeightStream:
             with pyro.validation_enabled(False):
                 self.pair_bytes: int | None = None  # what one (sample, point) pair holds
                 self.max_pairs = self._pairs_in_budget(max_pairs, memory_budget)
-        self._heap: _memory.HeapGuard | None = None
         self.placement.say("evaluate")
         self.total = (
             self.layout.num_points if self.layout.subsampled else data.check_sliceable()
@@ -197,6 +196,12 @@ class WeightStream:
         points = max(1, min(self.total, self.max_pairs // width))  # data points per chunk
         samples = max(1, min(k, self.max_pairs // points)) if layout.vectorized else 1
         model, guide = self.model, self.guide
+        # on the CPU, the host heap's retention kept out of the peak: twice a pass's need allowed
+        heap = (
+            _memory.HeapGuard(2 * self.max_pairs * (self.pair_bytes or 0))
+            if self.dev.type == "cpu"
+            else None
+        )
         with (
             torch.no_grad(),
             param_scope(model, guide, publish=False),
@@ -212,14 +217,16 @@ class WeightStream:
                 samples = samples if layout.vectorized else 1
                 for stop, keep, subsample in subsample_chunks(layout):
                     subsample = {p: i.to(self.dev) for p, i in subsample.items()}
-                    yield stop, self._pass(whole, samples, subsample)[:, :keep]
+                    yield stop, self._pass(whole, samples, subsample, heap)[:, :keep]
                 return
             for start in range(0, self.total, points):
                 stop = min(self.total, start + points)
                 chunk = self.prepare(self.data.take(slice(start, stop)).to(self.dev))
-                yield stop, self._pass(chunk, samples, None)
+                yield stop, self._pass(chunk, samples, None, heap)
 
-    def _pass(self, call: Data, samples: int, subsample) -> torch.Tensor:
+    def _pass(
+        self, call: Data, samples: int, subsample, heap: _memory.HeapGuard | None
+    ) -> torch.Tensor:
         parts = []
         for k0 in range(0, self.num_samples, samples):
             log_p, log_q = log_density_pass(
@@ -227,20 +234,9 @@ class WeightStream:
                 subsample=subsample,
             )  # fmt: skip
             parts.append(log_p - log_q)
-            if self.heap is not None:
-                self.heap.check()
+            if heap is not None:
+                heap.check()
         return torch.cat(parts, dim=0)
-
-    @property
-    def heap(self) -> _memory.HeapGuard | None:
-        """On the CPU, the guard that keeps the host heap's retention out of the peak (see
-        :class:`~lvmkit.inference._memory.HeapGuard`): made on the first pass, allowing twice a
-        pass's measured need."""
-        if self.dev.type != "cpu":
-            return None
-        if self._heap is None:
-            self._heap = _memory.HeapGuard(2 * self.max_pairs * (self.pair_bytes or 0))
-        return self._heap
 
     def _pairs_in_budget(self, max_pairs: int | None, memory_budget: Any) -> int:
         """``max_pairs`` (default: by device), checked against the memory budget: one probe pass

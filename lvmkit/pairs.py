@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from lvmkit.guides import (
     ConditionalEncoder,
     DeterministicEncoder,
@@ -290,10 +288,8 @@ def fit_code_prior(
     from lvmkit.inference.calls import as_points
     from lvmkit.models import empty_guide
 
-    x = as_points(data)
-    device = model.codebook.embeddings.device
-    codes = torch.cat([guide.codes(x[i : i + 4096].to(device)) for i in range(0, len(x), 4096)])
-    prior = CodePrior(model.config.num_codes, model.config.positions, hidden).to(device)
+    codes = guide.codes(as_points(data))
+    prior = CodePrior(model.config.num_codes, model.config.positions, hidden).to(codes.device)
     result = fit(prior, empty_guide, codes, **fit_options)
     model.code_prior = prior
     return result

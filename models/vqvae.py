@@ -96,7 +96,6 @@ class Codebook(nn.Module):
     def __init__(self, num_codes: int, code_dim: int, *, ema: bool = False) -> None:
         super().__init__()
         self.ema = ema
-        initial = torch.empty(num_codes, code_dim).uniform_(-1 / num_codes, 1 / num_codes)
         if ema:
             initial = torch.randn(num_codes, code_dim)
             self.register_buffer("embeddings", initial)
@@ -106,7 +105,8 @@ class Codebook(nn.Module):
             self.register_buffer("staged_counts", torch.zeros(num_codes))
             self.register_buffer("staged_sums", torch.zeros(num_codes, code_dim))
         else:
-            self.embeddings = nn.Parameter(initial)
+            bound = 1 / num_codes
+            self.embeddings = nn.Parameter(torch.empty(num_codes, code_dim).uniform_(-bound, bound))
 
     @property
     def num_codes(self) -> int:
