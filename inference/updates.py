@@ -209,12 +209,22 @@ def _adam(rule: GroupRule, param, grad, state, lr) -> None:
         exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         denom = exp_avg_sq.sqrt().add_(rule.eps)
-        param.sub_(lr * bias2.sqrt() / bias1 * exp_avg / denom)
+        (step_size,) = _once(lr * bias2.sqrt() / bias1)
+        param.sub_(step_size * exp_avg / denom)
         return
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    denom = (exp_avg_sq.sqrt() / bias2.sqrt()).add_(rule.eps)
-    param.sub_(lr / bias1 * exp_avg / denom)
+    step_size, bias2_sqrt = _once(lr / bias1, bias2.sqrt())
+    denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(rule.eps)
+    param.sub_(step_size * exp_avg / denom)
+
+
+def _once(*scalars: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The step's scalar factors (powers of the betas, their roots), computed once: inductor
+    inlines a scalar expression into the elementwise loop that reads it, where it ran twice
+    ``std::pow`` per 16 elements — 45 % of Adam's time on the MNIST VAE's 650,000 parameters
+    (0.77 ms against 0.43 ms with the factors stacked: stacking makes them a buffer)."""
+    return tuple(torch.stack(scalars).unbind())
 
 
 def _sgd(rule: GroupRule, param, grad, state, lr) -> None:
