@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import sys
 import time
@@ -56,6 +57,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from lvmkit.inference import updates
 from lvmkit.inference.calls import Data
+from lvmkit.inference.params import ParamLog
 
 _log = logging.getLogger("lvmkit")
 # torch.compile's backend for the step: inductor (C++ kernels on the CPU, Triton kernels and a CUDA
@@ -132,11 +134,7 @@ class CompiledStep:
             self._by_shape[shape] = compiled
             tic = time.perf_counter()
             try:  # the first call compiles (and takes the step)
-                with warnings.catch_warnings():
-                    # inductor's own use of TorchScript, which torch 2.13 marks deprecated
-                    warnings.filterwarnings(
-                        "ignore", r".*torch\.jit.* is deprecated", DeprecationWarning
-                    )
+                with _inductor_jit_quiet():
                     return compiled.step(values, self.optim)
             except Exception as err:  # inductor or the C++ compiler failing: eager from here
                 self._give_up(f"compilation failed: {_why(err)}")
@@ -179,6 +177,178 @@ class CompiledStep:
         return _Compiled(graph, params, used, plan, self.optim.clip_norm, number, work)
 
 
+class CompiledPass:
+    """The evaluation kernel's pass compiled per chunk shape, as the training step is.
+
+    ``run(call, samples)`` is one eager pass: the ``(samples, n)`` log-weights of a chunk's
+    points (:meth:`lvmkit.inference.weights.WeightStream`); ``static`` the tensors it reads that
+    are not ``pyro.param`` sites (a module pair's parameters and buffers). The first chunk of
+    each shape runs eagerly while the pass is captured (:func:`capture`: the parameters the pass
+    reads — logged as it reads them — and the chunk's tensors as inputs, the draws as nodes),
+    checked against it from the same random state (relative 1e-4), and compiled with torch's own
+    random numbers: a compiled pass draws what the eager pass would have, so the two differ in
+    the last bits of fused arithmetic only, and the caller's random stream advances alike.
+    ``auto`` (``evaluate(compile=None)``): a failure is one log line, a shape other than the
+    first (an evaluation's last, smaller chunk) runs eagerly, and ``worth(params)`` (the tensors
+    the pass reads) may decide on the first chunk that compiling would not repay itself.
+    Anything that fails makes the rest of the evaluation eager. ``setup_s``: what capture,
+    check and compilation took.
+    """
+
+    def __init__(
+        self,
+        run: Callable[[Data, int], torch.Tensor],
+        static: list[torch.Tensor],
+        *,
+        auto: bool = False,
+        worth: Callable[[list[torch.Tensor]], bool] | None = None,
+    ) -> None:
+        self.run, self.static, self.auto, self.worth = run, static, auto, worth
+        self.failure: str | None = None
+        self.setup_s = 0.0
+        self._params: list[torch.Tensor] = []
+        self._by_shape: dict[tuple[Any, ...], Callable[..., torch.Tensor]] = {}
+
+    @property
+    def ran(self) -> bool:
+        """Whether passes ran compiled (a shape was compiled, and nothing failed since)."""
+        return self.failure is None and bool(self._by_shape)
+
+    def __call__(self, call: Data, samples: int) -> torch.Tensor:
+        if self.failure is not None:
+            return self.run(call, samples)
+        values = call.values()
+        if not all(isinstance(v, torch.Tensor) for v in values):
+            kinds = sorted({type(v).__name__ for v in values if not isinstance(v, torch.Tensor)})
+            self._give_up(f"its arguments are not all tensors ({', '.join(kinds)})")
+            return self.run(call, samples)
+        layout = tuple((tuple(t.shape), t.dtype, t.device) for t in values)
+        shape = (samples, len(call.args), tuple(call.kwargs), *layout)
+        compiled = self._by_shape.get(shape)
+        if compiled is not None:
+            return compiled(self._params, *values)
+        if self.auto and self._by_shape:
+            return self.run(call, samples)
+        tic = time.perf_counter()
+        try:
+            return self._build(call, samples, values, shape)
+        finally:
+            self.setup_s += time.perf_counter() - tic
+
+    def _build(
+        self, call: Data, samples: int, values: list[torch.Tensor], shape: tuple[Any, ...]
+    ) -> torch.Tensor:
+        devices = sorted({t.device.index or 0 for t in [*values, *self.static] if t.is_cuda})
+        start = _random_states(devices)
+        with ParamLog() as log:
+            eager = self.run(call, samples)  # the chunk's weights, as an eager pass draws them
+        params = _unique([*self.static, *(_leaf(value) for _, _, value in log.sites)])
+        if self.auto and self.worth is not None and not self.worth(params):
+            self.failure = "the evaluation is too short to repay compiling its pass"
+            return eager
+        graph, why = capture(lambda c: self.run(c, samples), call, params)
+        if graph is None:
+            self._give_up(str(why))
+            return eager
+        number = len(self._by_shape) + 1
+        compiled = torch.compile(
+            _fresh(graph.forward, f"lvmkit_pass_{number}"), fullgraph=True, dynamic=False,
+            **_compile_options(cuda=False, host_bound=False),
+        )  # fmt: skip
+        try:
+            with _replaying(start, devices), warnings.catch_warnings():
+                warnings.filterwarnings(
+                    "ignore", r".*torch\.jit.* is deprecated", DeprecationWarning
+                )
+                again = compiled(params, *values)
+        except Exception as err:  # inductor or the C++ compiler failing
+            self._give_up(f"compilation failed: {_why(err)}")
+            return eager
+        if again.shape != eager.shape or not torch.allclose(again, eager, rtol=1e-4, atol=1e-4):
+            worst = float((again - eager).abs().max()) if again.shape == eager.shape else math.nan
+            self._give_up(f"the compiled log-weights differ from the eager ones by {worst:.3g}")
+            return eager
+        self._params = params
+        self._by_shape[shape] = compiled
+        return again  # (every pass compiled: a resumed evaluation gets the same bits)
+
+    def _give_up(self, why: str) -> None:
+        self.failure = why
+        if self.auto:
+            _log.warning("lvmkit: evaluate runs this model/guide's passes eagerly (%s)", why)
+            return
+        warnings.warn(
+            f"compile=True: the evaluation's pass could not be compiled ({why}); it continues "
+            "eagerly",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+@contextlib.contextmanager
+def _inductor_jit_quiet() -> Iterator[None]:
+    """Compiling: inductor's own use of TorchScript, which torch 2.13 marks deprecated, unsaid."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r".*torch\.jit.* is deprecated", DeprecationWarning)
+        yield
+
+
+def _leaf(value: torch.Tensor) -> torch.Tensor:
+    """The tensor a ``pyro.param`` value is computed from (its unconstrained leaf)."""
+    return value.unconstrained() if hasattr(value, "unconstrained") else value
+
+
+def _unique(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    seen: set[int] = set()
+    return [t for t in tensors if not (id(t) in seen or seen.add(id(t)))]  # type: ignore[func-returns-value]
+
+
+def _random_states(devices: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    cuda = [torch.cuda.get_rng_state(d) for d in devices]
+    return torch.get_rng_state(), cuda
+
+
+@contextlib.contextmanager
+def _replaying(
+    state: tuple[torch.Tensor, list[torch.Tensor]], devices: list[int]
+) -> Iterator[None]:
+    """Run the block from the random state ``state``, leaving the caller's as it was."""
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(state[0])
+        for device, cuda in zip(devices, state[1], strict=True):
+            torch.cuda.set_rng_state(cuda, device)
+        yield
+
+
+def _fresh(function: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """``function`` with a code object of its own: dynamo caches compiled code per code object,
+    and every fit (evaluation) makes new graphs — the same code would be recompiled, and past
+    dynamo's limit, run eagerly."""
+    code = function.__code__.replace(co_name=name)
+    bound = getattr(function, "__self__", None)
+    fresh = types.FunctionType(
+        code, function.__globals__, name, function.__defaults__, function.__closure__
+    )
+    return fresh if bound is None else types.MethodType(fresh, bound)
+
+
+def _compile_options(*, cuda: bool, host_bound: bool) -> dict[str, Any]:
+    """``torch.compile``'s backend and options for lvmkit's graphs (see :data:`BACKEND`)."""
+    if BACKEND != "inductor":
+        return {"backend": BACKEND}
+    return {
+        "mode": "reduce-overhead" if cuda else None,
+        "options": {
+            "fallback_random": True,  # torch's own random numbers: the eager draws
+            "size_asserts": False,  # (each input's sizes checked every call: ours are)
+            # the per-call wrapper in C++, not Python: ~13 % off a step the host bounds, but
+            # ~8 s more to compile cold, which a step of real arithmetic (the MNIST VAE's)
+            # does not repay
+            "cpp_wrapper": host_bound,
+        },
+    }
+
+
 def capture(
     loss: Callable[[Data], torch.Tensor], call: Data, params: list[torch.Tensor]
 ) -> tuple[torch.fx.GraphModule | None, str | None]:
@@ -189,7 +359,7 @@ def capture(
 
     def flat(params: list[torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
         kwargs = dict(zip(names, tensors[num_args:], strict=True))
-        return loss(Data(tuple(tensors[:num_args]), kwargs))
+        return loss(call.with_arguments(tuple(tensors[:num_args]), kwargs))
 
     devices = [t.device.index or 0 for t in call.values() if t.is_cuda]
     try:
@@ -324,32 +494,14 @@ class _Compiled:
             return loss.detach(), grads
 
         self.groups = groups  # filled on the first call (needs the optimizer)
-        # a code object of its own: dynamo caches compiled code per code object, and every fit
-        # makes a new step (the same code would be recompiled, and past a limit, run eagerly)
-        code = step.__code__.replace(co_name=f"lvmkit_step_{number}")
-        fresh = types.FunctionType(code, step.__globals__, code.co_name, None, step.__closure__)
         cuda = any(p.is_cuda for p in params)
-        host_bound = work < HOST_BOUND_WORK
         if cuda:
             for tensor in params:
                 _mark_static(tensor)
-        if BACKEND == "inductor":
-            self.function = torch.compile(
-                fresh,
-                fullgraph=True,
-                dynamic=False,
-                mode="reduce-overhead" if cuda else None,
-                options={
-                    "fallback_random": True,  # torch's own random numbers: the eager draws
-                    "size_asserts": False,  # (each input's sizes checked every call: ours are)
-                    # the per-call wrapper in C++, not Python: ~13 % off a step the host
-                    # bounds, but ~8 s more to compile cold, which a step of real arithmetic
-                    # (the MNIST VAE's) does not repay
-                    "cpp_wrapper": host_bound,
-                },
-            )
-        else:
-            self.function = torch.compile(fresh, fullgraph=True, dynamic=False, backend=BACKEND)
+        self.function = torch.compile(
+            _fresh(step, f"lvmkit_step_{number}"), fullgraph=True, dynamic=False,
+            **_compile_options(cuda=cuda, host_bound=work < HOST_BOUND_WORK),
+        )  # fmt: skip
         self.cuda = cuda
         self.warm = False
 

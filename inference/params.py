@@ -109,7 +109,7 @@ def collect_params(
                     params[name] = param
                     seen.add(id(param))
     before = set(pyro.get_param_store().keys())
-    with _ParamLog() as log, pyro.validation_enabled(True):
+    with ParamLog() as log, pyro.validation_enabled(True):
         step(calls)
     shadowed: dict[str, nn.Parameter] = {}
     last: dict[str, torch.Tensor] = {}  # each name's value at its last call (a lazily set-up
@@ -138,12 +138,12 @@ def collect_params(
     return params
 
 
-class _ParamLog(Messenger):
+class ParamLog(Messenger):
     """Every ``pyro.param`` call of a block, in order: (name, the ``nn.Parameter`` a
     ``pyro.module`` passed in or None, the tensor the store gave back). A trace keeps only the
     last call of each name; a name's first and later registrants both matter here."""
 
-    def __enter__(self) -> _ParamLog:
+    def __enter__(self) -> ParamLog:
         self.sites: list[tuple[str, nn.Parameter | None, torch.Tensor]] = []
         return super().__enter__()
 

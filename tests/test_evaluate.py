@@ -75,7 +75,9 @@ def test_default_chunk_size_follows_the_device():
     guide = LinearGaussianGuide(5, 2)
     seen: list[int] = []
     lvmkit.log_weights(_counting(model, seen), guide, x, num_samples=5000)
-    assert max(seen) == DEFAULT_MAX_PAIRS["cpu"]  # one point at a time, 4096 + 904 samples
+    # one point at a time, in equal passes of at most 4096 samples: 2 × 2500 (one shape to
+    # compile, not 4096 + 904)
+    assert DEFAULT_MAX_PAIRS["cpu"] == 4096 and max(seen) == 2500
 
 
 def test_evaluate_table_summary_and_pareto_k():
