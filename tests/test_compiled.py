@@ -346,6 +346,30 @@ def test_a_compiled_users_pair_resumes_to_the_bits_of_an_uninterrupted_run(
         assert torch.equal(resumed.params[name], value), name
 
 
+def test_the_captured_bernoulli_density_is_torchs_in_value_and_gradient():
+    logits = torch.tensor([-100.0, -30, -20.5, -15, -1, 0, 1e-3, 1, 15, 20.5, 30, 100])
+    for y in (0.0, 1.0, 0.3):
+        target = torch.full_like(logits, y)
+        ours, theirs = (logits.clone().requires_grad_() for _ in range(2))
+        a = compiled_module._bce_with_logits(ours, target, reduction=0)
+        b = torch.nn.functional.binary_cross_entropy_with_logits(theirs, target, reduction="none")
+        torch.testing.assert_close(a, b, atol=2e-7, rtol=1e-6)
+        (ga,) = torch.autograd.grad(a.sum(), ours)
+        (gb,) = torch.autograd.grad(b.sum(), theirs)
+        torch.testing.assert_close(ga, gb, atol=1e-7, rtol=1e-6)
+        assert float(ga[5]) == pytest.approx(0.5 - y)  # sigmoid(0) − y (|l|'s gradient: −y)
+    call = call_of((torch.ones(2, 3),), {})
+    logits = torch.zeros(2, 3, requires_grad=True)
+
+    def loss(call):
+        return -dist.Bernoulli(logits=logits).log_prob(call.args[0]).sum()
+
+    graph, _ = compiled_module.capture(loss, call, [logits])
+    targets = {node.target for node in graph.graph.nodes}
+    assert torch.ops.aten.softplus.default in targets
+    assert torch.ops.aten.binary_cross_entropy_with_logits.default not in targets
+
+
 # -- the evaluation's pass compiled ---------------------------------------------------------------
 
 
