@@ -30,7 +30,11 @@ Suites (``run(profile, device=..., figures_dir=..., contenders=..., only=..., se
   baseline trained first, the CVAE's condition given the baseline's guess in the hidden pixels,
   early stopping (patience 3 on the validation split, the best epoch's weights kept);
 - ``variants``: VAE (three likelihoods), β-VAE, KL warm-up, IWAE, RWS, AE, DAE, CAE and AAE on the
-  same data and network.
+  same data and network;
+- ``pythae``: the families lvmkit shares with pythae (VAE, IWAE, VampPrior), each trained by
+  lvmkit and by pythae's own classes and trainer on the same images and initial weights, scored
+  by one estimator (and pythae's ``get_nll`` beside it), with each epoch's time and pythae's
+  reproducibility table (:mod:`lvmkit.benchmarks.pythae_side`).
 
 Profiles: ``quick`` (seconds; the tests), ``full`` (what a 2-core CPU does in its hours: the
 papers' optimizers and schedules, shorter), ``paper`` (the papers' lengths; GPU days).
@@ -38,7 +42,7 @@ papers' optimizers and schedules, shorter), ``paper`` (the papers' lengths; GPU 
 
 from __future__ import annotations
 
-from lvmkit.benchmarks import cvae, iwae, latent, m2, variants
+from lvmkit.benchmarks import cvae, iwae, latent, m2, pythae_side, variants
 
 SUITES = {
     "latent": latent.run,
@@ -46,5 +50,6 @@ SUITES = {
     "m2": m2.run,
     "cvae": cvae.run,
     "variants": variants.run,
+    "pythae": pythae_side.run,
 }
 __all__ = ["SUITES"]

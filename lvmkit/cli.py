@@ -241,7 +241,7 @@ def _evaluate_options(ev: argparse.ArgumentParser) -> None:
 def _bench_options(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("suite", help="ais | gmm | nonlinear | sequence | speed | vae (with a part)")
     bench.add_argument(
-        "part", nargs="?", help="for bench vae: latent | iwae | m2 | cvae | variants"
+        "part", nargs="?", help="for bench vae: latent | iwae | m2 | cvae | variants | pythae"
     )
     bench.add_argument(
         "--profile",
@@ -410,7 +410,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.suite == "vae":
         if args.part is None:
             raise ValueError(
-                "bench vae needs a part: latent | iwae | m2 | cvae | variants "
+                "bench vae needs a part: latent | iwae | m2 | cvae | variants | pythae "
                 "(e.g. `lvmkit bench vae iwae --profile quick`)"
             )
         key = f"vae-{args.part}"

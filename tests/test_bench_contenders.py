@@ -4,6 +4,7 @@ line, clear errors for bad ones, the papers' schedules, and the hand-written ref
 from __future__ import annotations
 
 import math
+import sys
 
 import pyro
 import pytest
@@ -241,3 +242,62 @@ def test_cli_only_runs_one_contender_beside_the_paper_rows(tmp_path):
     table = pd.read_csv(tmp_path / f"vae-iwae-{tag}-quick.csv")
     assert set(table.contender) == {"mine", iwae.IWAE_SOURCE}
     assert (tmp_path / f"vae-iwae-{tag}-quick-figures" / "vae-iwae-nll.png").is_file()
+
+
+# -- bench vae pythae: pythae's own classes beside lvmkit's ------------------------------------
+
+
+def test_pythae_gets_lvmkits_networks_and_its_pair_scores_as_lvmkits():
+    """pythae's model starts from lvmkit's initial weights, and the Pyro pair that lets lvmkit's
+    estimator score pythae's networks gives lvmkit's own pair's log-weights on the same draws
+    (the VampPrior's too, once pythae's pseudo-inputs are lvmkit's)."""
+    pytest.importorskip("pythae")
+    from lvmkit.benchmarks import pythae_side
+
+    pythae, _ = pythae_side._import_pythae()
+    x = torch.bernoulli(torch.full((6, 784), 0.3), generator=torch.Generator().manual_seed(0))
+    p = pythae_side.PROFILES["quick"]
+    for name, spec in pythae_side._families(p).items():
+        pyro.set_rng_seed(0)
+        model, guide = spec["pair"]()
+        theirs = pythae_side._pythae_model(pythae, spec["pythae"], model, guide)
+        for a, b in zip(theirs.encoder.net.parameters(), guide.net.parameters(), strict=True):
+            assert torch.equal(a, b) and a is not b  # the same weights, pythae's own copy
+        if hasattr(theirs, "pseudo_inputs"):  # pythae's layer on one-hot inputs → lvmkit's
+            layer = theirs.pseudo_inputs[0]
+            with torch.no_grad():
+                layer.weight.copy_(model.prior.pseudo_inputs.T)
+                layer.bias.zero_()
+        pyro.set_rng_seed(1)
+        ours = lvmkit.log_weights(model, guide, x, 7)
+        pyro.set_rng_seed(1)  # the same draws of z
+        scored = lvmkit.log_weights(*pythae_side._as_pair(theirs), x, 7)
+        torch.testing.assert_close(scored, ours, atol=1e-3, rtol=1e-5, msg=name)
+
+
+def test_bench_vae_pythae_sets_pythae_beside_lvmkit_and_the_published_rows():
+    pytest.importorskip("pythae")
+    from lvmkit.benchmarks import pythae_side
+
+    table = pythae_side.run("quick", only="VAE")
+    by = table.set_index("contender")
+    assert list(table.library) == ["lvmkit", "pythae", *["published"] * 6]
+    assert by.loc["VAE", "library"] == "lvmkit" and by.loc["pythae VAE", "library"] == "pythae"
+    for row in ("VAE", "pythae VAE"):
+        assert math.isfinite(by.loc[row, "test_nll"]) and by.loc[row, "median_epoch_s"] > 0
+    # one estimator for both, and pythae's own beside it: the same quantity, other draws
+    assert abs(by.loc["pythae VAE", "pythae_get_nll"] - by.loc["pythae VAE", "test_nll"]) < 25
+    assert by.loc["pythae VAE", "time_ratio_to_lvmkit"] == pytest.approx(
+        by.loc["pythae VAE", "median_epoch_s"] / by.loc["VAE", "median_epoch_s"]
+    )
+
+
+def test_bench_vae_pythae_without_pythae_keeps_lvmkits_rows_and_says_how(monkeypatch):
+    from lvmkit.benchmarks import pythae_side
+
+    monkeypatch.setitem(sys.modules, "pythae", None)  # import pythae → ImportError
+    table = pythae_side.run("quick", only="VAE")
+    theirs = table[table.library == "pythae"]
+    assert list(theirs.contender) == ["pythae VAE"] and theirs.test_nll.isna().all()
+    assert "pip install 'lvmkit[pythae]'" in theirs.note.iloc[0]
+    assert table[table.library == "lvmkit"].test_nll.notna().all()
