@@ -399,12 +399,8 @@ def _loggers(args: argparse.Namespace) -> list:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import pandas as pd
-
     from lvmkit.base import check_choice
-    from lvmkit.benchmarks import BENCHMARKS, run, write_results
-    from lvmkit.benchmarks.contenders import load
-    from lvmkit.inference.devices import resolve_device
+    from lvmkit.benchmarks import BENCHMARKS
 
     key = args.suite
     if args.suite == "vae":
@@ -418,9 +414,24 @@ def _bench(args: argparse.Namespace) -> int:
         raise ValueError(f"bench {args.suite} takes no part; got {args.part!r}")
     check_choice("suite", key, BENCHMARKS)
     progress = logging.getLogger("lvmkit.benchmarks")  # a line as each contender starts
-    if not progress.handlers:
-        progress.addHandler(logging.StreamHandler(sys.stderr))
+    handler = None if progress.handlers else logging.StreamHandler(sys.stderr)
+    if handler is not None:  # (for this call only: the stream is this call's stderr)
+        progress.addHandler(handler)
         progress.setLevel(logging.INFO)
+    try:
+        return _run_bench(args, key)
+    finally:
+        if handler is not None:
+            progress.removeHandler(handler)
+
+
+def _run_bench(args: argparse.Namespace, key: str) -> int:
+    import pandas as pd
+
+    from lvmkit.benchmarks import run, write_results
+    from lvmkit.benchmarks.contenders import load
+    from lvmkit.inference.devices import resolve_device
+
     loaded = dict(load(spec) for spec in args.contender)
     if len(loaded) < len(args.contender):
         names = [spec.partition("=")[0] for spec in args.contender]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 import sys
 from pathlib import Path
@@ -24,6 +25,9 @@ def test_every_benchmark_runs_from_the_cli(name, tmp_path, capsys):
     if name in TAKES_CONTENDERS:
         args += ["--contender", USER_PAIR]
     assert main(args) == 0
+    # its progress lines went to this call's stderr, and the handler went with the call (a
+    # handler kept on a stream pytest has since closed broke the next suite's logging)
+    assert logging.getLogger("lvmkit.benchmarks").handlers == []
     csv = tmp_path / f"{name}-cpu-quick.csv"
     markdown = tmp_path / f"{name}-cpu-quick.md"
     table = pd.read_csv(csv)
