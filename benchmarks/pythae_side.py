@@ -206,7 +206,7 @@ def run(
             theirs.eval()
             pythae_row["pythae_get_nll"] = -float(
                 theirs.get_nll(
-                    x_test.to(_device_of(theirs)), n_samples=p.num_samples,
+                    x_test.to(cs._device_of(theirs)), n_samples=p.num_samples,
                     batch_size=min(p.num_samples, 100),
                 )
             )  # fmt: skip
@@ -334,10 +334,6 @@ def _quiet() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _as_pair(theirs: Any) -> tuple[Callable[..., None], Callable[..., None]]:

@@ -112,13 +112,11 @@ class CompiledStep:
     def __call__(self, call: Data) -> torch.Tensor | None:
         if not self.active:
             return None
-        values = call.values()
-        if not all(isinstance(v, torch.Tensor) for v in values):
-            kinds = sorted({type(v).__name__ for v in values if not isinstance(v, torch.Tensor)})
-            self._give_up(f"its arguments are not all tensors ({', '.join(kinds)})")
+        values, shape, why = _call_shape(call)
+        if why is not None:
+            self._give_up(why)
             return None
-        keys = (len(call.args), tuple(call.kwargs))
-        shape = (keys, *((tuple(t.shape), t.dtype, t.device) for t in values))
+        keys = shape[0]
         compiled = self._by_shape.get(shape)
         if compiled is None:
             points = call.num_points or 0
@@ -146,16 +144,14 @@ class CompiledStep:
 
     def _give_up(self, why: str) -> None:
         self.failure = why
-        if self.auto:
-            _log.warning("lvmkit: fit runs this model/guide's steps eagerly, uncompiled (%s)", why)
-            return
-        warnings.warn(
+        _say_eager(
+            self.auto,
+            f"lvmkit: fit runs this model/guide's steps eagerly, uncompiled ({why})",
             f"compile=True: this model/guide's step could not be compiled ({why}); training "
             "continues eagerly. Compiling needs a step that is the same tensor program every "
             "time: the same sample sites and shapes, no Python decisions on tensor values, "
             "tensors as arguments.",
-            RuntimeWarning,
-            stacklevel=5,
+            stacklevel=6,  # (fit's caller)
         )
 
     def _build(self, call: Data, values: list[torch.Tensor]) -> _Compiled | None:
@@ -218,13 +214,11 @@ class CompiledPass:
     def __call__(self, call: Data, samples: int) -> torch.Tensor:
         if self.failure is not None:
             return self.run(call, samples)
-        values = call.values()
-        if not all(isinstance(v, torch.Tensor) for v in values):
-            kinds = sorted({type(v).__name__ for v in values if not isinstance(v, torch.Tensor)})
-            self._give_up(f"its arguments are not all tensors ({', '.join(kinds)})")
+        values, shape, why = _call_shape(call)
+        if why is not None:
+            self._give_up(why)
             return self.run(call, samples)
-        layout = tuple((tuple(t.shape), t.dtype, t.device) for t in values)
-        shape = (samples, len(call.args), tuple(call.kwargs), *layout)
+        shape = (samples, *shape)
         compiled = self._by_shape.get(shape)
         if compiled is not None:
             return compiled(self._params, *values)
@@ -257,10 +251,7 @@ class CompiledPass:
             **_compile_options(cuda=False, host_bound=False),
         )  # fmt: skip
         try:
-            with _replaying(start, devices), warnings.catch_warnings():
-                warnings.filterwarnings(
-                    "ignore", r".*torch\.jit.* is deprecated", DeprecationWarning
-                )
+            with _replaying(start, devices), _inductor_jit_quiet():
                 again = compiled(params, *values)
         except Exception as err:  # inductor or the C++ compiler failing
             self._give_up(f"compilation failed: {_why(err)}")
@@ -275,15 +266,33 @@ class CompiledPass:
 
     def _give_up(self, why: str) -> None:
         self.failure = why
-        if self.auto:
-            _log.warning("lvmkit: evaluate runs this model/guide's passes eagerly (%s)", why)
-            return
-        warnings.warn(
+        _say_eager(
+            self.auto,
+            f"lvmkit: evaluate runs this model/guide's passes eagerly ({why})",
             f"compile=True: the evaluation's pass could not be compiled ({why}); it continues "
             "eagerly",
-            RuntimeWarning,
-            stacklevel=4,
+            stacklevel=5,  # (evaluate's caller)
         )
+
+
+def _call_shape(call: Data) -> tuple[list[torch.Tensor], tuple[Any, ...], str | None]:
+    """A call's tensors and the key a compiled graph is kept under (its arguments' layout, each
+    tensor's shape, dtype and device), or why it cannot have one."""
+    values = call.values()
+    if not all(isinstance(v, torch.Tensor) for v in values):
+        kinds = sorted({type(v).__name__ for v in values if not isinstance(v, torch.Tensor)})
+        return values, (), f"its arguments are not all tensors ({', '.join(kinds)})"
+    keys = (len(call.args), tuple(call.kwargs))
+    return values, (keys, *((tuple(t.shape), t.dtype, t.device) for t in values)), None
+
+
+def _say_eager(auto: bool, line: str, warning: str, *, stacklevel: int) -> None:
+    """Why compiling stopped: one log line under ``compile=None``, a warning under
+    ``compile=True``."""
+    if auto:
+        _log.warning("%s", line)
+        return
+    warnings.warn(warning, RuntimeWarning, stacklevel=stacklevel)
 
 
 @contextlib.contextmanager
@@ -300,8 +309,8 @@ def _leaf(value: torch.Tensor) -> torch.Tensor:
 
 
 def _unique(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    seen: set[int] = set()
-    return [t for t in tensors if not (id(t) in seen or seen.add(id(t)))]  # type: ignore[func-returns-value]
+    """Each tensor once (by identity), in order of first appearance."""
+    return list({id(t): t for t in tensors}.values())
 
 
 def _random_states(devices: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:

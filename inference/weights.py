@@ -249,10 +249,7 @@ class WeightStream:
             if self.kernel is not None:
                 parts.append(self.kernel(call, draws))
             else:
-                log_p, log_q = log_density_pass(
-                    self.model, self.guide, call, draws, self.layout, subsample=subsample
-                )
-                parts.append(log_p - log_q)
+                parts.append(self._weights(call, draws, subsample))
             if heap is not None:
                 heap.check()
         return torch.cat(parts, dim=0)
@@ -265,9 +262,8 @@ class WeightStream:
         Pairs whose particles run as sequential passes run eagerly."""
         if self.compile is False or not self.layout.vectorized:
             return None
-        model, guide, layout = self.model, self.guide, self.layout
         static: list[torch.Tensor] = []
-        for obj in (model, guide):
+        for obj in (self.model, self.guide):
             if isinstance(obj, torch.nn.Module):
                 static += [*obj.parameters(), *obj.buffers()]
         passes = math.ceil((self.done + self.total) / points) * math.ceil(
@@ -277,11 +273,14 @@ class WeightStream:
         def worth(params: list[torch.Tensor]) -> bool:
             return passes * samples * points * sum(p.numel() for p in params) >= AUTO_COMPILE_WORK
 
-        def run(call: Data, draws: int) -> torch.Tensor:
-            log_p, log_q = log_density_pass(model, guide, call, draws, layout)
-            return log_p - log_q
+        return CompiledPass(self._weights, static, auto=self.compile is None, worth=worth)
 
-        return CompiledPass(run, static, auto=self.compile is None, worth=worth)
+    def _weights(self, call: Data, draws: int, subsample=None) -> torch.Tensor:
+        """One eager pass: ``draws`` log-weights of each of ``call``'s points, ``(draws, n)``."""
+        log_p, log_q = log_density_pass(
+            self.model, self.guide, call, draws, self.layout, subsample=subsample
+        )
+        return log_p - log_q
 
     def _pairs_in_budget(self, max_pairs: int | None, memory_budget: Any) -> int:
         """``max_pairs`` (default: by device), checked against the memory budget: one probe pass
