@@ -56,7 +56,7 @@ import pyro
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from lvmkit.inference import updates
+from lvmkit.inference import products, updates
 from lvmkit.inference.calls import Data
 from lvmkit.inference.params import ParamLog
 
@@ -346,17 +346,16 @@ def _compile_options(*, cuda: bool, host_bound: bool) -> dict[str, Any]:
     """``torch.compile``'s backend and options for lvmkit's graphs (see :data:`BACKEND`)."""
     if BACKEND != "inductor":
         return {"backend": BACKEND}
-    return {
-        "mode": "reduce-overhead" if cuda else None,
-        "options": {
-            "fallback_random": True,  # torch's own random numbers: the eager draws
-            "size_asserts": False,  # (each input's sizes checked every call: ours are)
-            # the per-call wrapper in C++, not Python: ~13 % off a step the host bounds, but
-            # ~8 s more to compile cold, which a step of real arithmetic (the MNIST VAE's)
-            # does not repay
-            "cpp_wrapper": host_bound,
-        },
+    options: dict[str, Any] = {
+        "fallback_random": True,  # torch's own random numbers: the eager draws
+        "size_asserts": False,  # (each input's sizes checked every call: ours are)
+        # the per-call wrapper in C++, not Python: ~13 % off a step the host bounds, but ~8 s
+        # more to compile cold, which a step of real arithmetic (the MNIST VAE's) does not repay
+        "cpp_wrapper": host_bound,
     }
+    if not cuda and not host_bound and products.wanted():  # (oneDNN's cost per call: not there)
+        options["post_grad_custom_post_pass"] = products.PASS  # large products by oneDNN
+    return {"mode": "reduce-overhead" if cuda else None, "options": options}
 
 
 def capture(

@@ -22,7 +22,7 @@ from pyro.optim.clipped_adam import ClippedAdam
 
 import lvmkit
 from conftest import interrupted_scoring
-from lvmkit.inference import compiled as compiled_module, train, updates, weights
+from lvmkit.inference import compiled as compiled_module, products, train, updates, weights
 from lvmkit.inference.calls import call_of
 
 
@@ -234,6 +234,73 @@ def test_pyros_traceenum_elbo_trains_eagerly_naming_the_pyro_function_that_reads
 
 
 # -- a user's own pair under fit's default: compiled on a long run, else eager with one line ----
+
+
+# -- large products through oneDNN (AMD CPUs; forced here on any CPU) ----------------------------
+
+
+@pytest.mark.parametrize("bias", ["none", "row"])
+@pytest.mark.parametrize("layout", ["contiguous", "x transposed", "weight transposed", "both"])
+def test_the_onednn_product_is_the_product_on_any_strides(layout, bias):
+    generator = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(33, 70, generator=generator), torch.randn(21, 70, generator=generator)
+    if layout in ("x transposed", "both"):
+        x = x.t().contiguous().t()  # (33, 70) with strides (1, 33)
+    if layout in ("weight transposed", "both"):
+        weight = weight.t().contiguous().t()
+    row = torch.randn(21, generator=generator) if bias == "row" else None
+    expected = x.double() @ weight.double().t() + (0 if row is None else row.double())
+    got = torch.ops.lvmkit.onednn_linear(x, weight, row)
+    assert got.dtype == torch.float32 and got.shape == (33, 21)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)  # float32's rounding
+
+
+@pytest.fixture
+def onednn(monkeypatch):
+    """The pass on for every product of every compiled CPU graph, whatever this CPU."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN")
+    monkeypatch.setattr(products, "CPU_PRODUCTS", "onednn")
+    monkeypatch.setattr(products, "MIN_MACS", 1)
+    monkeypatch.setattr(compiled_module, "HOST_BOUND_WORK", 0)
+
+
+def _onednn_calls(run):
+    """``run()``'s result and how many oneDNN products its compiled steps took."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        result = run()
+    return result, sum(e.count for e in profile.key_averages() if e.key == "lvmkit::onednn_linear")
+
+
+def test_a_step_whose_products_go_through_onednn_trains_as_the_eager_step(onednn):
+    compiled, calls = _onednn_calls(lambda: _fit(True))
+    # 6 minibatches × 3 epochs, 11 products a step: 4 forward, 7 backward (none for the data)
+    assert calls >= 18 * 11
+    _assert_trains_alike(compiled, _fit(False))
+
+
+def test_a_run_on_onednn_products_resumes_to_the_bits_of_an_uninterrupted_one(onednn, tmp_path):
+    full, calls = _onednn_calls(lambda: _fit(True, epochs=4, run_dir=tmp_path / "full"))
+    _fit(True, epochs=2, run_dir=tmp_path / "cut")
+    resumed = _fit(True, epochs=4, run_dir=tmp_path / "cut", resume=True)
+    assert calls > 0 and resumed.compiled
+    for name, value in full.params.items():
+        assert torch.equal(resumed.params[name], value), name
+
+
+def test_which_cpus_take_onednn_products(monkeypatch):
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    for vendor, wanted in [("AuthenticAMD", True), ("GenuineIntel", False), ("", False)]:
+        monkeypatch.setattr(products, "_cpu_vendor", lambda vendor=vendor: vendor)
+        assert products.wanted() is wanted, vendor
+    monkeypatch.setattr(products, "CPU_PRODUCTS", "onednn")
+    assert products.wanted()
+    monkeypatch.setattr(products, "CPU_PRODUCTS", "mkl")
+    monkeypatch.setattr(products, "_cpu_vendor", lambda: "AuthenticAMD")
+    assert not products.wanted()
+    monkeypatch.setattr(products, "CPU_PRODUCTS", "blas")
+    with pytest.raises(ValueError, match=r"must be 'auto', 'onednn' or 'mkl', got 'blas'"):
+        products.wanted()
 
 
 def _user_pair(branch: bool = False, draw_numpy: bool = False, declared: bool | None = None,
