@@ -28,9 +28,9 @@ same on torch, for any model/guide pair whose step is a fixed tensor program per
    arithmetic, and a resumed compiled run replays an uninterrupted one bit for bit. Any other
    optimizer (or Pyro's per-parameter ``clip_args``) gets a compiled loss and gradient and steps
    eagerly. On AMD CPUs the graph's large float32 products are oneDNN's, not MKL's
-   (:mod:`lvmkit.inference.products`). Inductor keeps what it compiled in its on-disk cache (``TORCHINDUCTOR_CACHE_DIR``, by
-   default under the system's temporary folder), so a second run of the same pair and shapes
-   compiles in seconds.
+   (:mod:`lvmkit.inference.products`). Inductor keeps what it compiled in its on-disk cache
+   (``TORCHINDUCTOR_CACHE_DIR``, by default under the system's temporary folder), so a second
+   run of the same pair and shapes compiles in seconds.
 
 One graph per call structure and batch shape: under ``compile=None`` (fit's default on a long
 run) an epoch's last, smaller minibatch takes the eager step instead (a second compilation for
