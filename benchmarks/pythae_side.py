@@ -2,11 +2,11 @@
 each trained by lvmkit and by pythae itself, side by side on pythae's reproducibility protocol.
 
 pythae is the library users pick for breadth of VAE families: its own model classes (``VAE``,
-``IWAE``, ``MIWAE``, ``PIWAE``, ``CIWAE``, ``VAMP``) run through its own trainer (``BaseTrainer``)
-here, on the same statically binarized MNIST images, with the same networks — lvmkit's 784-400-20
-ReLU encoder and Bernoulli decoder, passed to pythae through its ``BaseEncoder`` /
-``BaseDecoder`` hooks with the same initial weights — the same minibatch size, Adam learning
-rate and epochs. Each row says:
+``IWAE``, ``MIWAE``, ``PIWAE``, ``CIWAE``, ``VAMP``, ``HVAE``) run through its own trainer
+(``BaseTrainer``) here, on the same statically binarized MNIST images, with the same networks —
+lvmkit's 784-400-20 ReLU encoder and Bernoulli decoder, passed to pythae through its
+``BaseEncoder`` / ``BaseDecoder`` hooks with the same initial weights — the same minibatch size,
+Adam learning rate and epochs. Each row says:
 
 - ``test_nll`` (± ``nll_se``, ``frac_k_above_0_7``): −log p(x) on the first ``n_is`` test images,
   importance-sampled with K draws by lvmkit's :func:`~lvmkit.inference.evaluate` — for pythae's
@@ -36,6 +36,7 @@ import logging
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -61,7 +62,7 @@ from lvmkit.benchmarks.variants import binarize_static
 from lvmkit.data import load_mnist
 from lvmkit.inference import CIWAE, MIWAE, PIWAE, evaluate, summarize
 from lvmkit.models import VAEConfig
-from lvmkit.pairs import build_vamp_vae
+from lvmkit.pairs import build_hvae, build_vamp_vae
 
 INSTALL = "pip install 'lvmkit[pythae]'"
 LATENT, HIDDEN = 20, (400,)
@@ -108,6 +109,7 @@ PUBLISHED = [
     ("MIWAE", "Rainforth et al. 2018", "dynamic MNIST, K = 5000", 84.97, 85.09),
     ("PIWAE", "Rainforth et al. 2018", "dynamic MNIST, K = 5000", 84.46, 84.58),
     ("CIWAE", "Rainforth et al. 2018 (β = 0.05)", "dynamic MNIST, K = 5000", 84.57, 84.74),
+    ("HVAE", "Caterini et al. 2018 (4 leapfrog steps)", "binary MNIST, K = 1000", 86.40, 86.21),
 ]
 
 
@@ -142,6 +144,23 @@ def _families(p: PythaeProtocol) -> dict[str, dict[str, Any]]:
             pair=lambda: build_vamp_vae(cfg, num_pseudo=p.num_pseudo),
             fit={},
             pythae=("VAMP", "VAMPConfig", {"number_components": p.num_pseudo}),
+        ),
+        # Caterini et al.'s 4 tempered leapfrog steps, ε and β₀ learned (both libraries from
+        # ε = 0.01, β₀ = 0.3)
+        "HVAE (4 leapfrog steps)": dict(
+            pair=lambda: build_hvae(cfg, num_steps=4, step_size=0.01, beta0=0.3),
+            fit={},
+            pythae=(
+                "HVAE",
+                "HVAEConfig",
+                {
+                    "n_lf": 4,
+                    "eps_lf": 0.01,
+                    "beta_zero": 0.3,
+                    "learn_eps_lf": True,
+                    "learn_beta_zero": True,
+                },
+            ),
         ),
     }
 
@@ -202,7 +221,9 @@ def run(
         theirs = _pythae_model(pythae, spec["pythae"], model, guide)
         seconds, epochs = _train_pythae(pythae, theirs, x_train, x_test[:VALIDATION], p, device)
         pythae_row.update(_scores(*_as_pair(theirs), x_test, p))
-        with torch.no_grad(), _quiet():
+        # (pythae's HVAE runs its leapfrog in get_nll: it needs gradients)
+        hamiltonian = spec["pythae"][0] == "HVAE"
+        with torch.enable_grad() if hamiltonian else torch.no_grad(), _quiet():
             theirs.eval()
             pythae_row["pythae_get_nll"] = -float(
                 theirs.get_nll(
@@ -215,6 +236,11 @@ def run(
         pythae_row["time_ratio_to_lvmkit"] = pythae_row["median_epoch_s"] / row["median_epoch_s"]
         if "VAMP" in spec["pythae"][0]:
             pythae_row["note"] = "pseudo-inputs pythae's own (a linear layer on one-hot inputs)"
+        if spec["pythae"][0] == "HVAE":
+            pythae_row["note"] = (
+                "test_nll: lvmkit scores pythae's networks with its encoder's Gaussian alone "
+                "(pythae's leapfrog is not reproduced); pythae_get_nll runs its own"
+            )
         rows.append(pythae_row)
     for family, paper, setting, reference, reproduced in PUBLISHED:
         for source, value in ((paper, reference), ("pythae's reproduction", reproduced)):
@@ -256,7 +282,7 @@ def _pythae_model(pythae: Any, which: tuple[str, str, dict[str, Any]], model, gu
     """pythae's own model class around copies of lvmkit's networks (the same initial weights):
     the encoder's (loc, log σ²) as its ``embedding`` / ``log_covariance``, the decoder's
     Bernoulli logits through a sigmoid as its ``reconstruction`` (pythae's ``bce`` loss takes
-    probabilities)."""
+    probabilities; its HVAE's takes the logits themselves)."""
     from pythae.models.base.base_utils import ModelOutput
     from pythae.models.nn import BaseDecoder, BaseEncoder
 
@@ -270,19 +296,36 @@ def _pythae_model(pythae: Any, which: tuple[str, str, dict[str, Any]], model, gu
             return ModelOutput(embedding=loc, log_covariance=log_var)
 
     class Decoder(BaseDecoder):
-        def __init__(self, net: nn.Module) -> None:
+        def __init__(self, net: nn.Module, logits: bool) -> None:
             BaseDecoder.__init__(self)
-            self.net = net
+            self.net, self.logits = net, logits
 
         def forward(self, z: torch.Tensor) -> Any:
-            return ModelOutput(reconstruction=torch.sigmoid(self.net(z)))
+            out = self.net(z)
+            return ModelOutput(reconstruction=out if self.logits else torch.sigmoid(out))
 
     name, config_name, extra = which
     config = getattr(pythae.models, config_name)(
         input_dim=(784,), latent_dim=LATENT, reconstruction_loss="bce", **extra
     )
-    encoder, decoder = Encoder(copy.deepcopy(guide.net)), Decoder(copy.deepcopy(model.decoder))
-    return getattr(pythae.models, name)(config, encoder=encoder, decoder=decoder)
+    encoder = Encoder(copy.deepcopy(encoder_net(guide)))
+    decoder = Decoder(copy.deepcopy(model.decoder), logits=_takes_logits(name))
+    with warnings.catch_warnings():  # (HVAE's reminder that its decoder gives logits: it does)
+        warnings.simplefilter("ignore", UserWarning)
+        return getattr(pythae.models, name)(config, encoder=encoder, decoder=decoder)
+
+
+def _takes_logits(name: str) -> bool:
+    """Whether pythae's ``bce`` loss of this model reads logits (its HVAE) or probabilities."""
+    return name == "HVAE"
+
+
+def encoder_net(guide: nn.Module) -> nn.Module:
+    """The network behind lvmkit's Gaussian encoder: the guide's own, or its base's (the
+    Hamiltonian encoder moves the base's draw)."""
+    net = guide.net if hasattr(guide, "net") else getattr(guide, "base").net  # noqa: B009
+    assert isinstance(net, nn.Module)
+    return net
 
 
 def _train_pythae(pythae: Any, model: Any, x_train: torch.Tensor, x_eval: torch.Tensor,
@@ -342,6 +385,7 @@ def _as_pair(theirs: Any) -> tuple[Callable[..., None], Callable[..., None]]:
     Gaussian and its decoder's Bernoulli probabilities."""
     encoder, decoder = theirs.encoder, theirs.decoder
     vamp = hasattr(theirs, "pseudo_inputs")
+    logits = _takes_logits(type(theirs).__name__)
 
     def encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = encoder(x)
@@ -360,8 +404,9 @@ def _as_pair(theirs: Any) -> tuple[Callable[..., None], Callable[..., None]]:
     def model(x: torch.Tensor) -> None:
         with pyro.plate("data", len(x)):
             z = pyro.sample("z", prior(x))
-            probs = decoder(z)["reconstruction"]
-            pyro.sample("x", dist.Bernoulli(probs=probs).to_event(1), obs=x)
+            out = decoder(z)["reconstruction"]
+            bernoulli = dist.Bernoulli(logits=out) if logits else dist.Bernoulli(probs=out)
+            pyro.sample("x", bernoulli.to_event(1), obs=x)
 
     def guide(x: torch.Tensor) -> None:
         with pyro.plate("data", len(x)):

@@ -5,6 +5,7 @@ from lvmkit.guides.conditional import ConditionalEncoder
 from lvmkit.guides.deterministic import DeterministicEncoder
 from lvmkit.guides.flow import IAFEncoder
 from lvmkit.guides.gaussian import GaussianEncoder, GaussianEncoderConfig
+from lvmkit.guides.hamiltonian import HamiltonianEncoder, HamiltonianFlow
 from lvmkit.guides.semisupervised import SemiSupervisedEncoder, StackedSemiSupervisedEncoder
 from lvmkit.guides.sequence import MarkovGuide, RecurrentEncoder
 from lvmkit.guides.vq import CodebookUsage, VQEncoder
@@ -17,6 +18,8 @@ __all__ = [
     "DeterministicEncoder",
     "GaussianEncoder",
     "GaussianEncoderConfig",
+    "HamiltonianEncoder",
+    "HamiltonianFlow",
     "IAFEncoder",
     "MarkovGuide",
     "RecurrentEncoder",

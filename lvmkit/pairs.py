@@ -19,6 +19,7 @@ from lvmkit.guides import (
     DeterministicEncoder,
     GaussianEncoder,
     GaussianEncoderConfig,
+    HamiltonianEncoder,
     IAFEncoder,
     MarkovGuide,
     RecurrentEncoder,
@@ -35,6 +36,7 @@ from lvmkit.models import (
     CVAEConfig,
     DeepMarkovModel,
     DMMConfig,
+    HamiltonianVAE,
     M2Config,
     NonlinearConfig,
     NonlinearLVM,
@@ -98,6 +100,38 @@ def build_iaf_vae(
     """
     model, gaussian = build_vae(config)
     guide = IAFEncoder(gaussian.config, num_flows=num_flows, flow_hidden=flow_hidden)
+    return model, guide
+
+
+def build_hvae(
+    config: VAEConfig,
+    *,
+    num_steps: int = 4,
+    step_size: float = 0.01,
+    beta0: float = 0.3,
+    learn_step_size: bool = True,
+    learn_beta0: bool = True,
+) -> tuple[HamiltonianVAE, HamiltonianEncoder]:
+    """A :class:`~lvmkit.models.HamiltonianVAE` and its :class:`HamiltonianEncoder`: the Gaussian
+    encoder that mirrors the decoder, then ``num_steps`` tempered leapfrog steps on the model's
+    log p(x, z) (Caterini et al. 2018; the options are the encoder's).
+
+    Example::
+
+        >>> import torch, lvmkit
+        >>> model, guide = lvmkit.build_hvae(lvmkit.VAEConfig(data_dim=4, latent_dim=2,
+        ...                                                   hidden_dims=(8,)))
+        >>> x = torch.bernoulli(torch.full((32, 4), 0.5))
+        >>> result = lvmkit.fit(model, guide, x, epochs=1, device="cpu", progress=False)
+        >>> guide.num_steps, float(guide.beta0) < 1
+        (4, True)
+    """
+    _, gaussian = build_vae(config)
+    model = HamiltonianVAE(config)
+    guide = HamiltonianEncoder(
+        gaussian.config, model.log_joint, num_steps=num_steps, step_size=step_size, beta0=beta0,
+        learn_step_size=learn_step_size, learn_beta0=learn_beta0,
+    )  # fmt: skip
     return model, guide
 
 

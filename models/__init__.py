@@ -8,6 +8,7 @@ from lvmkit.models.gmm import (
     GMMConfig,
     empty_guide,
 )
+from lvmkit.models.hvae import HamiltonianVAE
 from lvmkit.models.m2 import M2, M2Config, StackedM2, kingma_aux_weight
 from lvmkit.models.nonlinear import (
     NonlinearConfig,
@@ -45,6 +46,7 @@ __all__ = [
     "DeepMarkovModel",
     "GMMConfig",
     "GaussianMixtureModel",
+    "HamiltonianVAE",
     "M2Config",
     "NonlinearConfig",
     "NonlinearLVM",
