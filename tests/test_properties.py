@@ -2,7 +2,8 @@
 
 The only outcomes allowed are success or a ``ValueError``/``TypeError`` whose message names what
 was wrong — never an error from deep inside torch or Pyro (RuntimeError, IndexError, ...), never
-a hang (every call here is tiny; hypothesis's deadline catches a slow one).
+a hang (every call here is tiny). Hypothesis runs without a wall-clock deadline, so that a loaded
+machine cannot fail an example.
 """
 
 from __future__ import annotations
