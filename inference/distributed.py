@@ -173,6 +173,22 @@ def wrap_loss(world: World, loss_fn: Any, params: dict[str, torch.Tensor], dev: 
     return loss_fn, True
 
 
+def unwrap_loss(world: World, loss_fn: Any) -> Any:
+    """The loss module out of its DDP wrapper, once every rank got here; the caller frees the
+    wrapper before leaving the process group.
+
+    Freed later — after ``destroy_process_group`` left DDP's reducer the last owner of the
+    process group — the reducer's deallocation (holding the GIL) ran gloo's destructor, which
+    joins its worker threads, one of which waited for the GIL to free the last all-reduce's
+    tensors: a two-process ``fit`` hung at its end (seen twice on a 2-core CPU, 2026-12-08).
+    """
+    if world.distributed:
+        dist.barrier()  # every rank's collectives done: none left in gloo's queue
+    if isinstance(loss_fn, nn.parallel.DistributedDataParallel):
+        return loss_fn.module
+    return loss_fn
+
+
 def average_grads(world: World, params: Iterable[torch.Tensor]) -> None:
     """Average the gradients over ranks in place: one all_reduce of them flattened."""
     grads = []

@@ -17,6 +17,7 @@ and NumPyro's ``SVI.update`` are the models.
 
 from __future__ import annotations
 
+import gc
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -81,6 +82,14 @@ class Trainer:
         if average:
             params = list(self.params.values())
             self.optim.before_step = lambda: distributed.average_grads(world, params)
+
+    def undistribute(self, world: distributed.World) -> None:
+        """Drop the DDP wrapper while the process group still lives (see
+        :func:`lvmkit.inference.distributed.unwrap_loss`)."""
+        wrapped = self.active["loss"]
+        self.active["loss"] = distributed.unwrap_loss(world, wrapped)
+        del wrapped
+        gc.collect()  # (DDP's reducer freed now, while the process group is registered)
 
 
 def prepare(

@@ -314,6 +314,8 @@ def fit(
             history = pd.DataFrame(loop.progress.history, columns=columns)
             notify(options.callbacks, "on_fit_end", history, err)
             raise
+        if world.distributed:  # (not after an error: another rank may never get here)
+            trainer.undistribute(world)
     history = pd.DataFrame(loop.progress.history, columns=columns)
     notify(options.callbacks, "on_fit_end", history, None)
     compiled = trainer.compiled is not None and trainer.compiled.ran
