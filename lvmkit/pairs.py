@@ -123,7 +123,7 @@ def build_hvae(
         ...                                                   hidden_dims=(8,)))
         >>> x = torch.bernoulli(torch.full((32, 4), 0.5))
         >>> result = lvmkit.fit(model, guide, x, epochs=1, device="cpu", progress=False)
-        >>> guide.num_steps, float(guide.beta0) < 1
+        >>> guide.num_steps, float(guide.beta0.detach()) < 1
         (4, True)
     """
     _, gaussian = build_vae(config)
