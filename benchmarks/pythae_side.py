@@ -221,8 +221,7 @@ def run(
         theirs = _pythae_model(pythae, spec["pythae"], model, guide)
         seconds, epochs = _train_pythae(pythae, theirs, x_train, x_test[:VALIDATION], p, device)
         pythae_row.update(_scores(*_as_pair(theirs), x_test, p))
-        # (pythae's HVAE runs its leapfrog in get_nll: it needs gradients)
-        hamiltonian = spec["pythae"][0] == "HVAE"
+        hamiltonian = spec["pythae"][0] == "HVAE"  # (its get_nll runs its leapfrog: gradients)
         with torch.enable_grad() if hamiltonian else torch.no_grad(), _quiet():
             theirs.eval()
             pythae_row["pythae_get_nll"] = -float(
@@ -236,7 +235,7 @@ def run(
         pythae_row["time_ratio_to_lvmkit"] = pythae_row["median_epoch_s"] / row["median_epoch_s"]
         if "VAMP" in spec["pythae"][0]:
             pythae_row["note"] = "pseudo-inputs pythae's own (a linear layer on one-hot inputs)"
-        if spec["pythae"][0] == "HVAE":
+        if hamiltonian:
             pythae_row["note"] = (
                 "test_nll: lvmkit scores pythae's networks with its encoder's Gaussian alone "
                 "(pythae's leapfrog is not reproduced); pythae_get_nll runs its own"

@@ -100,11 +100,7 @@ def _cpu_vendor() -> str:
 
 class OneDNNProducts(CustomGraphPass):
     """The inductor pass (``post_grad_custom_post_pass``) that routes a graph's large float32 CPU
-    products through :func:`linear` (see the module docstring). ``replaced`` counts the products
-    it replaced, as (M, K, N), over every graph it ran on."""
-
-    def __init__(self) -> None:
-        self.replaced: list[tuple[int, int, int]] = []
+    products through :func:`linear` (see the module docstring)."""
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         for node in list(graph.nodes):
@@ -125,7 +121,6 @@ class OneDNNProducts(CustomGraphPass):
                     new.meta = dict(node.meta)
             node.replace_all_uses_with(new)
             graph.erase_node(node)
-            self.replaced.append((*a.meta["val"].shape, b.meta["val"].shape[1]))
 
     def uuid(self) -> Any:
         """Inductor's cache key for graphs this pass ran on: this file and the size rule."""

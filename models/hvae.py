@@ -13,6 +13,7 @@ the decoder reads the first half.
 
 from __future__ import annotations
 
+import pyro.distributions as dist
 import torch
 
 from lvmkit.models.vae import VAE, VAEConfig, decoder_likelihood
@@ -45,8 +46,9 @@ class HamiltonianVAE(VAE):
 
     def log_joint(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """log N(z; 0, I) + log p(x | z) for ``z`` ``(..., latent_dim)``: shape ``(...)``."""
-        prior = -0.5 * (z.square() + torch.log(2 * torch.pi * torch.ones_like(z)))
-        return prior.sum(-1) + self.likelihood(z).log_prob(x)
+        d = self.config.latent_dim  # (the prior over z: the first half of the model's own)
+        prior = dist.Normal(self.prior_loc[:d], self.prior_scale[:d]).to_event(1)
+        return prior.log_prob(z) + self.likelihood(z).log_prob(x)
 
 
 __all__ = ["HamiltonianVAE"]
